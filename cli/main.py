@@ -1,0 +1,158 @@
+"""The ``seedtune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from seedtune.common.errors import SeedtuneError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and data come from packages, not a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        return args.run(args)
+    except SeedtuneError as error:
+        print(f"seedtune: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seedtune",
+        description="Private, forward-only fine-tuning: only seeds and noised scalars leave a silo.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one silo privately, on this machine")
+    train.add_argument("--preset", default="default", help="default (MiniLM on Rotten Tomatoes) or tiny")
+    train.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set privacy.epsilon=2 (repeatable)")
+    train.add_argument("--out", type=Path, help="run directory (default: runs/<preset>-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="rebuild a run's model from its base and log alone")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="directory to write the model to")
+    export.set_defaults(run=_export)
+
+    show = commands.add_parser("show", help="a run's config, privacy spent, and per-step seeds and scalars")
+    show.add_argument("run_dir", type=Path)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--steps", type=int, default=10, help="how many steps to list (text output; -1 = all)")
+    show.set_defaults(run=_show)
+
+    budget = commands.add_parser("budget", help="sigma for a privacy budget, or epsilon for a sigma")
+    target = budget.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="target epsilon: prints the noise multiplier sigma")
+    target.add_argument("--sigma", type=float, help="noise multiplier: prints the epsilon it spends")
+    budget.add_argument("--delta", type=float, required=True)
+    budget.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
+    budget.add_argument("--steps", type=int, required=True)
+    budget.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    budget.set_defaults(run=_budget)
+    return parser
+
+
+def _train(args) -> int:
+    from datetime import datetime
+
+    from seedtune.cli.train import train
+    from seedtune.common.config import load_config
+
+    if args.resume:
+        if args.out is None:
+            raise SeedtuneError("--resume needs --out RUN_DIR, the run to continue")
+        from seedtune.common.config import Config
+
+        config = Config()  # replaced by the run's own config
+    else:
+        config = load_config(args.preset, args.config, args.overrides)
+    out = args.out or Path("runs") / f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    result = train(config, out, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {result.run_dir}")
+    print(f"steps: {result.steps}   epsilon spent: {_number(result.epsilon)}")
+    for name in ("accuracy", "loss"):
+        if name in result.before:
+            print(f"test {name}: {result.before[name]:.4f} before -> {result.after[name]:.4f} after")
+    return 0
+
+
+def _export(args) -> int:
+    from seedtune.cli.export import export
+
+    steps = export(args.run_dir, args.out)
+    print(f"rebuilt {args.out} from the base model and {steps} logged steps")
+    return 0
+
+
+def _show(args) -> int:
+    from seedtune.cli.export import describe
+
+    report = describe(args.run_dir)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    privacy = report["privacy"]
+    print(f"run {args.run_dir}  ({report['status']}, {report['steps']} of {report['planned_steps']} steps)")
+    print(f"model {report['config']['model']['name']} · task {report['config']['model']['task']} · "
+          f"data {report['config']['data']['name']} · schedule {report['config']['schedule']['kind']}")
+    print(f"trainable coordinates: {report['trainable_coordinates']}")
+    if privacy["enabled"]:
+        print(f"privacy: epsilon={_number(privacy['epsilon'])} of {privacy['budget_epsilon']} at "
+              f"delta={privacy['delta']:g}; sigma={privacy['noise_multiplier']:.6g}, q={privacy['sample_rate']:g}, "
+              f"releases={privacy['releases']}, accountant={privacy['accountant']}")
+    else:
+        print("privacy: off (non-private run)")
+    for key in ("test_before", "test_after"):
+        if report.get(key):
+            print(f"{key.replace('_', ' ')}: " + ", ".join(f"{k}={v:.4f}" for k, v in report[key].items()))
+    rows = report["steps_detail"] if args.steps < 0 else report["steps_detail"][: args.steps]
+    if rows:
+        print(f"{'step':>6} {'stage':>5} {'lr':>10} {'beta':>10}  seeds -> projected gradients")
+        for row in rows:
+            pairs = ", ".join(f"{s}:{g:+.5g}" for s, g in zip(row["probe_seeds"], row["projected_grads"]))
+            print(f"{row['step']:>6} {row['stage']:>5} {row['lr']:>10.4g} {row['beta']:>10.4g}  {pairs}")
+        if len(rows) < report["steps"]:
+            print(f"... {report['steps'] - len(rows)} more (--steps -1 for all, --json for everything)")
+    return 0
+
+
+def _budget(args) -> int:
+    from seedtune.common.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SeedtuneError(message)
+
+    need(0 < args.delta < 1, f"--delta {args.delta} must be in (0, 1), e.g. 1e-5")
+    need(0 < args.sample_rate <= 1, f"--sample-rate {args.sample_rate} must be in (0, 1]")
+    need(args.steps >= 1, f"--steps {args.steps} must be >= 1")
+    if args.epsilon is not None:
+        need(args.epsilon > 0 and math.isfinite(args.epsilon), f"--epsilon {args.epsilon} must be a finite number > 0")
+        sigma = calibrate_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+        print(f"{sigma:.4f}")
+    else:
+        need(args.sigma > 0, f"--sigma {args.sigma} must be > 0")
+        print(f"{epsilon_for(args.sigma, args.sample_rate, args.steps, args.delta, args.accountant):.4f}")
+    return 0
+
+
+def _number(value: float) -> str:
+    return "inf (non-private)" if math.isinf(value) else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

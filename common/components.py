@@ -1,0 +1,101 @@
+"""Build a run's parts from its configuration: the same parts for training, replay and export."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from seedtune.common.config import Config
+from seedtune.common.data import TextData, load_text_data
+from seedtune.common.errors import ConfigError
+from seedtune.common.models import fingerprint
+from seedtune.common.perturb import unreached_parameters
+from seedtune.common.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+from seedtune.common.pruning import synflow_mask
+from seedtune.common.schedule import ConstantSchedule, Schedule, StagewiseSchedule
+from seedtune.common.tasks import Task, load_task
+from seedtune.common.trainable import DirectionField, TrainableSet
+
+
+@dataclass
+class ModelParts:
+    """A task model, the coordinates training may change, and the directions over them."""
+
+    task: Task
+    trainable: TrainableSet
+    directions: DirectionField
+
+
+def load_data(config: Config) -> TextData:
+    d = config.data
+    return load_text_data(
+        d.name,
+        split_seed=d.split_seed,
+        validation_fraction=d.validation_fraction,
+        test_fraction=d.test_fraction,
+        max_train_examples=d.max_train_examples,
+        synthetic_size=d.synthetic_size,
+    )
+
+
+def load_model(config: Config, label_names: tuple[str, ...]) -> Task:
+    m = config.model
+    return load_task(
+        m.name, m.task, label_names, max_length=m.max_length, template=m.template or None,
+        head_scale=m.head_scale, init_seed=m.init_seed,
+    )
+
+
+def base_reference(config: Config, task: Task, label_names: tuple[str, ...]) -> dict:
+    """What a replay needs to rebuild the starting model, and a fingerprint to check it by."""
+    return {
+        "model": config.model.name,
+        "task": config.model.task,
+        "label_names": list(label_names),
+        "fingerprint": fingerprint(task.module),
+    }
+
+
+def choose_mask(config: Config, task: Task, sample: dict) -> OrderedDict[str, torch.Tensor | None]:
+    """SynFlow's top r% (or everything), minus tensors the task's forward never reaches."""
+    if config.prune.enabled:
+        mask = synflow_mask(task, config.prune.ratio, config.prune.always)
+    else:
+        mask = OrderedDict((name, None) for name, _ in task.module.named_parameters())
+    everything = TrainableSet(task.module, mask)
+    unused = set(unreached_parameters(task.module, everything, lambda: task.per_example_loss(task.module, sample)))
+    mask = OrderedDict((name, index) for name, index in mask.items() if name not in unused)
+    if not mask:
+        raise ConfigError("no trainable coordinates: raise prune.ratio or set prune.enabled=false")
+    return mask
+
+
+def model_parts(config: Config, task: Task, mask) -> ModelParts:
+    trainable = TrainableSet(task.module, mask)
+    directions = DirectionField(trainable, config.zo.distribution, config.zo.sphere)
+    return ModelParts(task, trainable, directions)
+
+
+def make_schedule(config: Config) -> Schedule:
+    s = config.schedule
+    if s.kind == "constant":
+        return ConstantSchedule(s.steps, s.lr, s.beta)
+    beta_end = s.beta if s.beta_end is None else s.beta_end
+    return StagewiseSchedule(s.steps, s.stages, s.lr, s.beta, beta_end, s.prox)
+
+
+def noise_multiplier(config: Config) -> float:
+    """sigma: given, or calibrated so that the planned steps spend at most epsilon."""
+    p = config.privacy
+    if not p.enabled:
+        return 0.0
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    return calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, config.schedule.steps, p.accountant)
+
+
+def planned_epsilon(config: Config, sigma: float) -> float:
+    p = config.privacy
+    return epsilon_for(sigma, p.sample_rate, config.schedule.steps, p.delta, p.accountant) if p.enabled else float("inf")

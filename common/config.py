@@ -1,0 +1,287 @@
+"""Run configuration: typed, frozen, validated once at the edge.
+
+One vocabulary for every way of running: a TOML file, ``--set section.key=value`` overrides and
+(later) Flower's run config all use the same dotted keys. Unknown keys and out-of-range values
+raise :class:`ConfigError` with a one-line message naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from seedtune.common.directions import DISTRIBUTIONS
+from seedtune.common.errors import ConfigError
+from seedtune.common.privacy.accounting import ACCOUNTANTS
+from seedtune.common.tasks import TASKS
+
+PRESETS = ("default", "tiny")
+
+
+def _check(key: str, value: Any, ok: bool, expectation: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {expectation} (fix it with --set {key}=...)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm"  # a registry name (minilm, tiny) or a local Hugging Face directory
+    task: str = "sequence-classification"
+    max_length: int = 64
+    template: str = ""  # prompt tasks: must contain {text}; empty = the task's default
+    head_scale: float = 20.0  # sequence classification: logit scale of the cosine head
+    init_seed: int = 0  # the tiny model's random initialisation
+
+    def validate(self) -> None:
+        _check("model.task", self.task, self.task in TASKS, f"one of {', '.join(TASKS)}")
+        _check("model.max_length", self.max_length, self.max_length >= 4, "an integer >= 4")
+        _check("model.head_scale", self.head_scale, self.head_scale > 0, "> 0")
+        _check("model.template", self.template, not self.template or "{text}" in self.template,
+               "empty or a string containing {text}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "rotten-tomatoes"
+    split_seed: int = 0
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_examples: int = 0  # 0 = all
+    synthetic_size: int = 2000
+
+    def validate(self) -> None:
+        for key in ("validation_fraction", "test_fraction"):
+            value = getattr(self, key)
+            _check(f"data.{key}", value, 0 < value < 0.5, "in (0, 0.5)")
+        _check("data.max_train_examples", self.max_train_examples, self.max_train_examples >= 0, ">= 0")
+        _check("data.synthetic_size", self.synthetic_size, self.synthetic_size >= 20, ">= 20")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    epsilon: float = 6.0
+    delta: float = 1e-5
+    clip_bound: float = 1.0  # C: L2 bound on each example's K-vector of differences
+    sample_rate: float = 0.003  # q: Poisson sampling rate
+    noise_multiplier: float | None = None  # sigma; None = calibrate from (epsilon, delta, steps)
+    accountant: str = "rdp"
+    noise_seed: int | None = None  # TESTS ONLY: makes sampling and noise reproducible
+
+    def validate(self) -> None:
+        _check("privacy.epsilon", self.epsilon, self.epsilon > 0 and math.isfinite(self.epsilon), "a finite number > 0")
+        _check("privacy.delta", self.delta, 0 < self.delta < 1, "in (0, 1), e.g. 1e-5")
+        _check("privacy.clip_bound", self.clip_bound, self.clip_bound > 0 and math.isfinite(self.clip_bound), "> 0")
+        _check("privacy.sample_rate", self.sample_rate, 0 < self.sample_rate <= 1, "in (0, 1]")
+        _check("privacy.accountant", self.accountant, self.accountant in ACCOUNTANTS, f"one of {ACCOUNTANTS}")
+        if self.noise_multiplier is not None:
+            _check("privacy.noise_multiplier", self.noise_multiplier,
+                   self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
+                   "> 0 (leave it out to calibrate it from epsilon and delta)")
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    probes: int = 1  # K directions per step
+    distribution: str = "rademacher"
+    sphere: bool = False  # DPZero's sphere of radius sqrt(d) (Gaussian only; Rademacher is on it)
+
+    def validate(self) -> None:
+        _check("zo.probes", self.probes, 1 <= self.probes <= 1024, "an integer in [1, 1024]")
+        _check("zo.distribution", self.distribution, self.distribution in DISTRIBUTIONS, f"one of {DISTRIBUTIONS}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "stagewise"  # "constant" (DPZero) or "stagewise" (DP-ZOSO)
+    steps: int = 1000
+    lr: float = 2e-3  # eta (the first stage's, for stagewise)
+    beta: float = 1e-3  # ZO scale (the first stage's, for stagewise)
+    beta_end: float | None = None  # stagewise: the last stage's ZO scale; None = beta
+    stages: int = 3
+    prox: float = 0.0  # lambda of the proximal term (stagewise only)
+
+    def validate(self) -> None:
+        _check("schedule.kind", self.kind, self.kind in ("constant", "stagewise"), "'constant' or 'stagewise'")
+        _check("schedule.steps", self.steps, self.steps >= 1, "an integer >= 1")
+        _check("schedule.lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "> 0")
+        _check("schedule.beta", self.beta, self.beta > 0 and math.isfinite(self.beta), "> 0")
+        if self.beta_end is not None:
+            _check("schedule.beta_end", self.beta_end, self.beta_end > 0, "> 0")
+        _check("schedule.stages", self.stages, 1 <= self.stages <= 16, "an integer in [1, 16]")
+        _check("schedule.stages", self.stages, (1 << self.stages) - 1 <= self.steps,
+               f"small enough that every stage has a step (2^stages - 1 <= steps={self.steps})")
+        _check("schedule.prox", self.prox, self.prox >= 0, ">= 0")
+        if self.kind == "constant":
+            _check("schedule.prox", self.prox, self.prox == 0,
+                   "0 for the constant (DPZero) schedule; use kind='stagewise' for a proximal term")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    enabled: bool = True
+    ratio: float = 0.01  # r: the fraction of coordinates trained (by SynFlow score)
+    always: tuple[str, ...] = ("classifier.*",)  # parameter-name patterns trained in full
+
+    def validate(self) -> None:
+        _check("prune.ratio", self.ratio, 0 < self.ratio <= 1, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 100  # evaluate on public validation data every N steps (0 = only at the end)
+    max_examples: int = 500
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        _check("eval.every", self.every, self.every >= 0, ">= 0")
+        _check("eval.max_examples", self.max_examples, self.max_examples >= 0, ">= 0 (0 = all)")
+        _check("eval.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0  # public randomness of the run: direction seeds
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        for section in fields(self):
+            value = getattr(self, section.name)
+            if is_dataclass(value):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        return _build(cls, data, "").validate()
+
+
+def _build(cls: type, data: Any, prefix: str):
+    """Build dataclass ``cls`` from nested ``data``, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        values[key] = _coerce(hints[key], value, dotted)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str):
+    if is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "auto")):
+            return None
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: it must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: it must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} is invalid: it must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: it must be a string")
+    if get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}={value!r} is invalid: it must be a list of strings")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} is invalid: use --set section.key=value, e.g. --set privacy.epsilon=2")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"--set {text!r} has an empty key part")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {'.'.join(path)!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_update(base: dict, update: dict, prefix: str = "") -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value, f"{prefix}{key}.")
+        else:
+            base[key] = value
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is not a preset; use one of {', '.join(PRESETS)}")
+    text = resources.files("seedtune.common.presets").joinpath(f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def load_config(
+    preset_name: str | None = "default", file: str | Path | None = None, overrides: list[str] = ()
+) -> Config:
+    """The preset, then the TOML file, then each ``--set`` in order; validated."""
+    data: dict = Config().to_dict()
+    if preset_name:
+        _deep_update(data, preset(preset_name))
+    if file is not None:
+        path = Path(file)
+        try:
+            _deep_update(data, tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"--config {str(path)!r}: no such file") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"--config {str(path)!r} is not valid TOML: {error}") from None
+    for text in overrides:
+        path, value = parse_override(text)
+        _merge(data, path, value)
+    return Config.from_dict(data)
+
+
+def with_changes(config: Config, **sections: dict) -> Config:
+    """A copy of ``config`` with some fields of some sections replaced (for tests and tools)."""
+    updated = {name: replace(getattr(config, name), **changes) for name, changes in sections.items()}
+    return replace(config, **updated).validate()

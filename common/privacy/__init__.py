@@ -1,0 +1,2 @@
+"""The privacy path: Poisson sampling, per-example clipping, secret Gaussian noise, events,
+accounting and the durable, budget-enforcing ledger."""

@@ -1,0 +1,151 @@
+"""A silo's privacy ledger: every release it made, durable in SQLite, and the budget it enforces.
+
+The ledger belongs to the party whose data is protected. Before a release it checks that the
+release keeps the total within the budget (epsilon, delta) and refuses otherwise; the event is
+committed to disk *before* the released values leave the function that noised them, so a crash
+can over-count a release but never under-count one. The budget is written into the ledger when it
+is created and binds every later opening: a restarted process, or a caller that asks for more,
+cannot raise it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import dp_accounting
+
+from seedtune.common.errors import BudgetExhausted, RunDirError
+from seedtune.common.privacy import events as event_codec
+from seedtune.common.privacy.accounting import ACCOUNTANTS, epsilon_of
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epsilon REAL NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL
+);
+"""
+
+
+class PrivacyLedger:
+    """Every release a silo makes, and the (epsilon, delta) budget none may exceed."""
+
+    def __init__(self, path: str | Path, *, epsilon: float, delta: float, accountant: str = "rdp"):
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            raise RunDirError(f"cannot open privacy ledger {self.path}: {error}") from None
+        row = self._db.execute("SELECT epsilon, delta, accountant FROM budget").fetchone()
+        if row is None:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO budget VALUES (1, ?, ?, ?, ?)", (epsilon, delta, accountant, time.time())
+                )
+            row = (epsilon, delta, accountant)
+        elif (epsilon, delta, accountant) != tuple(row):
+            raise BudgetExhausted(
+                f"privacy ledger {self.path} was created with budget epsilon={row[0]}, "
+                f"delta={row[1]}, accountant={row[2]}; a ledger's budget cannot be changed "
+                f"(asked for epsilon={epsilon}, delta={delta}, accountant={accountant})"
+            )
+        self.epsilon, self.delta, self.accountant = float(row[0]), float(row[1]), str(row[2])
+        self._counts: Counter[dp_accounting.DpEvent] = Counter(
+            event_codec.loads(text) for (text,) in self._db.execute("SELECT event FROM releases")
+        )
+        self._capacity: dict[dp_accounting.DpEvent, int] = {}
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def events(self) -> list[dp_accounting.DpEvent]:
+        return [event_codec.loads(text) for (text,) in self._db.execute("SELECT event FROM releases ORDER BY id")]
+
+    @property
+    def releases(self) -> int:
+        return sum(self._counts.values())
+
+    def spent(self) -> float:
+        """epsilon spent so far at the ledger's delta."""
+        return epsilon_of(self._counts.elements(), self.delta, self.accountant)
+
+    def history(self) -> list[dict]:
+        rows = self._db.execute("SELECT id, round, event, note, created FROM releases ORDER BY id")
+        return [
+            {"id": i, "round": r, "event": json.loads(e), "note": n, "created": c}
+            for i, r, e, n, c in rows
+        ]
+
+    # -- charging ----------------------------------------------------------------------------
+    def would_exceed(self, event: dp_accounting.DpEvent) -> bool:
+        if set(self._counts) <= {event}:  # the common case: every release alike
+            return self._counts[event] + 1 > self.capacity(event)
+        return epsilon_of([*self._counts.elements(), event], self.delta, self.accountant) > self.epsilon
+
+    def capacity(self, event: dp_accounting.DpEvent) -> int:
+        """How many releases of ``event`` alone fit in the budget (cached per event)."""
+        if event not in self._capacity:
+            self._capacity[event] = _largest_count_within(
+                lambda n: epsilon_of([dp_accounting.SelfComposedDpEvent(event, n)], self.delta, self.accountant)
+                <= self.epsilon
+            )
+        return self._capacity[event]
+
+    def charge(self, event: dp_accounting.DpEvent, *, round: int, note: str = "") -> None:
+        """Record one release, durably; refuse it if it would exceed the budget.
+
+        Raises :class:`BudgetExhausted` (and records nothing) when the budget does not allow it.
+        """
+        if self.would_exceed(event):
+            raise BudgetExhausted(
+                f"release refused: it would take the ledger {self.path} past its budget "
+                f"epsilon={self.epsilon} at delta={self.delta} ({self.releases} releases made, "
+                f"{self.spent():.4g} spent)"
+            )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO releases (round, event, note, created) VALUES (?, ?, ?, ?)",
+                (round, event_codec.dumps(event), note, time.time()),
+            )
+        self._counts[event] += 1
+
+
+def _largest_count_within(fits) -> int:
+    """The largest n >= 0 with fits(n), for a predicate that is true up to some n and false after."""
+    if not fits(1):
+        return 0
+    low = 1
+    while fits(low * 2):
+        low *= 2
+        if low > 1 << 40:
+            return math.inf  # type: ignore[return-value]  # effectively unbounded
+    high = low * 2  # fits(low) and not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

@@ -1,0 +1,230 @@
+"""Task adapters: a model to perturb, a per-example loss, predictions, and how to save the result.
+
+Three kinds, each returning one loss per example (never a batch mean, which would hide the
+per-example sensitivity that clipping needs):
+
+* ``sequence-classification`` — encoder + mean pooling + a cosine head initialised from the
+  label words' own sentence embeddings, so training starts at zero-shot quality
+  (:mod:`seedtune.common.modeling_seedtune`); loss = cross-entropy.
+* ``prompt-classification`` — a causal LM reads ``template.format(text=...)`` and scores the
+  first token of each label word at the last position; loss = cross-entropy over the label
+  words (LM-BFF / MeZO style). The label-word rows are looked up through an ``nn.Embedding`` that
+  shares the LM's output embedding, so only those rows are ever perturbed.
+* ``causal-lm`` — mean next-token negative log-likelihood of each text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seedtune.common import modeling_seedtune
+from seedtune.common.errors import ConfigError
+from seedtune.common.models import BaseModel, load_base, quiet_transformers
+
+TASKS = ("sequence-classification", "prompt-classification", "causal-lm")
+TASK_FILE = "seedtune_task.json"
+
+
+@dataclass
+class Task:
+    """A model wrapped for one kind of task."""
+
+    kind: str
+    module: nn.Module
+    tokenizer: object
+    label_names: tuple[str, ...]
+    max_length: int
+    template: str = "{text}"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def classifies(self) -> bool:
+        return self.kind != "causal-lm"
+
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> dict:
+        prompts = [self.template.format(text=text) for text in texts]
+        batch = dict(
+            self.tokenizer(
+                prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        )
+        if "token_type_ids" in batch and self.kind != "sequence-classification":
+            del batch["token_type_ids"]
+        if labels is not None:
+            batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
+        return batch
+
+    def logits(self, module: nn.Module, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.kind == "sequence-classification":
+            return module(**inputs).logits
+        if self.kind == "prompt-classification":
+            return module(**inputs)
+        return module(**inputs).logits
+
+    def per_example_loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
+        logits = self.logits(module, batch).float()
+        if self.classifies:
+            return F.cross_entropy(logits, batch["labels"], reduction="none")
+        targets = batch["input_ids"][:, 1:]
+        weights = batch["attention_mask"][:, 1:].to(logits.dtype)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+        return (nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def predict(self, module: nn.Module, batch: dict) -> torch.Tensor:
+        return self.logits(module, batch).argmax(dim=-1)
+
+    # -- pruning support ----------------------------------------------------------------------
+    def synflow_output(self, module: nn.Module, length: int = 8) -> torch.Tensor:
+        """The task's output on an all-ones input embedding (SynFlow is data-free)."""
+        backbone = _backbone(self.kind, module)
+        dtype = next(module.parameters()).dtype
+        ones = torch.ones(1, length, backbone.config.hidden_size, dtype=dtype)
+        mask = torch.ones(1, length, dtype=torch.long)
+        hidden = backbone(inputs_embeds=ones, attention_mask=mask).last_hidden_state
+        if self.kind == "sequence-classification":
+            pooled = F.normalize(hidden.mean(dim=1), dim=-1)
+            return module.classifier(pooled)
+        if self.kind == "prompt-classification":
+            return hidden[:, -1] @ module.label_rows(module.label_ids).T
+        return module.get_output_embeddings()(hidden)
+
+    # -- saving -------------------------------------------------------------------------------
+    def hf_model(self) -> nn.Module:
+        return self.module.lm if self.kind == "prompt-classification" else self.module
+
+    def save(self, directory: Path) -> None:
+        """Write a Hugging Face directory that AutoModel*.from_pretrained loads."""
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.hf_model().save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+        if self.kind == "sequence-classification":
+            shutil.copy(modeling_seedtune.__file__, directory / "modeling_seedtune.py")
+        (directory / TASK_FILE).write_text(
+            json.dumps(
+                {
+                    "kind": self.kind,
+                    "label_names": list(self.label_names),
+                    "max_length": self.max_length,
+                    "template": self.template,
+                    **self.extra,
+                },
+                indent=2,
+            )
+        )
+
+
+class LabelWordScorer(nn.Module):
+    """A causal LM scoring label words: logit_c = <h_last, e_c>, e_c the output-embedding row of
+    label word c's first token (and its bias, if the LM head has one)."""
+
+    def __init__(self, lm: nn.Module, label_ids: list[int]):
+        super().__init__()
+        self.lm = lm
+        self.label_rows = nn.Embedding(1, 1)
+        self.label_rows.weight = lm.get_output_embeddings().weight  # the same Parameter: tied
+        self.register_buffer("label_ids", torch.tensor(label_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
+        state = hidden[torch.arange(hidden.shape[0]), last]
+        logits = state @ self.label_rows(self.label_ids).T
+        bias = getattr(self.lm.get_output_embeddings(), "bias", None)
+        return logits if bias is None else logits + bias[self.label_ids]
+
+
+def _backbone(kind: str, module: nn.Module) -> nn.Module:
+    if kind == "sequence-classification":
+        return module.encoder
+    if kind == "prompt-classification":
+        return module.lm.get_decoder()
+    return module.get_decoder()
+
+
+def build_task(
+    kind: str,
+    base: BaseModel,
+    label_names: tuple[str, ...],
+    *,
+    max_length: int,
+    template: str | None = None,
+    head_scale: float = 20.0,
+) -> Task:
+    """Wrap ``base`` for task ``kind``; the result is a pure function of its arguments."""
+    if kind not in TASKS:
+        raise ConfigError(f"model.task={kind!r} is not a task; use one of {', '.join(TASKS)}")
+    for param in base.model.parameters():
+        param.requires_grad_(False)  # forward passes only
+    if kind == "sequence-classification":
+        module = _encoder_classifier(base, label_names, max_length, head_scale)
+        return Task(kind, module, base.tokenizer, label_names, max_length, "{text}", {"head_scale": head_scale})
+    template = template or "Review: {text} Sentiment:"
+    if "{text}" not in template:
+        raise ConfigError(f"model.template={template!r} must contain {{text}}")
+    if kind == "prompt-classification":
+        ids = []
+        for word in label_names:
+            tokens = base.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if not tokens or tokens[0] == base.tokenizer.unk_token_id:
+                raise ConfigError(f"label word {word!r} is not in the tokenizer's vocabulary")
+            ids.append(tokens[0])
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"label words {label_names} must start with different tokens")
+        module = LabelWordScorer(base.model, ids).eval()
+        return Task(kind, module, base.tokenizer, label_names, max_length, template, {"label_token_ids": ids})
+    return Task(kind, base.model.eval(), base.tokenizer, label_names, max_length, "{text}")
+
+
+def _encoder_classifier(base: BaseModel, label_names, max_length, head_scale) -> nn.Module:
+    config = base.model.config
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    config.architectures = ["MeanPoolingClassifier"]
+    config.auto_map = {"AutoModelForSequenceClassification": "modeling_seedtune.MeanPoolingClassifier"}
+    module = modeling_seedtune.MeanPoolingClassifier(config, encoder=base.model).eval()
+    with torch.no_grad():
+        words = base.tokenizer(list(label_names), padding=True, return_tensors="pt")
+        words.pop("token_type_ids", None)
+        module.classifier.weight.copy_(module.embed(**words) * head_scale)
+        module.classifier.bias.zero_()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def load_task(model_name: str, kind: str, label_names, *, max_length, template=None,
+              head_scale: float = 20.0, init_seed: int = 0) -> Task:
+    """Base model by name, wrapped for ``kind``."""
+    base = load_base(model_name, causal=kind != "sequence-classification", init_seed=init_seed)
+    return build_task(kind, base, tuple(label_names), max_length=max_length, template=template,
+                      head_scale=head_scale)
+
+
+@torch.no_grad()
+def evaluate(task: Task, dataset, *, batch_size: int = 64, max_examples: int = 0) -> dict[str, float]:
+    """Mean loss, and accuracy for classification, on a public held-out dataset."""
+    count = len(dataset) if not max_examples else min(max_examples, len(dataset))
+    total_loss, correct = 0.0, 0
+    for start in range(0, count, batch_size):
+        rows = dataset[start : min(start + batch_size, count)]
+        batch = task.encode(rows["text"], rows["label"])
+        if task.classifies:
+            logits = task.logits(task.module, batch).float()
+            total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            total_loss += float(task.per_example_loss(task.module, batch).sum())
+    metrics = {"loss": total_loss / max(count, 1)}
+    if task.classifies:
+        metrics["accuracy"] = correct / max(count, 1)
+    return metrics

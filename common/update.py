@@ -1,0 +1,51 @@
+"""The parameter update rebuilt from seeds and released scalars.
+
+    theta <- theta - lr * ( (1/K) sum_k g_k z_k  +  prox * (theta - theta_anchor) )
+
+on the trainable coordinates only, where g_k is the released (clipped, noised, normalised)
+projected gradient for probe seed k. The proximal term of DP-ZOSO is public and deterministic,
+so it is applied exactly rather than through the random direction (the published code multiplied
+it by z, which makes it vanish in expectation). Both the live run and a replay of the update log
+call this one function with the same arguments, in the same order, so on the same device and
+dtype they produce the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from seedtune.common.trainable import DirectionField, TrainableSet
+
+
+@torch.no_grad()
+def apply_update(
+    trainable: TrainableSet,
+    directions: DirectionField,
+    probe_seeds: Sequence[int],
+    projected_grads: Sequence[float],
+    lr: float,
+    prox: float = 0.0,
+    anchor: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """Apply one step in place. ``anchor`` holds the stage-start values when ``prox > 0``."""
+    if len(probe_seeds) != len(projected_grads) or not probe_seeds:
+        raise ValueError("need one projected gradient per probe seed, and at least one probe")
+    if prox > 0 and anchor is None:
+        raise ValueError("a proximal step needs its anchor")
+    coefficients = [-lr * float(g) / len(probe_seeds) for g in projected_grads]
+    for position, entry in enumerate(trainable):
+        drift = entry.values().sub_(anchor[position]) if prox > 0 else None  # at theta_t
+        z = directions.buffer(entry)
+        for seed, coefficient in zip(probe_seeds, coefficients):
+            directions.fill(entry, seed, z)
+            if entry.index is None:
+                entry.flat.add_(z, alpha=coefficient)
+            else:
+                entry.flat.index_add_(0, entry.index, z, alpha=coefficient)
+        if drift is not None:
+            if entry.index is None:
+                entry.flat.add_(drift, alpha=-lr * prox)
+            else:
+                entry.flat.index_add_(0, entry.index, drift, alpha=-lr * prox)

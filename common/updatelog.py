@@ -1,0 +1,247 @@
+"""The update log: a whole fine-tuning run as a base-model reference, a mask and rows of scalars.
+
+One row per step holds what the update needs and nothing private: the probe seeds, the released
+projected gradients, the step size, ZO scale, proximal weight and which step's model is the
+proximal anchor. A row is committed before the step counts as done, so after a crash the log is
+the truth: replaying it on the base model (:class:`UpdateApplier`) rebuilds the model bit for bit
+on the same device and dtype, whether to resume, to export, or to bring a silo up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seedtune.common.errors import RunDirError
+from seedtune.common.trainable import DirectionField, TrainableSet
+from seedtune.common.update import apply_update
+
+FORMAT_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mask (
+    position INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, numel INTEGER NOT NULL, indices BLOB
+);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY,
+    stage INTEGER NOT NULL,
+    probe_seeds TEXT NOT NULL,
+    projected_grads TEXT NOT NULL,
+    lr REAL NOT NULL,
+    beta REAL NOT NULL,
+    prox REAL NOT NULL,
+    anchor_step INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    step INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (step, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Everything needed to re-apply one step, and nothing private."""
+
+    step: int
+    stage: int
+    probe_seeds: tuple[int, ...]
+    projected_grads: tuple[float, ...]
+    lr: float
+    beta: float
+    prox: float
+    anchor_step: int
+
+
+class UpdateLog:
+    """A run's durable log in SQLite (create a new one, or open an existing one)."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection):
+        self.path = path
+        self._db = db
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        config: Mapping,
+        base: Mapping,
+        mask: Mapping[str, torch.Tensor | None],
+        numels: Mapping[str, int],
+    ) -> UpdateLog:
+        path = Path(path)
+        if path.exists():
+            raise RunDirError(f"update log {path} already exists")
+        db = _connect(path)
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            for key, value in {
+                "format": FORMAT_VERSION,
+                "config": dict(config),
+                "base": dict(base),
+                "status": "running",
+                "created": time.time(),
+            }.items():
+                db.execute("INSERT INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+            for position, (name, index) in enumerate(mask.items()):
+                db.execute(
+                    "INSERT INTO mask VALUES (?, ?, ?, ?)",
+                    (position, name, int(numels[name]), None if index is None else _pack(index)),
+                )
+        return cls(path, db)
+
+    @classmethod
+    def open(cls, path: str | Path) -> UpdateLog:
+        path = Path(path)
+        if not path.is_file():
+            raise RunDirError(f"no update log at {path}: is this a seedtune run directory?")
+        try:
+            db = _connect(path)
+            version = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise RunDirError(f"cannot read update log {path}: {error}") from None
+        if version is None or json.loads(version[0]) != FORMAT_VERSION:
+            raise RunDirError(f"{path} is not a seedtune update log of format {FORMAT_VERSION}")
+        return cls(path, db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- metadata ------------------------------------------------------------------------------
+    def meta(self, key: str):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
+    @property
+    def config(self) -> dict:
+        return self.meta("config")
+
+    @property
+    def base(self) -> dict:
+        return self.meta("base")
+
+    def mask(self) -> OrderedDict[str, torch.Tensor | None]:
+        rows = self._db.execute("SELECT name, indices FROM mask ORDER BY position")
+        return OrderedDict((name, None if blob is None else _unpack(blob)) for name, blob in rows)
+
+    # -- steps --------------------------------------------------------------------------------
+    def append(self, record: StepRecord) -> None:
+        """Commit one step durably; steps must arrive in order, without gaps."""
+        expected = self.num_steps
+        if record.step != expected:
+            raise ValueError(f"step {record.step} appended to a log holding {expected} steps")
+        with self._db:
+            self._db.execute(
+                "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.step,
+                    record.stage,
+                    json.dumps(list(record.probe_seeds)),
+                    json.dumps([float(g) for g in record.projected_grads]),  # repr round-trips
+                    record.lr,
+                    record.beta,
+                    record.prox,
+                    record.anchor_step,
+                    time.time(),
+                ),
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+
+    def steps(self, start: int = 0) -> Iterator[StepRecord]:
+        rows = self._db.execute(
+            "SELECT step, stage, probe_seeds, projected_grads, lr, beta, prox, anchor_step "
+            "FROM steps WHERE step >= ? ORDER BY step",
+            (start,),
+        )
+        for step, stage, seeds, grads, lr, beta, prox, anchor in rows.fetchall():
+            yield StepRecord(
+                step, stage, tuple(json.loads(seeds)), tuple(json.loads(grads)), lr, beta, prox, anchor
+            )
+
+    # -- metrics ------------------------------------------------------------------------------
+    def record_metrics(self, step: int, values: Mapping[str, float]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
+                [(step, name, float(value)) for name, value in values.items()],
+            )
+
+    def metrics(self) -> dict[str, list[tuple[int, float]]]:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for step, name, value in self._db.execute("SELECT step, name, value FROM metrics ORDER BY step"):
+            series.setdefault(name, []).append((step, value))
+        return series
+
+
+def record_to_dict(record: StepRecord) -> dict:
+    return asdict(record)
+
+
+class UpdateApplier:
+    """Applies logged steps to a model in order: the one code path for training and replay."""
+
+    def __init__(self, trainable: TrainableSet, directions: DirectionField, version: int = 0):
+        self.trainable = trainable
+        self.directions = directions
+        self.version = version  # number of steps applied
+        self._anchor: list[torch.Tensor] | None = None
+        self._anchor_step = -1
+
+    def apply(self, record: StepRecord) -> None:
+        if record.step != self.version:
+            raise ValueError(f"step {record.step} applied to a model at version {self.version}")
+        anchor = None
+        if record.prox > 0:
+            if record.anchor_step == record.step:
+                self._anchor, self._anchor_step = self.trainable.snapshot(), record.step
+            if self._anchor is None or self._anchor_step != record.anchor_step:
+                raise ValueError(f"step {record.step} needs the anchor of step {record.anchor_step}")
+            anchor = self._anchor
+        apply_update(
+            self.trainable,
+            self.directions,
+            record.probe_seeds,
+            record.projected_grads,
+            record.lr,
+            record.prox,
+            anchor,
+        )
+        self.version += 1
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(_SCHEMA)
+    return db
+
+
+def _pack(index: torch.Tensor) -> bytes:
+    """Sorted indices as zlib-compressed little-endian deltas: a 1% mask of MiniLM is ~100 KB."""
+    values = index.to(torch.int64).cpu().numpy()
+    deltas = np.diff(values, prepend=0).astype("<i8")
+    return zlib.compress(deltas.tobytes(), 6)
+
+
+def _unpack(blob: bytes) -> torch.Tensor:
+    deltas = np.frombuffer(zlib.decompress(blob), dtype="<i8")
+    return torch.from_numpy(np.cumsum(deltas).astype(np.int64))

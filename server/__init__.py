@@ -1,0 +1,1 @@
+"""The coordinator: seeds, schedule, aggregation, the update log, resume and evaluation."""
