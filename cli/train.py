@@ -27,6 +27,7 @@ from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.models import fingerprint
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness, SeededRandomness
+from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from seedtune.server.coordinator import Coordinator
@@ -123,10 +124,13 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     try:
         while not coordinator.done:
             request = coordinator.request()
-            reply = silo.answer(request)
+            reply = _recovered_reply(ledger, request, len(data.train))
+            metrics = {}
+            if reply is None:
+                reply = silo.answer(request)
+                metrics["train_loss"] = silo.last_loss
             coordinator.apply(request, [reply])
             step = coordinator.step
-            metrics = {"train_loss": silo.last_loss}
             now = time.monotonic()
             if ledger and (now - last_spent_update > 1.0 or coordinator.done):
                 # The accountant costs ~20 ms a call: refresh epsilon about once a second.
@@ -159,6 +163,20 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         ledger.close()
     log.close()
     return TrainResult(run_dir, coordinator.step, epsilon, before, after)
+
+
+def _recovered_reply(ledger: PrivacyLedger | None, request: TrainRequest, population: int) -> TrainReply | None:
+    """After a crash between a release and its log row, the release made for this round.
+
+    It was charged and its values recorded, so using it again spends nothing new; asking the
+    silo again would charge the round twice.
+    """
+    if ledger is None:
+        return None
+    values = ledger.released(request.round)
+    if values is None or len(values) != len(request.probe_seeds):
+        return None
+    return TrainReply(request.round, tuple(values), request.sample_rate * population, ())
 
 
 def _randomness(config: Config) -> SecretRandomness:

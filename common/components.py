@@ -61,7 +61,7 @@ def base_reference(config: Config, task: Task, label_names: tuple[str, ...]) -> 
 def choose_mask(config: Config, task: Task, sample: dict) -> OrderedDict[str, torch.Tensor | None]:
     """SynFlow's top r% (or everything), minus tensors the task's forward never reaches."""
     if config.prune.enabled:
-        mask = synflow_mask(task, config.prune.ratio, config.prune.always)
+        mask = synflow_mask(task.module, task.synflow_output, config.prune.ratio, config.prune.always)
     else:
         mask = OrderedDict((name, None) for name, _ in task.module.named_parameters())
     everything = TrainableSet(task.module, mask)

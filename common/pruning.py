@@ -19,23 +19,28 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from seedtune.common.tasks import Task
 
+def synflow_scores(
+    module: nn.Module, output: Callable[[nn.Module], torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
+    """|theta * dR/dtheta| for every parameter of ``module``, flat, keyed by canonical name.
 
-def synflow_scores(task: Task) -> OrderedDict[str, torch.Tensor]:
-    """|theta * dR/dtheta| for every parameter, keyed by canonical name, in float64."""
-    module = copy.deepcopy(task.module).double()  # deepcopy keeps tied weights tied
+    ``output(m)`` runs ``m`` on an all-ones input; R is the sum of what it returns. The module
+    is not touched: the computation runs on a float64 copy with |theta| in place of theta.
+    """
+    module = copy.deepcopy(module).double()  # deepcopy keeps tied weights tied
     named = OrderedDict(module.named_parameters())
     with torch.no_grad():
         for param in named.values():
             param.abs_()
             param.requires_grad_(True)
-    probe = Task(task.kind, module, task.tokenizer, task.label_names, task.max_length, task.template)
     with torch.enable_grad():
-        probe.synflow_output(module).sum().backward()
+        output(module).sum().backward()
     scores = OrderedDict()
     for name, param in named.items():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
@@ -44,7 +49,10 @@ def synflow_scores(task: Task) -> OrderedDict[str, torch.Tensor]:
 
 
 def synflow_mask(
-    task: Task, ratio: float, always: tuple[str, ...] = ()
+    module: nn.Module,
+    output: Callable[[nn.Module], torch.Tensor],
+    ratio: float,
+    always: tuple[str, ...] = (),
 ) -> OrderedDict[str, torch.Tensor | None]:
     """The top ``ratio`` of coordinates by SynFlow score, as sorted flat indices per tensor.
 
@@ -52,7 +60,7 @@ def synflow_mask(
     trained in full on top of that budget. Ties are broken by parameter order, then index, so
     the mask is deterministic. Coordinates scoring zero are never selected.
     """
-    scores = synflow_scores(task)
+    scores = synflow_scores(module, output)
     names = list(scores)
     forced = {name for name in names if any(fnmatch.fnmatchcase(name, p) for p in always)}
     ranked = [name for name in names if name not in forced]

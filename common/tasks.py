@@ -70,7 +70,7 @@ class Task:
         return module(**inputs).logits
 
     def per_example_loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
-        logits = self.logits(module, batch).float()
+        logits = _at_least_float32(self.logits(module, batch))
         if self.classifies:
             return F.cross_entropy(logits, batch["labels"], reduction="none")
         targets = batch["input_ids"][:, 1:]
@@ -83,7 +83,8 @@ class Task:
 
     # -- pruning support ----------------------------------------------------------------------
     def synflow_output(self, module: nn.Module, length: int = 8) -> torch.Tensor:
-        """The task's output on an all-ones input embedding (SynFlow is data-free)."""
+        """The output of ``module`` (this task's module or a copy of it) on an all-ones input
+        embedding: SynFlow's data-free probe."""
         backbone = _backbone(self.kind, module)
         dtype = next(module.parameters()).dtype
         ones = torch.ones(1, length, backbone.config.hidden_size, dtype=dtype)
@@ -120,6 +121,11 @@ class Task:
                 indent=2,
             )
         )
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Losses of a half-precision model in float32; of a float64 model in float64."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class LabelWordScorer(nn.Module):
@@ -219,7 +225,7 @@ def evaluate(task: Task, dataset, *, batch_size: int = 64, max_examples: int = 0
         rows = dataset[start : min(start + batch_size, count)]
         batch = task.encode(rows["text"], rows["label"])
         if task.classifies:
-            logits = task.logits(task.module, batch).float()
+            logits = _at_least_float32(task.logits(task.module, batch))
             total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
         else:

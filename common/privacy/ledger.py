@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS releases (
     round INTEGER NOT NULL,
     event TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    released TEXT  -- the values that left, once they have: lets a crashed run reuse them
 );
 """
 
@@ -94,10 +95,11 @@ class PrivacyLedger:
         return epsilon_of(self._counts.elements(), self.delta, self.accountant)
 
     def history(self) -> list[dict]:
-        rows = self._db.execute("SELECT id, round, event, note, created FROM releases ORDER BY id")
+        rows = self._db.execute("SELECT id, round, event, note, created, released FROM releases ORDER BY id")
         return [
-            {"id": i, "round": r, "event": json.loads(e), "note": n, "created": c}
-            for i, r, e, n, c in rows
+            {"id": i, "round": r, "event": json.loads(e), "note": n, "created": c,
+             "released": None if v is None else json.loads(v)}
+            for i, r, e, n, c, v in rows
         ]
 
     # -- charging ----------------------------------------------------------------------------
@@ -115,8 +117,8 @@ class PrivacyLedger:
             )
         return self._capacity[event]
 
-    def charge(self, event: dp_accounting.DpEvent, *, round: int, note: str = "") -> None:
-        """Record one release, durably; refuse it if it would exceed the budget.
+    def charge(self, event: dp_accounting.DpEvent, *, round: int, note: str = "") -> int:
+        """Record one release, durably, and return its id; refuse it if it would exceed the budget.
 
         Raises :class:`BudgetExhausted` (and records nothing) when the budget does not allow it.
         """
@@ -128,11 +130,25 @@ class PrivacyLedger:
             )
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT INTO releases (round, event, note, created) VALUES (?, ?, ?, ?)",
                 (round, event_codec.dumps(event), note, time.time()),
             )
         self._counts[event] += 1
+        return int(cursor.lastrowid)
+
+    def attach(self, release_id: int, values: list[float]) -> None:
+        """Store the values a charged release let out (public once released)."""
+        with self._db:
+            self._db.execute("UPDATE releases SET released = ? WHERE id = ?", (json.dumps(values), release_id))
+
+    def released(self, round: int) -> list[float] | None:
+        """The values of the last release made for ``round``, if one completed."""
+        row = self._db.execute(
+            "SELECT released FROM releases WHERE round = ? AND released IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (round,),
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
 
 
 def _largest_count_within(fits) -> int:

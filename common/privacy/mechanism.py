@@ -55,9 +55,11 @@ def private_release(
     clipped = clip_per_example(differences.to(torch.float64), clip_bound)
     total = clipped.sum(dim=0).numpy()
     event = release_event(sample_rate, noise_multiplier)
-    ledger.charge(event, round=round)  # durable before anything leaves; refuses past budget
+    release_id = ledger.charge(event, round=round)  # durable before anything leaves; refuses past budget
     noised = total + randomness.normal(total.shape[0]) * (noise_multiplier * clip_bound)
-    return Release(noised / (sample_rate * population), event)
+    values = noised / (sample_rate * population)
+    ledger.attach(release_id, [float(v) for v in values])
+    return Release(values, event)
 
 
 def nonprivate_release(differences: torch.Tensor, *, sample_rate: float, population: int) -> Release:

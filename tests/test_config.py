@@ -1,0 +1,65 @@
+"""Configuration is validated once, at the edge, with errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from seedtune.common.config import Config, load_config, parse_override
+from seedtune.common.errors import ConfigError
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("privacy.epsilom=2", "unknown config key 'privacy.epsilom'; did you mean privacy.epsilon?"),
+    ("bogus=1", "unknown config key 'bogus'"),
+    ("privacy.epsilon=0", "privacy.epsilon=0.0 is invalid"),
+    ("privacy.epsilon=-1", "privacy.epsilon=-1.0 is invalid"),
+    ("privacy.epsilon=inf", "privacy.epsilon=inf is invalid"),
+    ("privacy.delta=0", "privacy.delta=0.0 is invalid: it must be in (0, 1)"),
+    ("privacy.delta=1", "privacy.delta=1.0 is invalid"),
+    ("privacy.sample_rate=0", "privacy.sample_rate=0.0 is invalid: it must be in (0, 1]"),
+    ("privacy.sample_rate=1.5", "privacy.sample_rate=1.5 is invalid"),
+    ("privacy.clip_bound=0", "privacy.clip_bound=0.0 is invalid"),
+    ("schedule.beta=-0.1", "schedule.beta=-0.1 is invalid"),
+    ("schedule.beta=0", "schedule.beta=0.0 is invalid"),
+    ("zo.probes=two", "zo.probes='two' is invalid: it must be an integer"),
+    ("privacy.enabled=yes", "privacy.enabled='yes' is invalid: it must be true or false"),
+    ("model.task=regression", "model.task='regression' is invalid"),
+    ("schedule.kind=constant", "schedule.prox"),  # passes: prox defaults to 0
+])
+def test_bad_values_name_the_key_and_the_fix(override, fragment):
+    if override == "schedule.kind=constant":
+        assert load_config("default", overrides=[override]).schedule.kind == "constant"
+        with pytest.raises(ConfigError, match="proximal"):
+            load_config("default", overrides=[override, "schedule.prox=0.1"])
+        return
+    with pytest.raises(ConfigError) as error:
+        load_config("default", overrides=[override])
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_presets_files_and_overrides_apply_in_order(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text("[privacy]\nepsilon = 3.0\nclip_bound = 7\n")
+    config = load_config("tiny", file, ["privacy.epsilon=4", "prune.always=a.*,b.*"])
+    assert config.model.name == "tiny" and config.privacy.epsilon == 4.0 and config.privacy.clip_bound == 7.0
+    assert config.prune.always == ("a.*", "b.*")
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_optional_values_accept_auto():
+    assert load_config("default", overrides=["privacy.noise_multiplier=auto"]).privacy.noise_multiplier is None
+    assert load_config("default", overrides=["privacy.noise_multiplier=1.5"]).privacy.noise_multiplier == 1.5
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("default", tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[privacy\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config("default", bad)
+    with pytest.raises(ConfigError, match="not a preset"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("epsilon")

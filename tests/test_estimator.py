@@ -1,0 +1,179 @@
+"""The estimator: exact perturbation, per-example differences, and what they estimate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import batch_of, make_task
+from seedtune.common.estimator import ZerothOrderEstimator
+from seedtune.common.perturb import Perturbation, unreached_parameters
+from seedtune.common.trainable import DirectionField, TrainableSet
+
+TASKS = ["sequence-classification", "prompt-classification", "causal-lm"]
+
+
+def masked(module: nn.Module, every: int = 7) -> dict:
+    """Every tensor, some in full and some at every ``every``-th coordinate."""
+    mask = {}
+    for position, (name, param) in enumerate(module.named_parameters()):
+        mask[name] = None if position % 2 else torch.arange(position % min(every, param.numel()), param.numel(), every)
+    return mask
+
+
+def materialized(module: nn.Module, trainable: TrainableSet, field: DirectionField, seed: int, shift: float):
+    """A copy of ``module`` whose weights ARE theta + shift * z: the slow, obvious oracle."""
+    twin = copy.deepcopy(module)
+    params = dict(twin.named_parameters())
+    with torch.no_grad():
+        for entry in trainable:
+            flat = params[entry.name].view(-1)
+            step = field.fill(entry, seed, torch.empty(entry.size, dtype=flat.dtype)).mul_(shift)
+            if entry.index is None:
+                flat.copy_(flat + step)
+            else:
+                flat[entry.index] = flat[entry.index] + step
+    return twin
+
+
+@pytest.mark.parametrize("kind", TASKS)
+@pytest.mark.parametrize("layout", ["full", "masked"])
+def test_perturbed_forward_equals_forward_of_materialized_weights(kind, layout, synthetic):
+    task = make_task(kind)
+    trainable = TrainableSet(task.module, masked(task.module)) if layout == "masked" else TrainableSet.everything(task.module)
+    field = DirectionField(trainable, "gaussian")
+    batch = batch_of(task, synthetic)
+    perturbation = Perturbation(task.module, trainable, field)
+    for shift in (1e-2, -1e-2):
+        with perturbation.shifted(42, shift):
+            hooked = task.per_example_loss(task.module, batch)
+        oracle = task.per_example_loss(materialized(task.module, trainable, field, 42, shift), batch)
+        assert torch.equal(hooked, oracle)
+    assert not torch.equal(hooked, task.per_example_loss(task.module, batch))  # it did perturb
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_weights_are_bit_identical_after_an_estimate(kind, synthetic):
+    task = make_task(kind)
+    before = {name: t.clone() for name, t in task.module.state_dict().items()}
+    for mask in (None, masked(task.module)):
+        trainable = TrainableSet.everything(task.module) if mask is None else TrainableSet(task.module, mask)
+        field = DirectionField(trainable, "rademacher")
+        estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field)
+        estimator.estimate(batch_of(task, synthetic), 6, [1, 2, 3], 0.05)
+    after = task.module.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(isinstance(p, nn.Parameter) for p in task.module.parameters())
+
+
+def test_weights_are_restored_when_the_forward_fails(synthetic):
+    task = make_task("sequence-classification")
+    before = {name: t.clone() for name, t in task.module.state_dict().items()}
+    trainable = TrainableSet(task.module, masked(task.module))
+    perturbation = Perturbation(task.module, trainable, DirectionField(trainable, "rademacher"))
+    layer = task.module.bert.encoder.layer[1].output.dense
+    handle = layer.register_forward_hook(lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"), perturbation.shifted(3, 0.5):
+        task.per_example_loss(task.module, batch_of(task, synthetic))
+    handle.remove()
+    after = task.module.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert isinstance(layer.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_batched_differences_equal_a_loop_over_single_examples(kind, synthetic):
+    task = make_task(kind, torch.float64)
+    trainable = TrainableSet.everything(task.module)
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, DirectionField(trainable, "gaussian"))
+    rows = synthetic.train[:5]
+    batched = estimator.estimate(task.encode(rows["text"], rows["label"]), 5, [7, 8], 1e-3).differences
+    single = torch.cat([
+        estimator.estimate(task.encode([text], [label]), 1, [7, 8], 1e-3).differences
+        for text, label in zip(rows["text"], rows["label"])
+    ])
+    assert batched.shape == (5, 2)
+    assert torch.allclose(batched, single, rtol=1e-7, atol=1e-9)
+
+
+def test_empty_batch_gives_zero_differences():
+    task = make_task("sequence-classification")
+    trainable = TrainableSet.everything(task.module)
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, DirectionField(trainable, "rademacher"))
+    assert torch.equal(estimator.estimate({}, 0, [1, 2], 0.1).differences, torch.zeros(0, 2, dtype=torch.float64))
+
+
+class Quadratic(nn.Module):
+    """l_i(theta) = 1/2 (theta - x_i)^T A (theta - x_i): gradient A (theta - x_i) in closed form."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        root = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        self.register_buffer("a", root @ root.T / dim + torch.eye(dim, dtype=torch.float64))
+        self.theta = nn.Parameter(torch.randn(dim, generator=generator, dtype=torch.float64))
+
+    def forward(self, x):  # parameters are read inside their module's forward: the contract
+        delta = self.theta - x
+        return 0.5 * ((delta @ self.a) * delta).sum(dim=1)
+
+    @staticmethod
+    def loss(module, batch):
+        return module(batch["x"])
+
+
+def zo_gradient(estimator, batch, size, probes, beta, trainable, field):
+    seeds = list(range(1000, 1000 + probes))
+    projected = estimator.estimate(batch, size, seeds, beta).differences.mean(dim=0)
+    parts = []
+    for entry in trainable:
+        z = torch.stack([field.fill(entry, seed, torch.empty(entry.size, dtype=torch.float64)) for seed in seeds])
+        parts.append((projected.unsqueeze(1) * z).mean(dim=0))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_zo_gradient_of_a_quadratic_approaches_the_true_gradient(distribution):
+    model = Quadratic(12)
+    x = torch.randn(8, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    trainable = TrainableSet.everything(model)
+    field = DirectionField(trainable, distribution)
+    estimator = ZerothOrderEstimator(model, model.loss, trainable, field)
+    true = (model.a @ (model.theta.detach() - x).T).T.mean(dim=0)
+    errors = [
+        (zo_gradient(estimator, {"x": x}, 8, k, 1e-3, trainable, field) - true).norm() / true.norm()
+        for k in (20, 4000)
+    ]
+    assert errors[1] < 0.12
+    assert errors[1] < errors[0] / 4  # error ~ sqrt(d / K)
+
+
+def test_zo_gradient_of_a_small_network_matches_autograd(synthetic):
+    task = make_task("sequence-classification", torch.float64)
+    names = ["classifier.weight", "classifier.bias", "bert.encoder.layer.1.output.LayerNorm.weight",
+             "bert.embeddings.token_type_embeddings.weight"]
+    trainable = TrainableSet(task.module, {name: None for name in names})
+    field = DirectionField(trainable, "rademacher")
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field)
+    batch = batch_of(task, synthetic, size=8)
+    params = dict(task.module.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    with torch.enable_grad():
+        task.per_example_loss(task.module, batch).mean().backward()
+    true = torch.cat([params[entry.name].grad.reshape(-1) for entry in trainable])  # canonical order
+    estimate = zo_gradient(estimator, batch, 8, 1500, 1e-5, trainable, field)
+    # d = 162 coordinates, K = 1500 probes: relative error ~ sqrt(d / K) ~ 0.33
+    assert torch.nn.functional.cosine_similarity(estimate, true, dim=0) > 0.85
+
+
+def test_tensors_a_forward_never_reaches_are_found(synthetic):
+    task = make_task("sequence-classification")
+    task.module.unused = nn.Linear(3, 3)
+    trainable = TrainableSet.everything(task.module)
+    batch = batch_of(task, synthetic)
+    unused = unreached_parameters(task.module, trainable, lambda: task.per_example_loss(task.module, batch))
+    assert unused == ["unused.weight", "unused.bias"]
