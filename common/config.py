@@ -125,11 +125,11 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     enabled: bool = True
-    ratio: float = 0.01  # r: the fraction of coordinates trained (by SynFlow score)
+    ratio: float = 0.01  # r: the fraction of coordinates trained (by SynFlow score); 0 = only `always`
     always: tuple[str, ...] = ("classifier.*",)  # parameter-name patterns trained in full
 
     def validate(self) -> None:
-        _check("prune.ratio", self.ratio, 0 < self.ratio <= 1, "in (0, 1]")
+        _check("prune.ratio", self.ratio, 0 <= self.ratio <= 1, "in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,14 @@ E_z[s_ik z_k] -> grad l_i(theta) as beta -> 0 (MeZO, Malladi et al. 2023; DPZero
 batch before clipping would lose the per-example sensitivity the accountant assumes.
 
 Cost: 2K forward passes over the batch and no backward pass; the weights are bit-identical after.
+When the first layers hold no trainable coordinate (a head, or a pruning mask in the top
+layers), one clean pass computes them and the 2K perturbed passes start after them
+(:mod:`seedtune.common.prefix`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from seedtune.common.perturb import Perturbation
+from seedtune.common.prefix import PrefixCache
 from seedtune.common.trainable import DirectionField, TrainableSet
 
 PerExampleLoss = Callable[[nn.Module, dict], torch.Tensor]
@@ -28,7 +33,8 @@ PerExampleLoss = Callable[[nn.Module, dict], torch.Tensor]
 
 @dataclass(frozen=True)
 class Estimate:
-    """Per-example differences (B x K, float64) and the batch's mean loss at theta (local only)."""
+    """Per-example differences (B x K, float64) and the batch's mean loss (local only): at theta
+    when a clean pass ran, else the mean of the perturbed losses."""
 
     differences: torch.Tensor
     loss: float
@@ -43,10 +49,13 @@ class ZerothOrderEstimator:
         loss_fn: PerExampleLoss,
         trainable: TrainableSet,
         directions: DirectionField,
+        *,
+        cache_prefix: bool = True,
     ):
         self.model = model
         self.loss_fn = loss_fn
         self.perturbation = Perturbation(model, trainable, directions)
+        self.prefix = PrefixCache(model, trainable) if cache_prefix else None
 
     @torch.no_grad()
     def estimate(self, batch: dict, batch_size: int, probe_seeds: Sequence[int], beta: float) -> Estimate:
@@ -54,12 +63,29 @@ class ZerothOrderEstimator:
         differences = torch.zeros(batch_size, len(probe_seeds), dtype=torch.float64)
         if batch_size == 0:
             return Estimate(differences, float("nan"))
+        prefix = self.prefix
+        if prefix is not None and prefix.modules is None:
+            prefix.trace(lambda: self.loss_fn(self.model, batch))
+        if prefix is None or not prefix.modules:
+            prefix, clean = None, None
+        else:
+            with prefix.recording():
+                clean = float(self.loss_fn(self.model, batch).to(torch.float64).mean())
         loss_sum = 0.0
-        for k, seed in enumerate(probe_seeds):
-            with self.perturbation.shifted(seed, beta):
-                plus = self.loss_fn(self.model, batch).to(torch.float64)
-            with self.perturbation.shifted(seed, -beta):
-                minus = self.loss_fn(self.model, batch).to(torch.float64)
-            differences[:, k] = (plus - minus).cpu() / (2.0 * beta)
-            loss_sum += float((plus + minus).mean()) / 2.0
-        return Estimate(differences, loss_sum / len(probe_seeds))
+        try:
+            for k, seed in enumerate(probe_seeds):
+                losses = []
+                for shift in (beta, -beta):
+                    with self._replaying(prefix), self.perturbation.shifted(seed, shift):
+                        losses.append(self.loss_fn(self.model, batch).to(torch.float64))
+                plus, minus = losses
+                differences[:, k] = (plus - minus).cpu() / (2.0 * beta)
+                loss_sum += float((plus + minus).mean()) / 2.0
+        finally:
+            if prefix is not None:
+                prefix.clear()
+        return Estimate(differences, clean if clean is not None else loss_sum / len(probe_seeds))
+
+    @staticmethod
+    def _replaying(prefix: PrefixCache | None):
+        return prefix.replaying() if prefix is not None else contextlib.nullcontext()

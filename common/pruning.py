@@ -60,6 +60,9 @@ def synflow_mask(
     trained in full on top of that budget. Ties are broken by parameter order, then index, so
     the mask is deterministic. Coordinates scoring zero are never selected.
     """
+    if ratio == 0:  # nothing ranked: no need to score
+        return OrderedDict((name, None) for name, _ in module.named_parameters()
+                           if any(fnmatch.fnmatchcase(name, p) for p in always))
     scores = synflow_scores(module, output)
     names = list(scores)
     forced = {name for name in names if any(fnmatch.fnmatchcase(name, p) for p in always)}

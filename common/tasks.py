@@ -67,7 +67,7 @@ class Task:
             return module(**inputs).logits
         if self.kind == "prompt-classification":
             return module(**inputs)
-        return module(**inputs).logits
+        return module(**inputs, use_cache=False).logits
 
     def per_example_loss(self, module: nn.Module, batch: dict) -> torch.Tensor:
         logits = _at_least_float32(self.logits(module, batch))
@@ -140,7 +140,8 @@ class LabelWordScorer(nn.Module):
         self.register_buffer("label_ids", torch.tensor(label_ids, dtype=torch.long), persistent=False)
 
     def forward(self, input_ids, attention_mask) -> torch.Tensor:
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        decoder = self.lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
         state = hidden[torch.arange(hidden.shape[0]), last]
         logits = state @ self.label_rows(self.label_ids).T

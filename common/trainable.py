@@ -28,6 +28,8 @@ from seedtune.common.directions import (
     fill_range,
 )
 
+CHUNK = 1 << 20  # coordinates per piece when a whole tensor's direction is generated
+
 
 @dataclass(eq=False)
 class TrainableTensor:
@@ -119,37 +121,45 @@ class DirectionField:
         if seed not in self._scales:
             total = 0
             for entry in self.trainable:
-                total += direction_norm_squared(self._raw(entry, seed))
+                for offset, length in self.chunks(entry):
+                    raw = torch.empty(length, dtype=torch.float64, device=entry.param.device)
+                    total += direction_norm_squared(self._generate(entry, seed, raw, offset, 1.0))
             norm = math.sqrt(total / float(1 << 24))
             self._scales[seed] = math.sqrt(self.trainable.dimension) / norm
             while len(self._scales) > 64:
                 self._scales.popitem(last=False)
         return self._scales[seed]
 
-    def _raw(self, entry: TrainableTensor, seed: int) -> torch.Tensor:
-        device = entry.param.device
-        if entry.index is None:
-            out = torch.empty(entry.size, dtype=torch.float64, device=device)
-            return fill_range(self.distribution, seed, entry.name, 0, out)
-        return direction_at(self.distribution, seed, entry.name, entry.index, dtype=torch.float64)
+    @staticmethod
+    def chunks(entry: TrainableTensor, size: int | None = None) -> Iterator[tuple[int, int]]:
+        """(offset, length) pieces of an entry's trainable coordinates, to bound working memory."""
+        size = size or CHUNK
+        for offset in range(0, entry.size, size):
+            yield offset, min(size, entry.size - offset)
 
-    def fill(self, entry: TrainableTensor, seed: int, out: torch.Tensor) -> torch.Tensor:
-        """z on the trainable coordinates of ``entry`` (flat, in their order) written into ``out``."""
-        scale = self.scale(seed)
+    def fill(self, entry: TrainableTensor, seed: int, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """z on trainable coordinates [offset, offset + len(out)) of ``entry``, written into ``out``.
+
+        The coordinates are the entry's in their order: flat positions for a full tensor, the
+        mask's sorted indices for a masked one. Values do not depend on how a tensor is split.
+        """
+        return self._generate(entry, seed, out, offset, self.scale(seed))
+
+    def _generate(self, entry: TrainableTensor, seed: int, out: torch.Tensor, offset: int, scale: float):
         if entry.index is None:
-            return fill_range(self.distribution, seed, entry.name, 0, out, scale=scale)
-        out.copy_(
-            direction_at(self.distribution, seed, entry.name, entry.index, dtype=out.dtype, scale=scale)
-        )
+            return fill_range(self.distribution, seed, entry.name, offset, out, scale=scale)
+        index = entry.index[offset : offset + out.numel()]
+        out.copy_(direction_at(self.distribution, seed, entry.name, index, dtype=out.dtype, scale=scale))
         return out
 
-    def buffer(self, entry: TrainableTensor) -> torch.Tensor:
-        """A reused flat buffer for one tensor's z: fresh multi-MB tensors are slow to fault in."""
+    def buffer(self, entry: TrainableTensor, length: int | None = None) -> torch.Tensor:
+        """A reused flat buffer: fresh multi-MB tensors are slow to fault in on a CPU."""
+        length = min(entry.size, CHUNK) if length is None else length
         key = (entry.param.dtype, entry.param.device)
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < entry.size:
-            buffer = self._buffers[key] = torch.empty(entry.size, dtype=key[0], device=key[1])
-        return buffer[: entry.size]
+        if buffer is None or buffer.numel() < length:
+            buffer = self._buffers[key] = torch.empty(length, dtype=key[0], device=key[1])
+        return buffer[:length]
 
     def rows(self, entry: TrainableTensor, seed: int, rows: torch.Tensor) -> torch.Tensor:
         """z on whole rows ``rows`` of a fully trainable 2-D parameter, shape (len(rows), width).

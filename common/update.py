@@ -36,16 +36,19 @@ def apply_update(
         raise ValueError("a proximal step needs its anchor")
     coefficients = [-lr * float(g) / len(probe_seeds) for g in projected_grads]
     for position, entry in enumerate(trainable):
-        drift = entry.values().sub_(anchor[position]) if prox > 0 else None  # at theta_t
-        z = directions.buffer(entry)
-        for seed, coefficient in zip(probe_seeds, coefficients):
-            directions.fill(entry, seed, z)
+        # Piece by piece, so the working memory is one chunk of z whatever the tensor's size;
+        # every operation is elementwise, so the result does not depend on the chunking.
+        for offset, length in directions.chunks(entry):
             if entry.index is None:
-                entry.flat.add_(z, alpha=coefficient)
+                target = entry.flat[offset : offset + length]  # a view: updated in place
             else:
-                entry.flat.index_add_(0, entry.index, z, alpha=coefficient)
-        if drift is not None:
-            if entry.index is None:
-                entry.flat.add_(drift, alpha=-lr * prox)
-            else:
-                entry.flat.index_add_(0, entry.index, drift, alpha=-lr * prox)
+                index = entry.index[offset : offset + length]
+                target = entry.flat[index]  # a copy, written back below
+            drift = target - anchor[position][offset : offset + length] if prox > 0 else None  # at theta_t
+            z = directions.buffer(entry, length)
+            for seed, coefficient in zip(probe_seeds, coefficients):
+                target.add_(directions.fill(entry, seed, z, offset), alpha=coefficient)
+            if drift is not None:
+                target.add_(drift, alpha=-lr * prox)
+            if entry.index is not None:
+                entry.flat[index] = target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -97,6 +98,36 @@ def test_batched_differences_equal_a_loop_over_single_examples(kind, synthetic):
     ])
     assert batched.shape == (5, 2)
     assert torch.allclose(batched, single, rtol=1e-7, atol=1e-9)
+
+
+def top_layer_mask(module: nn.Module) -> dict:
+    """Every third coordinate of the last block and the head: where SynFlow masks concentrate."""
+    params = dict(module.named_parameters())
+    blocks = {name: int(m.group(1)) for name in params if (m := re.search(r"\.layers?\.(\d+)\.", name))}
+    last = max(blocks.values())
+    chosen = [name for name in params if blocks.get(name) == last or name.startswith("classifier")]
+    return {name: torch.arange(0, params[name].numel(), 3) for name in chosen}
+
+
+@pytest.mark.parametrize("kind", TASKS)
+@pytest.mark.parametrize("layout", ["top", "full"])
+def test_computing_the_frozen_prefix_once_changes_no_bit(kind, layout, synthetic):
+    task = make_task(kind)
+    trainable = TrainableSet(task.module, top_layer_mask(task.module)) if layout == "top" else TrainableSet.everything(task.module)
+    field = DirectionField(trainable, "rademacher")
+    batch = batch_of(task, synthetic)
+    cached = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field)
+    plain = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, cache_prefix=False)
+    first = cached.estimate(batch, 6, [1, 2, 3], 1e-2)
+    assert torch.equal(first.differences, plain.estimate(batch, 6, [1, 2, 3], 1e-2).differences)
+    if layout == "top":
+        assert cached.prefix.modules  # the embeddings and the first block(s) were skipped
+        assert first.loss == float(task.per_example_loss(task.module, batch).double().mean())  # the clean loss
+        other = batch_of(task, synthetic, size=4, offset=10)  # a new batch: nothing stale is reused
+        assert torch.equal(cached.estimate(other, 4, [5], 1e-2).differences,
+                           plain.estimate(other, 4, [5], 1e-2).differences)
+    else:
+        assert cached.prefix.modules == []
 
 
 def test_empty_batch_gives_zero_differences():

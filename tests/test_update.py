@@ -12,6 +12,7 @@ from torch import nn
 from conftest import make_task
 from seedtune.common.pruning import synflow_mask, synflow_scores
 from seedtune.common.schedule import ConstantSchedule, StagewiseSchedule
+from seedtune.common import trainable as trainable_module
 from seedtune.common.trainable import DirectionField, TrainableSet
 from seedtune.common.update import apply_update
 from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
@@ -72,6 +73,20 @@ def test_the_update_follows_the_directions_exactly():
         z11 = field.fill(entry, 11, torch.empty(entry.size))
         z12 = field.fill(entry, 12, torch.empty(entry.size))
         assert torch.allclose(entry.values(), old - 0.5 * (2.0 * z11 - 4.0 * z12) / 2)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_the_update_does_not_depend_on_how_tensors_are_chunked(monkeypatch, distribution):
+    results = []
+    for chunk in (1 << 20, 37):
+        monkeypatch.setattr(trainable_module, "CHUNK", chunk)
+        model = _model()
+        trainable = TrainableSet(model, {"0.weight": torch.arange(0, 120, 2), "1.weight": None, "2.bias": None})
+        field = DirectionField(trainable, distribution, sphere=True)
+        anchor = [v - 0.5 for v in trainable.snapshot()]
+        apply_update(trainable, field, [3, 4], [0.7, -1.1], lr=0.2, prox=0.3, anchor=anchor)
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
 def test_unmasked_coordinates_never_change():
