@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
+import warnings
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,17 @@ from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from seedtune.server.coordinator import Coordinator
 
 LOG_FILE = "log.sqlite"
+
+
+class NonPrivateRunWarning(UserWarning):
+    """A run with privacy.enabled = false: nothing it releases is differentially private."""
+
+
 LEDGER_FILE = "ledger.sqlite"
+
+
+class NonPrivateRunWarning(UserWarning):
+    """A run with privacy.enabled = false: nothing it releases is differentially private."""
 
 
 @dataclass
@@ -117,6 +129,12 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     if coordinator.step == 0:
         log.record_metrics(0, {f"val_{k}": v for k, v in evaluation(data.validation, config.eval.max_examples).items()})
 
+    if progress:
+        privacy = (f"sigma={sigma:.4g} for epsilon={config.privacy.epsilon:g}, delta={config.privacy.delta:g}"
+                   if config.privacy.enabled else "NOT private")
+        print(f"seedtune: {config.model.name} on {config.data.name} ({len(data.train)} training examples), "
+              f"{parts.trainable.dimension} trainable coordinates, {privacy}, {schedule.steps} steps -> {run_dir}",
+              file=sys.stderr)
     bar = tqdm(total=schedule.steps, initial=coordinator.step, disable=not progress, unit="step",
                dynamic_ncols=True, desc="train")
     spent = ledger.spent() if ledger else math.inf
@@ -145,8 +163,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
     except BudgetExhausted as error:
+        # Only a release lost in a crash can get here (sigma was calibrated for the planned
+        # steps); the model so far is still a valid private model, so finish with it.
         bar.close()
-        raise BudgetExhausted(f"stopped at step {coordinator.step}: {error}") from None
+        warnings.warn(f"stopped after {coordinator.step} of {schedule.steps} steps: {error}", stacklevel=2)
     except KeyboardInterrupt:
         bar.close()
         raise RunDirError(
@@ -181,6 +201,12 @@ def _recovered_reply(ledger: PrivacyLedger | None, request: TrainRequest, popula
 
 def _randomness(config: Config) -> SecretRandomness:
     if not config.privacy.enabled:
+        warnings.warn(
+            "privacy.enabled=false: a non-private run; the released values are not clipped or "
+            "noised and carry no differential-privacy guarantee. Remove the setting to train privately.",
+            NonPrivateRunWarning,
+            stacklevel=3,
+        )
         return PublicRandomness(config.seed)
     if config.privacy.noise_seed is not None:
         return SeededRandomness(config.privacy.noise_seed)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from seedtune.cli.export import export
-from seedtune.cli.train import train
+from seedtune.cli.train import NonPrivateRunWarning, train
 from seedtune.common.config import load_config
 from seedtune.common.errors import RunDirError
 from seedtune.common.privacy.ledger import PrivacyLedger
@@ -31,7 +31,8 @@ def _same(a, b):
 
 def test_without_noise_two_runs_are_identical(tmp_path):
     for name in ("a", "b"):
-        train(_config("privacy.enabled=false"), tmp_path / name, progress=False)
+        with pytest.warns(NonPrivateRunWarning, match="no differential-privacy guarantee"):
+            train(_config("privacy.enabled=false"), tmp_path / name, progress=False)
     assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     assert not (tmp_path / "a" / "ledger.sqlite").exists()  # nothing private was released
 
@@ -80,3 +81,24 @@ def test_a_run_interrupted_anywhere_resumes_to_its_log_and_counts_every_release(
         assert ledger.spent() <= 8.0
     export(run_dir, tmp_path / "exported", progress=False)
     assert _same(_weights(run_dir), load_file(tmp_path / "exported" / "model.safetensors"))
+
+
+def test_a_release_lost_before_its_values_were_kept_is_charged_and_the_run_ends_within_budget(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_attach = PrivacyLedger.attach
+
+    def crash_while_releasing_round_5(self, release_id, values):
+        if self.releases == 6:
+            raise KeyboardInterrupt  # round 5 is charged, its values never left
+        real_attach(self, release_id, values)
+
+    monkeypatch.setattr(PrivacyLedger, "attach", crash_while_releasing_round_5)
+    with pytest.raises(RunDirError, match="interrupted at step 5"):
+        train(_config(), run_dir, progress=False)
+    monkeypatch.setattr(PrivacyLedger, "attach", real_attach)
+    with pytest.warns(UserWarning, match="stopped after 11 of 12 steps"):
+        result = train(_config(), run_dir, resume=True, progress=False)
+    assert result.steps == 11 and (run_dir / "final" / "model.safetensors").exists()
+    with PrivacyLedger(run_dir / "ledger.sqlite", epsilon=8.0, delta=1e-5) as ledger:
+        assert ledger.releases == 12  # round 5 twice: the lost release still counts
+        assert ledger.spent() <= 8.0
