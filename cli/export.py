@@ -35,7 +35,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"--out {out} already exists and is not empty; choose a new directory")
     base = log.base
-    task = components.load_model(config, tuple(base["label_names"]))
+    task = components.load_model(config, tuple(base["label_names"]), base)
     if fingerprint(task.module) != base["fingerprint"]:
         raise RunDirError(
             f"the base model {base['model']!r} installed here differs from the one {run_dir} was "
@@ -75,6 +75,11 @@ def describe(run_dir: Path) -> dict:
             noise_multiplier=log.meta("noise_multiplier"), sample_rate=config.privacy.sample_rate,
             clip_bound=config.privacy.clip_bound, accountant=config.privacy.accountant, releases=releases,
         )
+    federation = _federation_report(run_dir, config)
+    if federation is not None and config.privacy.enabled:
+        privacy["epsilon_per_silo"] = {silo["silo"]: silo["epsilon"] for silo in federation["silos"]}
+        privacy["epsilon"] = max(privacy["epsilon_per_silo"].values(), default=0.0)
+        privacy["releases"] = sum(silo["releases"] for silo in federation["silos"])
     report = {
         "status": log.meta("status"),
         "steps": log.num_steps,
@@ -87,5 +92,34 @@ def describe(run_dir: Path) -> dict:
         "test_after": log.meta("after"),
         "steps_detail": [asdict(record) for record in log.steps()],
     }
+    if federation is not None:
+        report["federation"] = federation
     log.close()
     return report
+
+
+def _federation_report(run_dir: Path, config: Config) -> dict | None:
+    """Per-silo privacy (the coordinator's view, recomputed from reported events) and traffic."""
+    from seedtune.server.federation import STORE_FILE
+    from seedtune.server.store import FederationStore
+
+    if not (run_dir / STORE_FILE).is_file():
+        return None
+    store = FederationStore(run_dir / STORE_FILE)
+    try:
+        names = store.nodes()
+        reported = store.reported_events()
+        epsilons = store.epsilons(config.privacy.delta, config.privacy.accountant) if config.privacy.enabled else {}
+        traffic = store.traffic()
+        silos = []
+        for node, name in names.items():
+            moved = traffic.get(node, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
+            silos.append({"silo": name or str(node), "node": node, "releases": len(reported.get(node, [])),
+                          "epsilon": epsilons.get(node, float("inf")), **moved})
+        rounds = {}
+        for round, attempt, node, down, up in store.traffic_rows():
+            rounds.setdefault(str(round), []).append({"node": node, "attempt": attempt, "bytes_down": down,
+                                                      "bytes_up": up})
+        return {"silos": silos, "traffic_per_round": rounds, "rejections": store.rejections()}
+    finally:
+        store.close()

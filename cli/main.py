@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
+    simulate = commands.add_parser("simulate", help="a federation of silos on this machine (Flower simulation)")
+    simulate.add_argument("--preset", default="default", help="default (MiniLM, Rotten Tomatoes, 3 silos) or tiny")
+    simulate.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
+    simulate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override one setting, e.g. --set federation.partition=label-skew")
+    simulate.add_argument("--clients", type=int, help="number of silos (federation.clients)")
+    simulate.add_argument("--rounds", type=int, help="number of rounds (schedule.steps)")
+    simulate.add_argument("--out", type=Path, help="run directory (default: runs/sim-<preset>-<time>)")
+    simulate.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    simulate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    simulate.set_defaults(run=_simulate)
+
     export = commands.add_parser("export", help="rebuild a run's model from its base and log alone")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, required=True, help="directory to write the model to")
@@ -90,6 +102,51 @@ def _train(args) -> int:
     return 0
 
 
+def _simulate(args) -> int:
+    from datetime import datetime
+
+    from seedtune.cli.simulate import simulate
+    from seedtune.common.config import Config, load_config
+
+    if args.resume and args.out is None:
+        raise SeedtuneError("--resume needs --out RUN_DIR, the run to continue")
+    for flag, value in (("--clients", args.clients), ("--rounds", args.rounds)):
+        if value is not None and value < 1:
+            raise SeedtuneError(f"{flag} {value} must be >= 1")
+    config = Config() if args.resume else load_config(args.preset, args.config, args.overrides, command="simulate")
+    out = args.out or Path("runs") / f"sim-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    result = simulate(config, out, clients=args.clients, rounds=args.rounds, resume=args.resume,
+                      progress=not args.no_progress)
+    federation = result.federation
+    print(f"run directory: {result.run_dir}")
+    print(f"rounds: {federation.steps}   rejected replies: {len(federation.rejections)}")
+    for name in ("accuracy", "loss"):
+        if name in federation.before:
+            print(f"test {name}: {federation.before[name]:.4f} before -> {federation.after[name]:.4f} after")
+    print()
+    print(f"{'silo':<14}{'releases':>9}{'epsilon (silo)':>16}{'epsilon (server)':>18}"
+          f"{'up B/round':>12}{'down B/round':>14}")
+    names = _silo_names(result.run_dir)
+    for node, traffic in federation.traffic.items():
+        silo = names.get(node) or str(node)
+        releases, own = result.silo_ledgers.get(silo, (0, float("nan")))
+        messages = max(traffic["messages"], 1)
+        print(f"{silo:<14}{releases:>9}{_number(own):>16}{_number(federation.epsilons.get(node, float('nan'))):>18}"
+              f"{traffic['bytes_up'] / messages:>12.0f}{traffic['bytes_down'] / messages:>14.0f}")
+    return 0
+
+
+def _silo_names(run_dir: Path) -> dict[int, str]:
+    from seedtune.server.federation import STORE_FILE
+    from seedtune.server.store import FederationStore
+
+    store = FederationStore(run_dir / STORE_FILE)
+    try:
+        return store.nodes()
+    finally:
+        store.close()
+
+
 def _export(args) -> int:
     from seedtune.cli.export import export
 
@@ -110,6 +167,14 @@ def _show(args) -> int:
     print(f"model {report['config']['model']['name']} · task {report['config']['model']['task']} · "
           f"data {report['config']['data']['name']} · schedule {report['config']['schedule']['kind']}")
     print(f"trainable coordinates: {report['trainable_coordinates']}")
+    if privacy.get("epsilon_per_silo"):
+        print("privacy per silo (coordinator's view, from reported events): " + ", ".join(
+            f"{silo}={_number(value)}" for silo, value in privacy["epsilon_per_silo"].items()))
+    if "federation" in report:
+        for silo in report["federation"]["silos"]:
+            print(f"  {silo['silo']}: {silo['releases']} releases, {silo['bytes_up']} B up and "
+                  f"{silo['bytes_down']} B down in {silo['messages']} messages")
+        print(f"rejected replies: {len(report['federation']['rejections'])}")
     if privacy["enabled"]:
         print(f"privacy: epsilon={_number(privacy['epsilon'])} of {privacy['budget_epsilon']} at "
               f"delta={privacy['delta']:g}; sigma={privacy['noise_multiplier']:.6g}, q={privacy['sample_rate']:g}, "
@@ -151,6 +216,8 @@ def _budget(args) -> int:
 
 
 def _number(value: float) -> str:
+    if math.isnan(value):
+        return "-"
     return "inf (non-private)" if math.isinf(value) else f"{value:.4f}"
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from seedtune.common.config import Config
@@ -40,20 +42,40 @@ def load_data(config: Config) -> TextData:
     )
 
 
-def load_model(config: Config, label_names: tuple[str, ...]) -> Task:
+def load_model(config: Config, label_names: tuple[str, ...], base: dict | None = None) -> Task:
+    """The task model at its starting point. With ``base`` (a run's base reference), tensors the
+    task derives by computation are set to the values the run started from, exactly."""
     m = config.model
-    return load_task(
+    task = load_task(
         m.name, m.task, label_names, max_length=m.max_length, template=m.template or None,
         head_scale=m.head_scale, init_seed=m.init_seed,
     )
+    if base is not None and base.get("derived"):
+        params = dict(task.module.named_parameters())
+        with torch.no_grad():
+            for name, text in base["derived"].items():
+                values = np.frombuffer(base64.b64decode(text), dtype="<f4")
+                params[name].copy_(torch.from_numpy(values.copy()).view_as(params[name]))
+    return task
 
 
 def base_reference(config: Config, task: Task, label_names: tuple[str, ...]) -> dict:
-    """What a replay needs to rebuild the starting model, and a fingerprint to check it by."""
+    """What a replay needs to rebuild the starting model, and a fingerprint to check it by.
+
+    The label-word head is computed by a forward pass, whose last bits depend on the machine
+    and thread count; its starting values travel with the reference (a few KB) instead, so every
+    party starts from the same bits.
+    """
+    params = dict(task.module.named_parameters())
+    derived = {
+        name: base64.b64encode(params[name].detach().float().cpu().numpy().astype("<f4").tobytes()).decode()
+        for name in task.derived
+    }
     return {
         "model": config.model.name,
         "task": config.model.task,
         "label_names": list(label_names),
+        "derived": derived,
         "fingerprint": fingerprint(task.module),
     }
 

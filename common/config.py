@@ -133,6 +133,35 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    clients: int = 3  # silos in a simulation (a deployment has as many as connect)
+    fraction: float = 1.0  # share of silos asked each round (sampled from public randomness)
+    min_clients: int = 1  # a round is applied only with at least this many valid replies
+    partition: str = "iid"  # how a simulation splits the training set: "iid" or "label-skew"
+    alpha: float = 0.5  # label-skew: Dirichlet concentration (small = more skewed)
+    round_timeout: float = 300.0  # seconds to wait for replies
+    round_retries: int = 2  # a round short of min_clients is asked again this often, then the run stops
+    max_replay: int = 2000  # a silo further behind than this gets a checkpoint instead of replay
+    client_eval: str = "off"  # "off", "private" (noised, charged) or "nonprivate" (warns)
+    client_eval_sigma: float = 5.0  # noise multiplier of a private client evaluation
+    fault_partition: int = -1  # TESTS: this partition's client fails ...
+    fault_round: int = -1  # ... from this round on, after releasing (a killed node)
+
+    def validate(self) -> None:
+        _check("federation.clients", self.clients, 1 <= self.clients <= 1000, "an integer in [1, 1000]")
+        _check("federation.fraction", self.fraction, 0 < self.fraction <= 1, "in (0, 1]")
+        _check("federation.min_clients", self.min_clients, self.min_clients >= 1, "an integer >= 1")
+        _check("federation.partition", self.partition, self.partition in ("iid", "label-skew"), "'iid' or 'label-skew'")
+        _check("federation.alpha", self.alpha, self.alpha > 0, "> 0")
+        _check("federation.round_timeout", self.round_timeout, self.round_timeout > 0, "> 0 seconds")
+        _check("federation.round_retries", self.round_retries, self.round_retries >= 0, ">= 0")
+        _check("federation.max_replay", self.max_replay, self.max_replay >= 0, ">= 0")
+        _check("federation.client_eval", self.client_eval, self.client_eval in ("off", "private", "nonprivate"),
+               "'off', 'private' or 'nonprivate'")
+        _check("federation.client_eval_sigma", self.client_eval_sigma, self.client_eval_sigma > 0, "> 0")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 100  # evaluate on public validation data every N steps (0 = only at the end)
     max_examples: int = 500
@@ -154,6 +183,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def validate(self) -> Config:
         for section in fields(self):
@@ -168,6 +198,29 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict) -> Config:
         return _build(cls, data, "").validate()
+
+    def to_flat(self) -> dict:
+        """Dotted keys, as Flower's run config holds them: {"privacy.epsilon": 6.0, ...}.
+        A None (unset optional) is left out; tuples become comma-separated strings."""
+        flat = {}
+
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                elif value is not None:
+                    flat[f"{prefix}{key}"] = ",".join(value) if isinstance(value, (tuple, list)) else value
+
+        walk(self.to_dict(), "")
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict, base: Config | None = None) -> Config:
+        """Dotted keys over ``base`` (default: the defaults): Flower's run config -> Config."""
+        data = (base or cls()).to_dict()
+        for key, value in flat.items():
+            _merge(data, key.split("."), value)
+        return cls.from_dict(data)
 
 
 def _build(cls: type, data: Any, prefix: str):
@@ -253,20 +306,33 @@ def _deep_update(base: dict, update: dict, prefix: str = "") -> None:
             base[key] = value
 
 
-def preset(name: str) -> dict:
+def preset(name: str, command: str = "train") -> dict:
+    """The settings of preset ``name`` for ``command`` ("train" or "simulate").
+
+    A simulate preset (``simulate-<name>.toml``) starts from the train preset it names in its
+    ``preset`` key and changes only what a federation needs changed.
+    """
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is not a preset; use one of {', '.join(PRESETS)}")
-    text = resources.files("seedtune.common.presets").joinpath(f"{name}.toml").read_text()
-    return tomllib.loads(text)
+    files = resources.files("seedtune.common.presets")
+    specific = files.joinpath(f"{command}-{name}.toml")
+    data = tomllib.loads((specific if specific.is_file() else files.joinpath(f"{name}.toml")).read_text())
+    parent = data.pop("preset", None)
+    if parent is None:
+        return data
+    merged = tomllib.loads(files.joinpath(f"{parent}.toml").read_text())
+    _deep_update(merged, data)
+    return merged
 
 
 def load_config(
-    preset_name: str | None = "default", file: str | Path | None = None, overrides: list[str] = ()
+    preset_name: str | None = "default", file: str | Path | None = None, overrides: list[str] = (),
+    command: str = "train",
 ) -> Config:
     """The preset, then the TOML file, then each ``--set`` in order; validated."""
     data: dict = Config().to_dict()
     if preset_name:
-        _deep_update(data, preset(preset_name))
+        _deep_update(data, preset(preset_name, command))
     if file is not None:
         path = Path(file)
         try:

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,

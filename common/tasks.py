@@ -45,6 +45,11 @@ class Task:
     extra: dict = field(default_factory=dict)
 
     @property
+    def derived(self) -> tuple[str, ...]:
+        """Parameters computed at construction rather than loaded (the label-word head)."""
+        return ("classifier.weight", "classifier.bias") if self.kind == "sequence-classification" else ()
+
+    @property
     def classifies(self) -> bool:
         return self.kind != "causal-lm"
 

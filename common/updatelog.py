@@ -142,7 +142,7 @@ class UpdateLog:
     # -- steps --------------------------------------------------------------------------------
     def append(self, record: StepRecord) -> None:
         """Commit one step durably; steps must arrive in order, without gaps."""
-        expected = self.num_steps
+        expected = self.next_step
         if record.step != expected:
             raise ValueError(f"step {record.step} appended to a log holding {expected} steps")
         with self._db:
@@ -163,7 +163,23 @@ class UpdateLog:
 
     @property
     def num_steps(self) -> int:
+        """Rows held (a replica restarted from a checkpoint holds only the steps after it)."""
         return int(self._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+
+    @property
+    def first_step(self) -> int:
+        return int(self.meta("first_step") or 0)
+
+    @property
+    def next_step(self) -> int:
+        return self.first_step + self.num_steps
+
+    def restart_at(self, step: int) -> None:
+        """Drop every row and continue from ``step`` (after a checkpoint replaced the replay)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM steps")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('first_step', ?)", (json.dumps(step),))
 
     def steps(self, start: int = 0) -> Iterator[StepRecord]:
         rows = self._db.execute(
@@ -204,6 +220,14 @@ class UpdateApplier:
         self.version = version  # number of steps applied
         self._anchor: list[torch.Tensor] | None = None
         self._anchor_step = -1
+
+    @property
+    def anchor(self) -> tuple[list[torch.Tensor] | None, int]:
+        """The current proximal anchor and the step it was taken at (a checkpoint carries it)."""
+        return self._anchor, self._anchor_step
+
+    def restore_anchor(self, anchor: list[torch.Tensor], anchor_step: int) -> None:
+        self._anchor, self._anchor_step = anchor, anchor_step
 
     def apply(self, record: StepRecord) -> None:
         if record.step != self.version:

@@ -68,10 +68,17 @@ class PrivacyLedger:
                 f"(asked for epsilon={epsilon}, delta={delta}, accountant={accountant})"
             )
         self.epsilon, self.delta, self.accountant = float(row[0]), float(row[1]), str(row[2])
-        self._counts: Counter[dp_accounting.DpEvent] = Counter(
-            event_codec.loads(text) for (text,) in self._db.execute("SELECT event FROM releases")
-        )
+        self._counts: Counter[dp_accounting.DpEvent] = Counter()
+        self._last_id = 0
         self._capacity: dict[dp_accounting.DpEvent, int] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Read releases other processes serving this silo have recorded since we last looked."""
+        rows = self._db.execute("SELECT id, event FROM releases WHERE id > ? ORDER BY id", (self._last_id,))
+        for release_id, text in rows.fetchall():
+            self._counts[event_codec.loads(text)] += 1
+            self._last_id = release_id
 
     def close(self) -> None:
         self._db.close()
@@ -88,10 +95,12 @@ class PrivacyLedger:
 
     @property
     def releases(self) -> int:
+        self._refresh()
         return sum(self._counts.values())
 
     def spent(self) -> float:
         """epsilon spent so far at the ledger's delta."""
+        self._refresh()
         return epsilon_of(self._counts.elements(), self.delta, self.accountant)
 
     def history(self) -> list[dict]:
@@ -122,20 +131,24 @@ class PrivacyLedger:
 
         Raises :class:`BudgetExhausted` (and records nothing) when the budget does not allow it.
         """
-        if self.would_exceed(event):
-            raise BudgetExhausted(
-                f"release refused: it would take the ledger {self.path} past its budget "
-                f"epsilon={self.epsilon} at delta={self.delta} ({self.releases} releases made, "
-                f"{self.spent():.4g} spent)"
-            )
+        # Check and insert in one write transaction: another process serving the same silo
+        # cannot slip a release in between.
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            self._refresh()
+            if self.would_exceed(event):
+                raise BudgetExhausted(
+                    f"release refused: it would take the ledger {self.path} past its budget "
+                    f"epsilon={self.epsilon} at delta={self.delta} ({sum(self._counts.values())} releases "
+                    f"made, {epsilon_of(self._counts.elements(), self.delta, self.accountant):.4g} spent)"
+                )
             cursor = self._db.execute(
                 "INSERT INTO releases (round, event, note, created) VALUES (?, ?, ?, ?)",
                 (round, event_codec.dumps(event), note, time.time()),
             )
         self._counts[event] += 1
-        return int(cursor.lastrowid)
+        self._last_id = int(cursor.lastrowid)
+        return self._last_id
 
     def attach(self, release_id: int, values: list[float]) -> None:
         """Store the values a charged release let out (public once released)."""

@@ -1,0 +1,95 @@
+"""``seedtune simulate``: the federation on one machine, on Flower's simulation engine.
+
+The coordinator (a ServerApp) and N silos (ClientApps on virtual SuperNodes, each with its own
+shard of the training set and its own ledger under ``RUN_DIR/silos/``) talk through Flower's
+real message passing; only seeds and noised scalars cross. Everything the simulation started
+(Ray and its workers) is stopped when it ends, fails, or is interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from seedtune.common.config import Config, with_changes
+from seedtune.common.errors import RunDirError, SeedtuneError
+from seedtune.common.privacy.ledger import PrivacyLedger
+from seedtune.server.federation import FederationResult
+from seedtune.server.runs import open_run
+
+SILOS_DIR = "silos"
+
+
+@dataclass
+class SimulationResult:
+    run_dir: Path
+    federation: FederationResult
+    silo_ledgers: dict[str, tuple[int, float]]  # silo -> (releases, epsilon) from its own ledger
+
+
+def simulate(config: Config, run_dir: Path, *, clients: int | None = None, rounds: int | None = None,
+             resume: bool = False, progress: bool = True) -> SimulationResult:
+    run_dir = Path(run_dir)
+    changes = {}
+    if clients is not None:
+        changes["federation"] = {"clients": clients}
+    if rounds is not None:
+        changes["schedule"] = {"steps": rounds}
+    if changes and not resume:
+        config = with_changes(config, **changes)
+    # Validate and create the run here, before any Flower or Ray machinery starts: bad input is
+    # a one-line error with nothing left behind; the ServerApp then resumes this run.
+    run = open_run(config, run_dir, resume=resume, command="seedtune simulate")
+    config = run.config
+    run.log.close()
+
+    from flwr.simulation import run_simulation
+
+    from seedtune.client.app import make_client_app
+    from seedtune.server.app import Outcome, make_server_app
+
+    outcome = Outcome()
+    server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome)
+    client_app = make_client_app(state_root=run_dir / SILOS_DIR)
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.clients)),
+                             "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}}
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=config.federation.clients, backend_config=backend)
+    except KeyboardInterrupt:
+        raise RunDirError(f"interrupted; every finished round is in the log: resume with "
+                          f"seedtune simulate --resume --out {run_dir}") from None
+    finally:
+        _stop_ray()
+    if outcome.result is None:
+        raise SeedtuneError(f"the simulation stopped before finishing; see the log above. Finished rounds are "
+                            f"in {run_dir}: resume with seedtune simulate --resume --out {run_dir}")
+    return SimulationResult(run_dir, outcome.result, silo_ledgers(run_dir, config))
+
+
+def silo_ledgers(run_dir: Path, config: Config) -> dict[str, tuple[int, float]]:
+    """Each simulated silo's own ledger: releases made and epsilon spent."""
+    result = {}
+    for directory in sorted((run_dir / SILOS_DIR).glob("*")):
+        path = directory / "ledger.sqlite"
+        if path.exists():
+            p = config.privacy
+            with PrivacyLedger(path, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant) as ledger:
+                result[directory.name] = (ledger.releases, ledger.spent())
+    return result
+
+
+def _stop_ray() -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,195 @@
+"""A silo's durable node: its run setups, its model replica, its ledger, and its answers.
+
+State directory layout (the node's own disk; nothing here leaves it):
+
+    <state>/ledger.sqlite                  every release this silo ever made, and its budget
+    <state>/runs/<run_id>/replica.sqlite   the run's setup and the updates applied, in order
+    <state>/runs/<run_id>/checkpoint.pt    trainable coordinates received instead of a replay
+
+The model is rebuilt from the base model, the checkpoint (if any) and the replica's records, so a
+restarted node comes back to the exact model it had, and its ledger still binds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import torch
+
+from seedtune.client.silo import Silo
+from seedtune.common import components
+from seedtune.common.config import Config
+from seedtune.common.errors import SeedtuneError
+from seedtune.common.estimator import ZerothOrderEstimator
+from seedtune.common.models import fingerprint
+from seedtune.common.privacy.ledger import PrivacyLedger
+from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness, SeededRandomness
+from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.updatelog import UpdateApplier, UpdateLog
+from seedtune.common.wire import Setup, Sync
+
+log = logging.getLogger(__name__)
+
+ShardLoader = Callable[[Config], datasets.Dataset]
+
+
+class SyncError(SeedtuneError):
+    """The silo cannot reach the model version a request needs."""
+
+
+class _Run:
+    """One run's model replica on this node."""
+
+    def __init__(self, directory: Path, setup: Setup | None):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "replica.sqlite"
+        if path.exists():
+            self.log = UpdateLog.open(path)
+        elif setup is None:
+            raise SyncError("this silo has no setup for the run; the coordinator must send it")
+        else:
+            numels = {name: 0 for name in setup.mask}
+            self.log = UpdateLog.create(path, config=setup.config, base=setup.base, mask=setup.mask, numels=numels)
+            self.log.set_meta("run_id", setup.run_id)
+        self.directory = directory
+        self.config = Config.from_dict(self.log.config)
+        self.label_names = tuple(self.log.base["label_names"])
+        self.task = components.load_model(self.config, self.label_names, self.log.base)
+        if fingerprint(self.task.module) != self.log.base["fingerprint"]:
+            raise SyncError(f"this silo's base model {self.config.model.name!r} differs from the coordinator's")
+        self.parts = components.model_parts(self.config, self.task, self.log.mask())
+        self.applier = UpdateApplier(self.parts.trainable, self.parts.directions)
+        checkpoint = directory / "checkpoint.pt"
+        self._first_step = self.log.first_step
+        start = 0
+        if checkpoint.exists():
+            start = self._restore(torch.load(checkpoint, weights_only=True))
+        for record in self.log.steps(start):
+            self.applier.apply(record)
+        self.estimator = ZerothOrderEstimator(
+            self.task.module, self.task.per_example_loss, self.parts.trainable, self.parts.directions
+        )
+
+    @property
+    def version(self) -> int:
+        return self.applier.version
+
+    def _restore(self, checkpoint: dict) -> int:
+        with torch.no_grad():
+            for entry, values in zip(self.parts.trainable, checkpoint["values"]):
+                values = torch.as_tensor(values, dtype=entry.param.dtype)
+                if entry.index is None:
+                    entry.flat.copy_(values)
+                else:
+                    entry.flat[entry.index] = values
+        self.applier = UpdateApplier(self.parts.trainable, self.parts.directions, version=checkpoint["version"])
+        if checkpoint.get("anchor") is not None:
+            self.applier.restore_anchor([torch.as_tensor(a) for a in checkpoint["anchor"]], checkpoint["anchor_step"])
+        return checkpoint["version"]
+
+    def refresh(self) -> bool:
+        """Apply steps another process serving this silo logged; False if it must be rebuilt
+        (the replica restarted from a checkpoint meanwhile)."""
+        if self.log.first_step != self._first_step:
+            return False
+        for record in self.log.steps(self.version):
+            self.applier.apply(record)
+        return True
+
+    def catch_up(self, sync: Sync) -> None:
+        if sync.checkpoint is not None and sync.checkpoint["version"] > self.version:
+            staging = self.directory / "checkpoint.pt.partial"
+            torch.save(dict(sync.checkpoint), staging)
+            staging.replace(self.directory / "checkpoint.pt")
+            self.log.restart_at(sync.checkpoint["version"])
+            self._first_step = self.log.first_step
+            self._restore(sync.checkpoint)
+        if sync.start_version > self.version:
+            raise SyncError(f"updates start at version {sync.start_version} but this silo is at {self.version}")
+        for record in sync.records:
+            if record.step < self.version:
+                continue  # already applied
+            if record.step == self.log.next_step:
+                self.log.append(record)  # durable before it is applied
+            self.applier.apply(record)
+
+
+class SiloNode:
+    """Answers a coordinator's requests for one silo, from its state directory."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        shard: ShardLoader,
+        *,
+        budget: tuple[float, float, str] | None = None,
+        partition: int | None = None,
+        name: str | None = None,
+    ):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._shard_loader = shard
+        self._budget = budget
+        self.partition = partition  # offsets seeded test randomness, so silos draw differently
+        self.name = name or (f"partition-{partition}" if partition is not None else self.state_dir.name)
+        self._runs: dict[str, _Run] = {}
+        self._silos: dict[str, Silo] = {}
+        self.ledger: PrivacyLedger | None = None
+
+    def run(self, run_id: str, setup: Setup | None = None) -> _Run:
+        if run_id in self._runs and not self._runs[run_id].refresh():
+            self._runs.pop(run_id).log.close()  # rebuilt below, from the checkpoint
+            self._silos.pop(run_id, None)
+        if run_id not in self._runs:
+            if setup is not None and setup.run_id != run_id:
+                raise SyncError("setup is for another run")
+            self._runs[run_id] = _Run(self.state_dir / "runs" / _safe(run_id), setup)
+        return self._runs[run_id]
+
+    def answer(self, request: TrainRequest, sync: Sync) -> tuple[TrainReply, int]:
+        """Catch up, then sample -> estimate -> clip -> sum -> record -> noise -> scale."""
+        run = self.run(request.run_id, sync.setup)
+        run.catch_up(sync)
+        if run.version != request.model_version:
+            raise SyncError(f"asked to answer at version {request.model_version}, but this silo is at {run.version}")
+        silo = self._silo(request.run_id, run)
+        reply = silo.answer(request)
+        return reply, run.version
+
+    def _silo(self, run_id: str, run: _Run) -> Silo:
+        if run_id not in self._silos:
+            config = run.config
+            ledger = None
+            if config.privacy.enabled:
+                epsilon, delta, accountant = self._budget or (
+                    config.privacy.epsilon, config.privacy.delta, config.privacy.accountant)
+                if self.ledger is None:
+                    self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", epsilon=epsilon, delta=delta,
+                                                accountant=accountant)
+                ledger = self.ledger
+            randomness = _randomness(config, self.partition or 0)
+            self._silos[run_id] = Silo(run.task, run.estimator, self._shard_loader(config), randomness, ledger)
+        return self._silos[run_id]
+
+    def close(self) -> None:
+        for run in self._runs.values():
+            run.log.close()
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+def _randomness(config: Config, offset: int) -> SecretRandomness:
+    """Secret by default. Seeded only for non-private runs (public sampling) and tests
+    (privacy.noise_seed); silo k of a run uses seed + k, so silo 0 draws as ``seedtune train``."""
+    if not config.privacy.enabled:
+        return PublicRandomness(config.seed + 1_000_003 * offset)
+    if config.privacy.noise_seed is not None:
+        return SeededRandomness(config.privacy.noise_seed + offset)
+    return SecretRandomness()
+
+
+def _safe(run_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in run_id)[:64] or "run"

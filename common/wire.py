@@ -1,0 +1,250 @@
+"""The messages of a round on Flower's wire, and their validation at both ends.
+
+A training request is a ``RecordDict`` of
+
+* ``request`` (ConfigRecord): run id, round, model version, probe seeds, beta, C, sigma, q;
+* ``sync`` (ConfigRecord): the updates the silo has not applied, as step records (seeds,
+  scalars, lr, beta, prox, anchor step), the version they start from, and on first contact the
+  run's setup (public config, base-model fingerprint, pruning mask as indices);
+* ``checkpoint`` (ArrayRecord), only for a silo too far behind to replay: the trainable
+  coordinates (and proximal anchor) at the current version.
+
+A reply is one ConfigRecord ``reply``: the round, the silo's model version, the K released
+scalars, its expected batch size and the DP events it charged. Nothing else: no weights, no
+gradients, no per-example values, no losses. Decoding checks every field and raises
+:class:`WireError` with the reason, so a malformed message never reaches the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from seedtune.common.privacy import events as event_codec
+from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.updatelog import StepRecord
+
+MAX_PROBES = 1024
+
+
+class WireError(ValueError):
+    """A message that does not follow the protocol; the text says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a silo needs once per run to build the same starting model as everyone else."""
+
+    run_id: str
+    config: dict
+    base: dict
+    mask: OrderedDict  # name -> sorted flat indices (torch.int64) or None (every coordinate)
+
+
+@dataclass(frozen=True)
+class Sync:
+    """Updates to apply before answering: optional setup, optional checkpoint, then records."""
+
+    start_version: int
+    records: tuple[StepRecord, ...]
+    setup: Setup | None = None
+    checkpoint: dict | None = None  # {"version": int, "values": [np arrays], "anchor": [...] | None}
+
+
+# -- requests ----------------------------------------------------------------------------------
+def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
+    content = RecordDict()
+    content["request"] = ConfigRecord({
+        "run_id": request.run_id,
+        "round": request.round,
+        "model_version": request.model_version,
+        "probe_seeds": [int(seed) for seed in request.probe_seeds],
+        "beta": float(request.beta),
+        "clip_bound": float(request.clip_bound),
+        "noise_multiplier": float(request.noise_multiplier),
+        "sample_rate": float(request.sample_rate),
+    })
+    sync_record = {
+        "start_version": sync.start_version,
+        "records": json.dumps([_record_to_list(r) for r in sync.records]),
+    }
+    if sync.setup is not None:
+        sync_record["setup"] = json.dumps({
+            "run_id": sync.setup.run_id, "config": sync.setup.config, "base": sync.setup.base,
+            "mask": {name: None if index is None else _pack_index(index) for name, index in sync.setup.mask.items()},
+            "mask_order": list(sync.setup.mask),
+        }).encode()
+    if sync.checkpoint is not None:
+        sync_record["checkpoint_version"] = int(sync.checkpoint["version"])
+        arrays = {f"value.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint["values"])}
+        if sync.checkpoint.get("anchor") is not None:
+            arrays.update({f"anchor.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint["anchor"])})
+            sync_record["checkpoint_anchor_step"] = int(sync.checkpoint["anchor_step"])
+        content["checkpoint"] = ArrayRecord({key: torch.from_numpy(value) for key, value in arrays.items()})
+    content["sync"] = ConfigRecord(sync_record)
+    return content
+
+
+def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
+    record = _config(content, "request")
+    seeds = _field(record, "probe_seeds", list)
+    if not 1 <= len(seeds) <= MAX_PROBES or not all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds):
+        raise WireError(f"request.probe_seeds must be 1..{MAX_PROBES} integers in [0, 2^63)")
+    request = TrainRequest(
+        run_id=_field(record, "run_id", str),
+        round=_nonnegative_int(record, "round"),
+        model_version=_nonnegative_int(record, "model_version"),
+        probe_seeds=tuple(seeds),
+        beta=_positive(record, "beta"),
+        clip_bound=_positive(record, "clip_bound"),
+        noise_multiplier=_finite(record, "noise_multiplier", minimum=0.0),
+        sample_rate=_finite(record, "sample_rate", minimum=0.0),
+    )
+    if not 0 < request.sample_rate <= 1:
+        raise WireError(f"request.sample_rate={request.sample_rate} is outside (0, 1]")
+    sync_record = _config(content, "sync")
+    try:
+        rows = json.loads(_field(sync_record, "records", str))
+        records = tuple(_record_from_list(row) for row in rows)
+    except (ValueError, TypeError) as error:
+        raise WireError(f"sync.records is malformed: {error}") from None
+    start = _nonnegative_int(sync_record, "start_version")
+    if any(r.step != start + i for i, r in enumerate(records)):
+        raise WireError("sync.records are not consecutive steps from start_version")
+    setup = _decode_setup(sync_record["setup"]) if "setup" in sync_record else None
+    checkpoint = None
+    if "checkpoint_version" in sync_record:
+        if "checkpoint" not in content.array_records:
+            raise WireError("sync names a checkpoint but the message carries none")
+        arrays = content.array_records["checkpoint"]
+        values = [arrays[f"value.{i}"].numpy() for i in range(sum(k.startswith("value.") for k in arrays))]
+        anchors = [arrays[f"anchor.{i}"].numpy() for i in range(sum(k.startswith("anchor.") for k in arrays))]
+        checkpoint = {"version": _nonnegative_int(sync_record, "checkpoint_version"), "values": values,
+                      "anchor": anchors or None, "anchor_step": sync_record.get("checkpoint_anchor_step", -1)}
+    return request, Sync(start, records, setup, checkpoint)
+
+
+# -- replies -----------------------------------------------------------------------------------
+def encode_reply(reply: TrainReply, model_version: int, silo: str = "") -> RecordDict:
+    """``silo`` is the name the silo goes by (its operator's choice), shown in summaries."""
+    content = RecordDict()
+    content["reply"] = ConfigRecord({
+        "silo": silo,
+        "round": reply.round,
+        "model_version": model_version,
+        "projected_grads": [float(g) for g in reply.projected_grads],
+        "expected_batch_size": float(reply.expected_batch_size),
+        "events": [json.dumps(event, sort_keys=True) for event in reply.events],
+    })
+    return content
+
+
+def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[TrainReply, int, str]:
+    """A reply, checked against the round and probe count it answers: (reply, version, silo)."""
+    record = _config(content, "reply")
+    reply_round = _nonnegative_int(record, "round")
+    if reply_round != round:
+        raise WireError(f"reply is for round {reply_round}, not {round}")
+    grads = _field(record, "projected_grads", list)
+    if len(grads) != probes:
+        raise WireError(f"reply has {len(grads)} projected gradients, expected {probes}")
+    if not all(isinstance(g, float) and math.isfinite(g) for g in grads):
+        raise WireError("reply has a projected gradient that is not a finite number")
+    events = _field(record, "events", list)
+    try:
+        decoded = tuple(event_codec.event_to_dict(event_codec.loads(text)) for text in events)
+    except (event_codec.EventDecodeError, TypeError) as error:
+        raise WireError(f"reply.events: {error}") from None
+    reply = TrainReply(reply_round, tuple(grads), _positive(record, "expected_batch_size"), decoded)
+    silo = record.get("silo", "")
+    if not isinstance(silo, str) or len(silo) > 128:
+        raise WireError("reply.silo must be a short string")
+    return reply, _nonnegative_int(record, "model_version"), silo
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _config(content: RecordDict, name: str) -> ConfigRecord:
+    if name not in content.config_records:
+        raise WireError(f"message has no {name!r} record")
+    return content.config_records[name]
+
+
+def _field(record: ConfigRecord, key: str, kind: type):
+    if key not in record:
+        raise WireError(f"missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _nonnegative_int(record: ConfigRecord, key: str) -> int:
+    value = _field(record, key, int)
+    if value < 0:
+        raise WireError(f"field {key!r}={value} must be >= 0")
+    return value
+
+
+def _finite(record: ConfigRecord, key: str, minimum: float) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise WireError(f"field {key!r}={value!r} must be a finite number >= {minimum}")
+    return float(value)
+
+
+def _positive(record: ConfigRecord, key: str) -> float:
+    value = _finite(record, key, 0.0)
+    if value <= 0:
+        raise WireError(f"field {key!r}={value} must be > 0")
+    return value
+
+
+def _record_to_list(record: StepRecord) -> list:
+    return [record.step, record.stage, list(record.probe_seeds), [float(g) for g in record.projected_grads],
+            record.lr, record.beta, record.prox, record.anchor_step]
+
+
+def _record_from_list(row) -> StepRecord:
+    step, stage, seeds, grads, lr, beta, prox, anchor = row
+    numbers = [lr, beta, prox, *grads]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers):
+        raise ValueError("a step record holds a non-finite number")
+    if not all(isinstance(x, int) for x in (step, stage, anchor, *seeds)):
+        raise ValueError("a step record holds a non-integer step or seed")
+    return StepRecord(step, stage, tuple(seeds), tuple(float(g) for g in grads), float(lr), float(beta),
+                      float(prox), anchor)
+
+
+def _pack_index(index: torch.Tensor) -> str:
+    deltas = np.diff(index.to(torch.int64).numpy(), prepend=0).astype("<i8")
+    return base64.b64encode(zlib.compress(deltas.tobytes(), 6)).decode()
+
+
+def _unpack_index(text: str) -> torch.Tensor:
+    deltas = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8")
+    return torch.from_numpy(np.cumsum(deltas).astype(np.int64))
+
+
+def _decode_setup(blob) -> Setup:
+    try:
+        data = json.loads(bytes(blob).decode())
+        mask = OrderedDict((name, None if data["mask"][name] is None else _unpack_index(data["mask"][name]))
+                           for name in data["mask_order"])
+        return Setup(str(data["run_id"]), dict(data["config"]), dict(data["base"]), mask)
+    except (ValueError, KeyError, TypeError, zlib.error) as error:
+        raise WireError(f"sync.setup is malformed: {error}") from None
+
+
+def serialized_size(obj) -> int:
+    """Bytes of a Flower message or record on the wire: the sum of its serialized objects."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(child.deflate()) for child in get_all_nested_objects(obj).values())

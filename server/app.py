@@ -1,0 +1,97 @@
+"""The coordinator as a Flower ServerApp (Message API).
+
+``app`` is what ``flwr run`` loads; it reads its configuration from the run config (the same
+dotted keys as ``seedtune train``, plus ``run-dir``) and resumes an unfinished run found in
+``run-dir``. ``make_server_app`` builds one with the configuration given in code, which is how
+``seedtune simulate`` drives Flower's simulation engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from seedtune.common.config import Config
+from seedtune.common.wire import serialized_size
+from seedtune.server.federation import Federation, FederationResult, Response
+from seedtune.server import plots
+from seedtune.server.runs import LOG_FILE, finish_run, open_run
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_KEY = "run-dir"
+
+
+class GridTransport:
+    """Rounds over Flower's Grid: one TRAIN message per silo, replies gathered until the timeout."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def nodes(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float) -> list[Response]:
+        outgoing = {node: Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round))
+                    for node, content in messages.items()}
+        sizes = {node: serialized_size(message) for node, message in outgoing.items()}
+        responses = []
+        for reply in self.grid.send_and_receive(list(outgoing.values()), timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                error = f"Flower error {reply.error.code}: {reply.error.reason}"
+                responses.append(Response(node, None, error, sizes.get(node, 0), serialized_size(reply)))
+            else:
+                responses.append(Response(node, reply.content, None, sizes.get(node, 0), serialized_size(reply)))
+        return responses
+
+
+class Outcome:
+    """Where a ServerApp built in code leaves its result for the caller."""
+
+    result: FederationResult | None = None
+    run_dir: Path | None = None
+
+
+def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome: Outcome | None = None) -> None:
+    resume = (run_dir / LOG_FILE).exists()
+    run = open_run(config, run_dir, resume=resume, command="federation")
+    federation = Federation(run, GridTransport(grid), progress=progress)
+    result = federation.run_all()
+    names = federation.store.nodes()
+    finish_run(run, result.before, result.after,
+               {names.get(node) or str(node): value for node, value in result.epsilons.items()},
+               extra={"silos": {names.get(node) or str(node): {"node": node, "epsilon": result.epsilons.get(node),
+                                                              **traffic}
+                                for node, traffic in result.traffic.items()},
+                      "rejections": result.rejections},
+               names={str(node): name for node, name in names.items() if name})
+    plots.traffic_plot(federation.store.traffic_rows(), run_dir / "traffic.png", names)
+    if outcome is not None:
+        outcome.result, outcome.run_dir = result, run_dir
+    run.log.close()
+    federation.store.close()
+
+
+def make_server_app(config: Config, run_dir: Path, *, progress: bool = True, outcome: Outcome | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, config, Path(run_dir), progress=progress, outcome=outcome)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = dict(context.run_config)
+    run_dir = Path(str(settings.pop(RUN_DIR_KEY, f"runs/flwr-{datetime.now():%Y%m%d-%H%M%S}")))
+    serve(grid, Config.from_flat(settings), run_dir, progress=False)

@@ -1,0 +1,252 @@
+"""The coordinator's round loop over any transport: Flower's Grid, or a direct call in tests.
+
+Each round: sample silos from public randomness, send each the request plus the updates it has
+not applied (or, far behind, a checkpoint), collect replies until the timeout, reject the
+malformed ones with a recorded reason, and apply the round only with at least
+``federation.min_clients`` valid replies. A round short of replies is asked again (silos that
+answer again are charged again, as every answered request is) and after
+``federation.round_retries`` retries the run stops with its log intact: a round is never half
+applied. The log, written before each update, is what a restarted coordinator resumes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import RecordDict
+from tqdm.auto import tqdm
+
+from seedtune.common.errors import SeedtuneError
+from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.wire import Sync, WireError, decode_reply, encode_request
+from seedtune.server.runs import Run
+from seedtune.server.store import FederationStore
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "federation.sqlite"
+
+
+class FederationError(SeedtuneError):
+    """The federation could not complete a round."""
+
+
+@dataclass
+class Response:
+    """What came back from one node: a reply's content, or the reason it failed."""
+
+    node: int
+    content: RecordDict | None
+    error: str | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class Transport(Protocol):
+    def nodes(self) -> Sequence[int]:
+        """The silos connected now."""
+
+    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float) -> list[Response]:
+        """Send each node its message; return the replies that came back in time."""
+
+
+@dataclass
+class FederationResult:
+    steps: int
+    before: dict
+    after: dict
+    epsilons: dict[int, float]
+    traffic: dict[int, dict[str, int]]
+    rejections: list[dict] = field(default_factory=list)
+
+
+class Federation:
+    """Runs the remaining rounds of ``run`` over ``transport``."""
+
+    def __init__(self, run: Run, transport: Transport, *, progress: bool = True):
+        self.run = run
+        self.transport = transport
+        self.progress = progress
+        self.config = run.config
+        self.store = FederationStore(run.run_dir / STORE_FILE)
+        self.versions: dict[int, int | None] = {}  # what each silo's model holds, as last reported
+
+    # -- one round -----------------------------------------------------------------------------
+    def sync_for(self, node: int) -> Sync:
+        """The updates ``node`` lacks: setup on first contact; a checkpoint if far behind."""
+        coordinator = self.run.coordinator
+        known = self.versions.get(node)
+        setup = self.run.setup() if known is None else None
+        start = known or 0
+        if coordinator.step - start > self.config.federation.max_replay:
+            return Sync(coordinator.step, (), setup, self._checkpoint())
+        return Sync(start, tuple(self.run.log.steps(start)), setup)
+
+    def _checkpoint(self) -> dict:
+        applier = self.run.coordinator.applier
+        anchor, anchor_step = applier.anchor
+        return {
+            "version": applier.version,
+            "values": [entry.values().cpu().numpy() for entry in self.run.parts.trainable],
+            "anchor": None if anchor is None else [a.cpu().numpy() for a in anchor],
+            "anchor_step": anchor_step,
+        }
+
+    def select(self, nodes: Sequence[int], round: int, attempt: int) -> list[int]:
+        """The silos asked this round: a public, seeded sample of ``federation.fraction``."""
+        nodes = sorted(nodes)
+        fraction = self.config.federation.fraction
+        count = max(self.config.federation.min_clients, math.ceil(fraction * len(nodes)))
+        if count >= len(nodes):
+            return nodes
+        chooser = random.Random(f"{self.config.seed}/{round}/{attempt}")
+        return sorted(chooser.sample(nodes, count))
+
+    def collect(self, request: TrainRequest, responses: list[Response], asked: dict[int, RecordDict],
+                attempt: int) -> dict[int, TrainReply]:
+        """Validate every response; keep the good replies, record why the others were refused."""
+        valid: dict[int, TrainReply] = {}
+        for response in responses:
+            node = response.node
+            self.store.record_traffic(request.round, attempt, node, response.bytes_down, response.bytes_up)
+            reason = None
+            if node not in asked:
+                reason = "reply from a node that was not asked"
+            elif node in valid:
+                reason = "second reply from the same node"
+            elif response.error is not None:
+                reason = f"node reported an error: {response.error}"
+                if "SyncError" in response.error:
+                    self.versions[node] = None  # it lost track: resynchronise it from scratch
+            else:
+                try:
+                    reply, version, silo = decode_reply(response.content, round=request.round,
+                                                        probes=len(request.probe_seeds))
+                    self.store.record_round(request.round, {node: reply.events})  # spent, whatever follows
+                    self.store.register(node, silo)
+                    if version != request.model_version:
+                        reason = f"answered at model version {version}, not {request.model_version}"
+                    else:
+                        valid[node] = reply
+                        self.versions[node] = version
+                except WireError as error:
+                    reason = f"malformed reply: {error}"
+            if reason is not None:
+                log.warning("round %d: rejected node %d: %s", request.round, node, reason)
+                self.store.reject(request.round, node, reason)
+        return valid
+
+    def play_round(self) -> int:
+        """Run the next round to completion (retrying if short of replies); returns replies used."""
+        coordinator = self.run.coordinator
+        federation = self.config.federation
+        request = coordinator.request()
+        for attempt in range(federation.round_retries + 1):
+            nodes = self.select(self.transport.nodes(), request.round, attempt)
+            asked = {node: encode_request(request, self.sync_for(node)) for node in nodes}
+            responses = self.transport.exchange(asked, round=request.round, timeout=federation.round_timeout)
+            valid = self.collect(request, responses, asked, attempt)
+            if len(valid) >= federation.min_clients:
+                coordinator.apply(request, [valid[node] for node in sorted(valid)])
+                return len(valid)
+            log.warning("round %d attempt %d: %d valid replies of %d asked, need %d",
+                        request.round, attempt, len(valid), len(asked), federation.min_clients)
+        raise FederationError(
+            f"round {request.round} got fewer than federation.min_clients={federation.min_clients} valid "
+            f"replies in {federation.round_retries + 1} attempts; every earlier round is in the log "
+            f"({self.run.run_dir}), so the run can resume once enough silos are back"
+        )
+
+    # -- the whole run -------------------------------------------------------------------------
+    def epsilons(self) -> dict[int, float]:
+        privacy = self.config.privacy
+        if not privacy.enabled:
+            return {node: math.inf for node in self.store.nodes()}
+        return self.store.epsilons(privacy.delta, privacy.accountant)
+
+    def wait_for_silos(self, expected: int, patience: float) -> list[int]:
+        """Silos register with the coordinator asynchronously: wait until ``expected`` have (or
+        ``patience`` seconds pass), then go on with at least ``federation.min_clients``."""
+        deadline = time.monotonic() + patience
+        while True:
+            nodes = list(self.transport.nodes())
+            if len(nodes) >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(nodes) < self.config.federation.min_clients:
+            raise FederationError(
+                f"only {len(nodes)} silo(s) connected within {patience:.0f} s; "
+                f"federation.min_clients={self.config.federation.min_clients}"
+            )
+        return nodes
+
+    def run_all(self) -> FederationResult:
+        run, coordinator, log_ = self.run, self.run.coordinator, self.run.log
+        federation = self.config.federation
+        for node in self.wait_for_silos(federation.clients, federation.round_timeout):
+            self.store.register(node)
+        before = log_.meta("before") or run.evaluate("test", 0)
+        log_.set_meta("before", before)
+        if coordinator.step == 0:
+            log_.record_metrics(0, {f"val_{k}": v for k, v in run.evaluate("validation").items()})
+        bar = tqdm(total=run.schedule.steps, initial=coordinator.step, disable=not self.progress,
+                   unit="round", dynamic_ncols=True, desc="simulate", file=sys.stderr)
+        last_epsilon_update, epsilons = 0.0, {}
+        try:
+            while not coordinator.done:
+                used = self.play_round()
+                step = coordinator.step
+                metrics: dict[str, float] = {"replies": used}
+                now = time.monotonic()
+                if now - last_epsilon_update > 2.0 or coordinator.done:
+                    epsilons, last_epsilon_update = self.epsilons(), now
+                    metrics.update({f"epsilon.{node}": value for node, value in epsilons.items()})
+                every = self.config.eval.every
+                if every and (step % every == 0 or coordinator.done):
+                    metrics.update({f"val_{k}": v for k, v in run.evaluate("validation").items()})
+                log_.record_metrics(step, metrics)
+                postfix = {"silos": used}
+                if epsilons:
+                    postfix["eps"] = "/".join(f"{e:.2f}" for e in epsilons.values())
+                if "val_accuracy" in metrics:
+                    postfix["val_acc"] = f"{metrics['val_accuracy']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+        after = run.evaluate("test", 0)
+        log_.set_meta("after", after)
+        return FederationResult(coordinator.step, before, after, self.epsilons(), self.store.traffic(),
+                                self.store.rejections())
+
+
+class DirectTransport:
+    """Silos called in this process: ``handlers[node](content) -> content``. For tests and tools;
+    every message still goes through the wire encoding, and its size is measured."""
+
+    def __init__(self, handlers: dict):
+        self.handlers = handlers
+
+    def nodes(self) -> list[int]:
+        return sorted(self.handlers)
+
+    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float) -> list[Response]:
+        from seedtune.common.wire import serialized_size
+
+        responses = []
+        for node, content in messages.items():
+            down = serialized_size(content)
+            try:
+                reply = self.handlers[node](content)
+            except Exception as error:  # noqa: BLE001  (a silo's failure is a reply, not a crash)
+                responses.append(Response(node, None, f"{type(error).__name__}: {error}", down, 0))
+                continue
+            responses.append(Response(node, reply, None, down, serialized_size(reply)))
+        return responses

@@ -1,0 +1,164 @@
+"""A run directory from the coordinator's side: create or resume it, and finish it.
+
+``seedtune train`` and the federation's ServerApp both go through here, so a local run and a
+federated run have the same log, the same starting model, the same mask and the same σ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from seedtune.common import components
+from seedtune.common.components import ModelParts
+from seedtune.common.config import Config
+from seedtune.common.data import TextData
+from seedtune.common.errors import ConfigError, RunDirError
+from seedtune.common.models import fingerprint
+from seedtune.common.schedule import Schedule
+from seedtune.common.tasks import evaluate
+from seedtune.common.updatelog import UpdateApplier, UpdateLog
+from seedtune.common.wire import Setup
+from seedtune.server import plots
+from seedtune.server.coordinator import Coordinator
+
+LOG_FILE = "log.sqlite"
+
+
+@dataclass
+class Run:
+    """Everything the coordinator needs, rebuilt from the log when resuming."""
+
+    run_dir: Path
+    config: Config
+    data: TextData
+    parts: ModelParts
+    schedule: Schedule
+    sigma: float
+    log: UpdateLog
+    coordinator: Coordinator
+
+    @property
+    def task(self):
+        return self.parts.task
+
+    @property
+    def run_id(self) -> str:
+        return self.log.meta("run_id")
+
+    def setup(self) -> Setup:
+        """What a silo needs once to build the same starting model."""
+        return Setup(self.run_id, self.config.to_dict(), self.log.base, self.log.mask())
+
+    def evaluate(self, split: str, limit: int | None = None) -> dict:
+        dataset = getattr(self.data, split)
+        limit = self.config.eval.max_examples if limit is None else limit
+        return evaluate(self.task, dataset, batch_size=self.config.eval.batch_size, max_examples=limit)
+
+
+def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "seedtune train") -> Run:
+    """Create a run directory, or reopen an unfinished one. Bad input fails before any write."""
+    run_dir = Path(run_dir)
+    log: UpdateLog | None = None
+    if resume:
+        log = UpdateLog.open(run_dir / LOG_FILE)
+        config = Config.from_dict(log.config)
+        if log.meta("status") == "finished":
+            raise RunDirError(f"{run_dir} is a finished run; nothing to resume")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"--out {run_dir} already exists and is not empty; choose a new directory or pass --resume")
+
+    data = components.load_data(config)
+    task = components.load_model(config, data.label_names, log.base if log else None)
+    sigma = log.meta("noise_multiplier") if log else components.noise_multiplier(config)
+    planned = components.planned_epsilon(config, sigma)
+    if config.privacy.enabled and planned > config.privacy.epsilon * (1 + 1e-9):
+        raise ConfigError(
+            f"privacy.noise_multiplier={sigma} spends epsilon={planned:.4g} over {config.schedule.steps} "
+            f"steps, more than privacy.epsilon={config.privacy.epsilon}; raise it or leave it out to calibrate"
+        )
+    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
+    if log is None:
+        reference = components.base_reference(config, task, data.label_names)
+        mask = components.choose_mask(config, task, sample)
+    else:
+        reference, mask = log.base, log.mask()
+        if fingerprint(task.module) != reference["fingerprint"]:
+            raise RunDirError(f"the base model differs from the one {run_dir} was trained from; cannot resume")
+    parts = components.model_parts(config, task, mask)
+    schedule = components.make_schedule(config)
+
+    if log is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = UpdateLog.create(
+            run_dir / LOG_FILE,
+            config=config.to_dict(),
+            base=reference,
+            mask=parts.trainable.mask(),
+            numels={e.name: e.param.numel() for e in parts.trainable},
+        )
+        log.set_meta("noise_multiplier", sigma)
+        log.set_meta("run_id", uuid.uuid4().hex)
+        log.set_meta("trainable_coordinates", parts.trainable.dimension)
+        log.set_meta("command", command)
+    applier = UpdateApplier(parts.trainable, parts.directions)
+    for record in log.steps():  # resume: rebuild the model from the log
+        applier.apply(record)
+    coordinator = Coordinator(
+        run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
+        clip_bound=config.privacy.clip_bound, noise_multiplier=sigma,
+        sample_rate=config.privacy.sample_rate, log=log, applier=applier,
+    )
+    return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)
+
+
+def finish_run(run: Run, before: dict, after: dict, epsilon: float | dict, extra: dict | None = None,
+               names: dict[str, str] | None = None) -> None:
+    """Write final/, metrics.json and the plot, each through a temporary name; mark it finished."""
+    final = run.run_dir / "final"
+    staging = run.run_dir / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    run.task.save(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    config = run.config
+    summary = {
+        "steps": run.log.num_steps,
+        "epsilon": epsilon,
+        "delta": config.privacy.delta if config.privacy.enabled else None,
+        "noise_multiplier": run.sigma,
+        "sample_rate": config.privacy.sample_rate,
+        "test_before": before,
+        "test_after": after,
+        **(extra or {}),
+        "series": run.log.metrics(),
+    }
+    temporary = run.run_dir / ".metrics.json.partial"
+    temporary.write_text(json.dumps(summary, indent=2, default=_json_default))
+    temporary.rename(run.run_dir / "metrics.json")
+    worst = max(epsilon.values(), default=0.0) if isinstance(epsilon, dict) else epsilon
+    plots.training_plot(run.log.metrics(), run.run_dir / "training.png", title=_title(config, worst, before, after),
+                        names=names)
+    run.log.set_meta("status", "finished")
+
+
+def _title(config: Config, epsilon: float, before: dict, after: dict) -> str:
+    privacy = f"ε={epsilon:.2f}, δ={config.privacy.delta:g}" if config.privacy.enabled else "non-private"
+    text = f"{config.model.name} · {config.data.name} · {config.schedule.kind} · {privacy}"
+    if "accuracy" in before:
+        text += f"\ntest accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f}"
+    return text
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(type(value))

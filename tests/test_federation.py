@@ -1,0 +1,258 @@
+"""The federation's logic in one process: wire validation, partitions, silo nodes, rounds,
+dropouts, malformed replies, checkpoints and a coordinator crash (no Flower runtime needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from seedtune.client.app import handle_train
+from seedtune.client.node import SiloNode, SyncError
+from seedtune.common import components
+from seedtune.common.config import load_config
+from seedtune.common.errors import BudgetExhausted
+from seedtune.common.partition import partition_indices
+from seedtune.common.privacy.accounting import epsilon_for
+from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.wire import (
+    Sync, WireError, decode_reply, decode_request, encode_reply, encode_request, serialized_size,
+)
+from seedtune.server.federation import DirectTransport, Federation, FederationError, Response
+from seedtune.server.runs import open_run
+
+TINY = ["schedule.steps=8", "schedule.stages=2", "eval.every=0", "data.synthetic_size=200",
+        "federation.clients=1", "federation.round_timeout=5"]
+
+
+def _config(*extra):
+    return load_config("tiny", overrides=[*TINY, *extra], command="simulate")
+
+
+def _request(round=3, probes=2):
+    return TrainRequest("run", round, round, tuple(range(1, probes + 1)), 1e-3, 1.0, 0.8, 0.05)
+
+
+# -- wire --------------------------------------------------------------------------------------
+def test_requests_and_replies_round_trip():
+    request = _request()
+    decoded, sync = decode_request(encode_request(request, Sync(3, ())))
+    assert decoded == request and sync.records == () and sync.setup is None
+    reply = TrainReply(3, (0.25, -1.5), 4.0, ({"type": "GaussianDpEvent", "noise_multiplier": 0.8},))
+    assert decode_reply(encode_reply(reply, 3, "silo-a"), round=3, probes=2) == (reply, 3, "silo-a")
+
+
+def _bad_reply(**changes):
+    record = {"silo": "x", "round": 3, "model_version": 3, "projected_grads": [0.1, 0.2],
+              "expected_batch_size": 4.0, "events": []}
+    record.update(changes)
+    return RecordDict({"reply": ConfigRecord(record)})
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"projected_grads": [0.1, math.nan]}, "finite"),
+    ({"projected_grads": [0.1, math.inf]}, "finite"),
+    ({"projected_grads": [0.1]}, "expected 2"),
+    ({"round": 4}, "round 4, not 3"),
+    ({"expected_batch_size": -1.0}, "expected_batch_size"),
+    ({"events": ['{"type": "os.system"}']}, "unsupported event"),
+    ({"model_version": "3"}, "must be int"),
+])
+def test_malformed_replies_are_refused_with_a_reason(changes, reason):
+    with pytest.raises(WireError, match=reason):
+        decode_reply(_bad_reply(**changes), round=3, probes=2)
+    with pytest.raises(WireError, match="no 'reply' record"):
+        decode_reply(RecordDict(), round=3, probes=2)
+
+
+def test_malformed_requests_are_refused_before_anything_runs():
+    good = encode_request(_request(), Sync(3, ()))
+    for key, value in (("sample_rate", 1.5), ("beta", 0.0), ("round", -1), ("noise_multiplier", math.nan),
+                       ("probe_seeds", [])):
+        content = encode_request(_request(), Sync(3, ()))
+        content["request"][key] = value
+        with pytest.raises(WireError):
+            decode_request(content)
+    good["sync"]["records"] = "[[5, 0, [1], [0.1], 0.1, 0.001, 0.0, 0]]"  # step 5 does not follow 3
+    with pytest.raises(WireError, match="consecutive"):
+        decode_request(good)
+
+
+# -- partitions --------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["iid", "label-skew"])
+def test_partitions_keep_every_example_exactly_once(scheme):
+    labels = np.random.default_rng(0).integers(0, 3, size=1001)
+    parts = partition_indices(labels, 4, scheme=scheme, alpha=0.3, seed=7)
+    together = np.concatenate(parts)
+    assert len(together) == 1001 and set(together.tolist()) == set(range(1001))
+    assert [p.tolist() for p in parts] == [p.tolist() for p in partition_indices(labels, 4, scheme=scheme, alpha=0.3, seed=7)]
+
+
+def test_label_skew_skews_and_iid_does_not():
+    labels = np.repeat([0, 1], 2000)
+    def spread(parts):  # mean distance of each partition's positive share from the global 0.5
+        return np.mean([abs(labels[p].mean() - 0.5) for p in parts if len(p)])
+    assert spread(partition_indices(labels, 5, scheme="iid")) < 0.05
+    assert spread(partition_indices(labels, 5, scheme="label-skew", alpha=0.1)) > 0.2
+
+
+# -- silo nodes --------------------------------------------------------------------------------
+def _shard(partition, partitions):
+    def load(config):
+        train = components.load_data(config).train
+        return train.select(partition_indices(train["label"], partitions, seed=config.data.split_seed)[partition])
+    return load
+
+
+def _first_contact(run, step=0):
+    return Sync(0, tuple(run.log.steps()), run.setup())
+
+
+def test_a_restarted_silo_keeps_its_budget_and_refuses_past_it(tmp_path):
+    config = _config("privacy.epsilon=8.0")
+    run = open_run(config, tmp_path / "run", resume=False)
+    budget = epsilon_for(run.sigma, config.privacy.sample_rate, 3, config.privacy.delta) * 1.0001
+    node = SiloNode(tmp_path / "silo", _shard(0, 1), budget=(budget, config.privacy.delta, "rdp"), partition=0)
+    request = run.coordinator.request()
+    node.answer(request, _first_contact(run))
+    node.answer(request, Sync(0, ()))  # the same round again: answered, so charged
+    assert node.ledger.releases == 2
+    node.close()
+    restarted = SiloNode(tmp_path / "silo", _shard(0, 1), budget=(budget, config.privacy.delta, "rdp"), partition=0)
+    restarted.answer(request, Sync(0, ()))
+    assert restarted.ledger.releases == 3
+    with pytest.raises(BudgetExhausted, match="past its budget"):
+        restarted.answer(request, Sync(0, ()))
+    assert restarted.ledger.releases == 3  # refused: nothing released, nothing charged
+
+
+def test_a_silo_out_of_step_refuses_instead_of_answering_on_the_wrong_model(tmp_path):
+    run = open_run(_config(), tmp_path / "run", resume=False)
+    node = SiloNode(tmp_path / "silo", _shard(0, 1), partition=0)
+    with pytest.raises(SyncError, match="no setup"):
+        node.answer(run.coordinator.request(), Sync(0, ()))
+    request = run.coordinator.request()
+    behind = TrainRequest(request.run_id, 4, 4, request.probe_seeds, request.beta, request.clip_bound,
+                          request.noise_multiplier, request.sample_rate)
+    with pytest.raises(SyncError, match="version 4"):
+        node.answer(behind, _first_contact(run))
+
+
+# -- rounds over a transport -------------------------------------------------------------------
+class FakeSilo:
+    """A deterministic stand-in for a silo: replies are a function of the round (unit tests of
+    the coordinator's own logic)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def __call__(self, content):
+        request, _ = decode_request(content)
+        grads = tuple(math.sin(self.seed * 7.1 + request.round * 1.3 + k) for k in range(len(request.probe_seeds)))
+        event = {"type": "GaussianDpEvent", "noise_multiplier": 1.0}
+        return encode_reply(TrainReply(request.round, grads, 10.0 + self.seed, (event,)), request.model_version,
+                            f"fake-{self.seed}")
+
+
+def _final_state(run):
+    return {k: v.clone() for k, v in run.task.module.state_dict().items()}
+
+
+def test_malformed_replies_never_touch_the_model(tmp_path):
+    honest = DirectTransport({1: FakeSilo(1)})
+    clean = open_run(_config(), tmp_path / "clean", resume=False)
+    Federation(clean, honest, progress=False).run_all()
+
+    class Mixed(DirectTransport):
+        def exchange(self, messages, *, round, timeout):
+            responses = super().exchange({1: messages[1]}, round=round, timeout=timeout)
+            responses += [
+                Response(2, _bad_reply(round=round, projected_grads=[math.nan] * 4)),
+                Response(3, _bad_reply(round=round, projected_grads=[0.0])),
+                Response(4, _bad_reply(round=round + 1, projected_grads=[0.0] * 4)),
+                Response(99, _bad_reply(round=round, projected_grads=[0.0] * 4)),  # never asked
+                Response(5, None, "Flower error 2: ClientApp raised"),
+            ]
+            return responses
+
+        def nodes(self):
+            return [1, 2, 3, 4, 5]
+
+    noisy = open_run(_config(), tmp_path / "noisy", resume=False)
+    result = Federation(noisy, Mixed({1: FakeSilo(1)}), progress=False).run_all()
+    reasons = " | ".join(r["reason"] for r in result.rejections)
+    for expected in ("not a finite number", "expected 4", "not 0", "not asked", "ClientApp raised"):
+        assert expected in reasons
+    a, b = _final_state(clean), _final_state(noisy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_round_short_of_replies_is_retried_then_stops_without_half_applying(tmp_path):
+    run = open_run(_config("federation.min_clients=2", "federation.round_retries=1"), tmp_path / "run", resume=False)
+
+    def broken(content):
+        raise RuntimeError("silo down")
+
+    federation = Federation(run, DirectTransport({1: FakeSilo(1), 2: broken}), progress=False)
+    with pytest.raises(FederationError, match="fewer than federation.min_clients=2"):
+        federation.run_all()
+    assert run.log.num_steps == 0 and run.coordinator.step == 0
+    assert len([r for r in federation.store.rejections() if "silo down" in r["reason"]]) == 2  # asked twice
+
+
+def test_a_coordinator_crash_resumes_to_the_same_model_given_the_same_replies(tmp_path):
+    silos = {1: FakeSilo(1), 2: FakeSilo(2)}
+    whole = open_run(_config(), tmp_path / "whole", resume=False)
+    Federation(whole, DirectTransport(silos), progress=False).run_all()
+
+    class CrashingAt(DirectTransport):
+        def exchange(self, messages, *, round, timeout):
+            if round == 5:
+                raise KeyboardInterrupt  # the coordinator dies mid-round
+            return super().exchange(messages, round=round, timeout=timeout)
+
+    config = _config()
+    crashed = open_run(config, tmp_path / "crashed", resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        Federation(crashed, CrashingAt(silos), progress=False).run_all()
+    crashed.log.close()
+    resumed = open_run(config, tmp_path / "crashed", resume=True)
+    assert resumed.coordinator.step == 5
+    Federation(resumed, DirectTransport(silos), progress=False).run_all()
+    a, b = _final_state(whole), _final_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_stream(tmp_path):
+    config = _config("federation.max_replay=2", "zo.probes=16", "prune.enabled=false")
+    run = open_run(config, tmp_path / "run", resume=False)
+    nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k) for k in range(2)}
+    sent: list[tuple[int, int, RecordDict]] = []
+    late_joined = {"now": False}
+
+    class Recording(DirectTransport):
+        def nodes(self):
+            return [0, 1] if late_joined["now"] else [0]
+
+        def exchange(self, messages, *, round, timeout):
+            late_joined["now"] = round >= 4
+            sent.extend((round, node, content) for node, content in messages.items())
+            return super().exchange(messages, round=round, timeout=timeout)
+
+    handlers = {k: (lambda content, node=node: handle_train(content, node, partition=k)) for k, node in nodes.items()}
+    result = Federation(run, Recording(handlers), progress=False).run_all()
+    assert result.steps == 8 and not result.rejections
+    with_weights = [(round, node) for round, node, content in sent if content.array_records]
+    assert with_weights == [(5, 1)]  # only the silo that joined 5 rounds late, once
+    routine = [content for round, node, content in sent if "setup" not in content["sync"] and not content.array_records]
+    assert len(routine) == len(sent) - 2 and all(serialized_size(content) < 2500 for content in routine)
+    assert all(traffic["bytes_up"] / traffic["messages"] <= 1024 for traffic in result.traffic.values())  # K = 16
+    for node in nodes.values():  # every silo's replica is the coordinator's model, bit for bit
+        replica = node.run(run.run_id)
+        for record in run.log.steps(replica.version):  # the last round reaches silos with the next request
+            replica.applier.apply(record)
+        for mine, theirs in zip(replica.parts.trainable, run.parts.trainable):
+            assert torch.equal(mine.values(), theirs.values())
