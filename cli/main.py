@@ -123,6 +123,10 @@ def _simulate(args) -> int:
     for name in ("accuracy", "loss"):
         if name in federation.before:
             print(f"test {name}: {federation.before[name]:.4f} before -> {federation.after[name]:.4f} after")
+    if federation.client_evaluation:
+        evaluation = federation.client_evaluation
+        kind = "noised, charged" if evaluation["private"] else "NOT private"
+        print(f"accuracy on the silos' own held-out data ({kind}): {evaluation['accuracy']:.4f}")
     print()
     print(f"{'silo':<14}{'releases':>9}{'epsilon (silo)':>16}{'epsilon (server)':>18}"
           f"{'up B/round':>12}{'down B/round':>14}")

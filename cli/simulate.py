@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
     from flwr.simulation import run_simulation
 
     from seedtune.client.app import make_client_app
-    from seedtune.server.app import Outcome, make_server_app
+    from seedtune.server.app import Outcome, Stopped, make_server_app
 
     outcome = Outcome()
     server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome)
@@ -57,17 +59,32 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.clients)),
                              "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}}
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower announces that run_simulation is deprecated in favour of `flwr run` (which also works
+    # with these apps, see the README); Ray warns about a future default. Neither is actionable here.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Flower's simulation runtime deadlocks when Ctrl-C lands in its main loop (its workers wait
+    # for a stop event that is only set after they are joined). So Ctrl-C only asks the ServerApp
+    # to stop; it raises at its next poll, and Flower then winds its runtime down itself.
+    previous = signal.getsignal(signal.SIGINT) if _main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGINT, lambda number, frame: outcome.stop.set())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=config.federation.clients, backend_config=backend)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
+        outcome.stop.set()
         raise RunDirError(f"interrupted; every finished round is in the log: resume with "
                           f"seedtune simulate --resume --out {run_dir}") from None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         _stop_ray()
+    if outcome.stop.is_set():
+        raise RunDirError(f"interrupted; every finished round is in the log: resume with "
+                          f"seedtune simulate --resume --out {run_dir}")
     if outcome.result is None:
         raise SeedtuneError(f"the simulation stopped before finishing; see the log above. Finished rounds are "
                             f"in {run_dir}: resume with seedtune simulate --resume --out {run_dir}")
@@ -93,3 +110,7 @@ def _stop_ray() -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

@@ -29,7 +29,13 @@ from seedtune.common.config import Config
 from seedtune.common.data import load_text_data
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.partition import partition_indices
-from seedtune.common.wire import WireError, decode_request, encode_reply
+from seedtune.common.wire import (
+    WireError,
+    decode_evaluation,
+    decode_request,
+    encode_evaluation_reply,
+    encode_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,12 @@ def handle_train(content: RecordDict, node: SiloNode, *, partition: int | None =
     return encode_reply(reply, version, silo=node.name)
 
 
+def handle_evaluate(content: RecordDict, node: SiloNode) -> RecordDict:
+    request, sync, private, sigma = decode_evaluation(content)
+    correct, count, events = node.evaluate(request, sync, private=private, noise_multiplier=sigma)
+    return encode_evaluation_reply(correct, count, events, silo=node.name)
+
+
 def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode, int | None]:
     """This process's SiloNode for the node described by ``context.node_config``."""
     node_config = context.node_config
@@ -74,18 +86,19 @@ def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode
             budget = (float(node_config["epsilon"]), float(node_config.get("delta", 1e-5)),
                       str(node_config.get("accountant", "rdp")))
 
-        def shard(config: Config):
+        def shard(config: Config, split: str):
             if "data-path" in node_config:
-                return load_text_data(str(node_config["data-path"]), split_seed=config.data.split_seed,
-                                      validation_fraction=0.01, test_fraction=0.01).train
-            train = components.load_data(config).train
+                data = load_text_data(str(node_config["data-path"]), split_seed=config.data.split_seed,
+                                      validation_fraction=0.1, test_fraction=0.01)
+                return getattr(data, split)
+            examples = getattr(components.load_data(config), split)
             partitions = int(node_config.get("num-partitions", 1))
             if partition is None or partitions == 1:
-                return train
+                return examples
             federation = config.federation
-            parts = partition_indices(train["label"], partitions, scheme=federation.partition,
+            parts = partition_indices(examples["label"], partitions, scheme=federation.partition,
                                       alpha=federation.alpha, seed=config.data.split_seed)
-            return train.select(parts[partition])
+            return examples.select(parts[partition])
 
         _NODES[key] = SiloNode(state_dir, shard, budget=budget, partition=partition,
                                name=str(node_config.get("name", label)))
@@ -102,6 +115,15 @@ def make_client_app(state_root: Path | None = None) -> ClientApp:
             content = handle_train(message.content, node, partition=partition)
         except (SeedtuneError, WireError, InjectedFault) as error:
             log.warning("silo %s refused round: %s", partition, error)
+            return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        node, partition = node_for(context, state_root)
+        try:
+            content = handle_evaluate(message.content, node)
+        except (SeedtuneError, WireError) as error:
             return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
         return Message(content, reply_to=message)
 

@@ -25,15 +25,19 @@ from seedtune.common.config import Config
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.models import fingerprint
+from seedtune.common.privacy import events as event_codec
+from seedtune.common.privacy.accounting import evaluation_event
 from seedtune.common.privacy.ledger import PrivacyLedger
+from seedtune.common.privacy.mechanism import private_counts
 from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness, SeededRandomness
 from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from seedtune.common.wire import Setup, Sync
 
 log = logging.getLogger(__name__)
 
-ShardLoader = Callable[[Config], datasets.Dataset]
+ShardLoader = Callable[[Config, str], datasets.Dataset]  # (config, "train" | "validation") -> shard
 
 
 class SyncError(SeedtuneError):
@@ -159,6 +163,25 @@ class SiloNode:
         reply = silo.answer(request)
         return reply, run.version
 
+    def evaluate(self, request: TrainRequest, sync: Sync, *, private: bool, noise_multiplier: float
+                 ) -> tuple[float, float, tuple[dict, ...]]:
+        """Accuracy counts on this silo's own held-out examples: noised and charged when private."""
+        run = self.run(request.run_id, sync.setup)
+        run.catch_up(sync)
+        if run.version != request.model_version:
+            raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
+        silo = self._silo(request.run_id, run)
+        shard = self._shard_loader(run.config, "validation")
+        metrics = evaluate(run.task, shard, batch_size=run.config.eval.batch_size)
+        correct, count = metrics["accuracy"] * len(shard), float(len(shard))
+        if not private:
+            return correct, count, ()
+        if silo.ledger is None:
+            raise SyncError("a private evaluation in a non-private run")
+        noisy = private_counts(round(correct), int(count), noise_multiplier=noise_multiplier,
+                               randomness=silo.randomness, ledger=silo.ledger, round=request.round)
+        return noisy[0], noisy[1], (event_codec.event_to_dict(evaluation_event(noise_multiplier)),)
+
     def _silo(self, run_id: str, run: _Run) -> Silo:
         if run_id not in self._silos:
             config = run.config
@@ -171,7 +194,7 @@ class SiloNode:
                                                 accountant=accountant)
                 ledger = self.ledger
             randomness = _randomness(config, self.partition or 0)
-            self._silos[run_id] = Silo(run.task, run.estimator, self._shard_loader(config), randomness, ledger)
+            self._silos[run_id] = Silo(run.task, run.estimator, self._shard_loader(config, "train"), randomness, ledger)
         return self._silos[run_id]
 
     def close(self) -> None:

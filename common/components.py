@@ -6,15 +6,20 @@ import base64
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import dp_accounting
 import numpy as np
 import torch
-
 from seedtune.common.config import Config
 from seedtune.common.data import TextData, load_text_data
 from seedtune.common.errors import ConfigError
 from seedtune.common.models import fingerprint
 from seedtune.common.perturb import unreached_parameters
-from seedtune.common.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+from seedtune.common.privacy.accounting import (
+    calibrate_noise_multiplier,
+    epsilon_of,
+    evaluation_event,
+    release_event,
+)
 from seedtune.common.pruning import synflow_mask
 from seedtune.common.schedule import ConstantSchedule, Schedule, StagewiseSchedule
 from seedtune.common.tasks import Task, load_task
@@ -115,9 +120,31 @@ def noise_multiplier(config: Config) -> float:
         return 0.0
     if p.noise_multiplier is not None:
         return p.noise_multiplier
-    return calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, config.schedule.steps, p.accountant)
+    also = planned_evaluation(config)
+    try:
+        return calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, config.schedule.steps, p.accountant,
+                                          also=also)
+    except ValueError:
+        raise ConfigError(
+            f"federation.client_eval_sigma={config.federation.client_eval_sigma} alone spends more than "
+            f"privacy.epsilon={p.epsilon}; raise it, or set federation.client_eval=off"
+        ) from None
+
+
+def planned_evaluation(config: Config):
+    """The private client evaluation a run ends with, if any (charged to every silo)."""
+    federation = config.federation
+    if config.privacy.enabled and federation.client_eval == "private":
+        return evaluation_event(federation.client_eval_sigma)
+    return None
 
 
 def planned_epsilon(config: Config, sigma: float) -> float:
+    """epsilon of everything a silo will release in the run: the planned steps and evaluation."""
     p = config.privacy
-    return epsilon_for(sigma, p.sample_rate, config.schedule.steps, p.delta, p.accountant) if p.enabled else float("inf")
+    if not p.enabled:
+        return float("inf")
+    events = [dp_accounting.SelfComposedDpEvent(release_event(p.sample_rate, sigma), config.schedule.steps)]
+    if planned_evaluation(config) is not None:
+        events.append(planned_evaluation(config))
+    return epsilon_of(events, p.delta, p.accountant)

@@ -170,6 +170,48 @@ def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[Train
     return reply, _nonnegative_int(record, "model_version"), silo
 
 
+# -- evaluation on silos' own data -------------------------------------------------------------
+def encode_evaluation(run_id: str, model_version: int, private: bool, noise_multiplier: float,
+                      sync: Sync) -> RecordDict:
+    content = encode_request(TrainRequest(run_id, model_version, model_version, (1,), 1.0, 1.0, 0.0, 1.0), sync)
+    content["evaluate"] = ConfigRecord({"private": private, "noise_multiplier": float(noise_multiplier)})
+    return content
+
+
+def decode_evaluation(content: RecordDict) -> tuple[TrainRequest, Sync, bool, float]:
+    request, sync = decode_request(content)
+    record = _config(content, "evaluate")
+    private = _field(record, "private", bool)
+    sigma = _finite(record, "noise_multiplier", minimum=0.0)
+    if private and sigma <= 0:
+        raise WireError("a private evaluation needs a noise multiplier > 0")
+    return request, sync, private, sigma
+
+
+def encode_evaluation_reply(correct: float, count: float, events: tuple[dict, ...], silo: str = "") -> RecordDict:
+    content = RecordDict()
+    content["evaluation"] = ConfigRecord({
+        "silo": silo, "correct": float(correct), "count": float(count),
+        "events": [json.dumps(event, sort_keys=True) for event in events],
+    })
+    return content
+
+
+def decode_evaluation_reply(content: RecordDict) -> tuple[float, float, tuple[dict, ...]]:
+    record = _config(content, "evaluation")
+    values = []
+    for key in ("correct", "count"):
+        value = record.get(key)
+        if not isinstance(value, float) or not math.isfinite(value):
+            raise WireError(f"evaluation.{key} must be a finite number")
+        values.append(value)
+    try:
+        events = tuple(event_codec.event_to_dict(event_codec.loads(text)) for text in _field(record, "events", list))
+    except (event_codec.EventDecodeError, TypeError) as error:
+        raise WireError(f"evaluation.events: {error}") from None
+    return values[0], values[1], events
+
+
 # -- helpers -----------------------------------------------------------------------------------
 def _config(content: RecordDict, name: str) -> ConfigRecord:
     if name not in content.config_records:

@@ -9,6 +9,8 @@ dotted keys as ``seedtune train``, plus ``run-dir``) and resumes an unfinished r
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -26,21 +28,45 @@ log = logging.getLogger(__name__)
 RUN_DIR_KEY = "run-dir"
 
 
-class GridTransport:
-    """Rounds over Flower's Grid: one TRAIN message per silo, replies gathered until the timeout."""
+class Stopped(Exception):
+    """The process running this ServerApp asked it to stop (Ctrl-C in ``seedtune simulate``)."""
 
-    def __init__(self, grid: Grid):
+
+class GridTransport:
+    """Rounds over Flower's Grid: one message per silo, replies gathered until the timeout.
+
+    Replies are pulled in a short loop rather than one blocking ``send_and_receive``, so a stop
+    request is honoured within a tenth of a second.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event | None = None):
         self.grid = grid
+        self.stop = stop or threading.Event()
 
     def nodes(self) -> list[int]:
+        if self.stop.is_set():
+            raise Stopped("stopped by the caller")
         return sorted(self.grid.get_node_ids())
 
-    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float) -> list[Response]:
-        outgoing = {node: Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round))
+    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float,
+                 kind: str = "train") -> list[Response]:
+        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        outgoing = {node: Message(content, dst_node_id=node, message_type=message_type, group_id=str(round))
                     for node, content in messages.items()}
         sizes = {node: serialized_size(message) for node, message in outgoing.items()}
+        pending = set(self.grid.push_messages(list(outgoing.values())))
+        replies = []
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            if self.stop.is_set():
+                raise Stopped("stopped by the caller")
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if pending:
+                time.sleep(0.05)
         responses = []
-        for reply in self.grid.send_and_receive(list(outgoing.values()), timeout=timeout):
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 error = f"Flower error {reply.error.code}: {reply.error.reason}"
@@ -51,16 +77,18 @@ class GridTransport:
 
 
 class Outcome:
-    """Where a ServerApp built in code leaves its result for the caller."""
+    """Where a ServerApp built in code leaves its result, and how its caller stops it."""
 
-    result: FederationResult | None = None
-    run_dir: Path | None = None
+    def __init__(self) -> None:
+        self.result: FederationResult | None = None
+        self.run_dir: Path | None = None
+        self.stop = threading.Event()
 
 
 def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome: Outcome | None = None) -> None:
     resume = (run_dir / LOG_FILE).exists()
     run = open_run(config, run_dir, resume=resume, command="federation")
-    federation = Federation(run, GridTransport(grid), progress=progress)
+    federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress)
     result = federation.run_all()
     names = federation.store.nodes()
     finish_run(run, result.before, result.after,
@@ -68,7 +96,7 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
                extra={"silos": {names.get(node) or str(node): {"node": node, "epsilon": result.epsilons.get(node),
                                                               **traffic}
                                 for node, traffic in result.traffic.items()},
-                      "rejections": result.rejections},
+                      "rejections": result.rejections, "client_evaluation": result.client_evaluation},
                names={str(node): name for node, name in names.items() if name})
     plots.traffic_plot(federation.store.traffic_rows(), run_dir / "traffic.png", names)
     if outcome is not None:

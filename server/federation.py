@@ -16,6 +16,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,13 +26,24 @@ from tqdm.auto import tqdm
 
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.protocol import TrainReply, TrainRequest
-from seedtune.common.wire import Sync, WireError, decode_reply, encode_request
+from seedtune.common.wire import (
+    Sync,
+    WireError,
+    decode_evaluation_reply,
+    decode_reply,
+    encode_evaluation,
+    encode_request,
+)
 from seedtune.server.runs import Run
 from seedtune.server.store import FederationStore
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "federation.sqlite"
+
+
+class NonPrivateEvaluationWarning(UserWarning):
+    """Silos' exact evaluation counts leave them unprotected."""
 
 
 class FederationError(SeedtuneError):
@@ -53,8 +65,10 @@ class Transport(Protocol):
     def nodes(self) -> Sequence[int]:
         """The silos connected now."""
 
-    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float) -> list[Response]:
-        """Send each node its message; return the replies that came back in time."""
+    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float,
+                 kind: str = "train") -> list[Response]:
+        """Send each node its message (a "train" or "evaluate" instruction); return the replies
+        that came back in time."""
 
 
 @dataclass
@@ -65,6 +79,7 @@ class FederationResult:
     epsilons: dict[int, float]
     traffic: dict[int, dict[str, int]]
     rejections: list[dict] = field(default_factory=list)
+    client_evaluation: dict | None = None
 
 
 class Federation:
@@ -223,28 +238,65 @@ class Federation:
             bar.close()
         after = run.evaluate("test", 0)
         log_.set_meta("after", after)
+        client_evaluation = None
+        if self.config.federation.client_eval != "off":
+            client_evaluation = log_.meta("client_evaluation") or self.evaluate_on_silos()
+            log_.set_meta("client_evaluation", client_evaluation)
         return FederationResult(coordinator.step, before, after, self.epsilons(), self.store.traffic(),
-                                self.store.rejections())
+                                self.store.rejections(), client_evaluation)
+
+    def evaluate_on_silos(self) -> dict:
+        """Accuracy of the final model on the silos' own held-out data: noised and charged to
+        every silo's ledger ("private"), or exact and unprotected ("nonprivate", which warns)."""
+        federation = self.config.federation
+        private = federation.client_eval == "private"
+        if not private:
+            warnings.warn(
+                "federation.client_eval=nonprivate: silos report exact accuracy counts on their own data, "
+                "which are NOT differentially private; use client_eval=private to noise and charge them",
+                NonPrivateEvaluationWarning, stacklevel=2)
+        coordinator = self.run.coordinator
+        nodes = sorted(self.transport.nodes())
+        messages = {node: encode_evaluation(self.run.run_id, coordinator.step, private,
+                                            federation.client_eval_sigma, self.sync_for(node)) for node in nodes}
+        correct = count = 0.0
+        answered = 0
+        for response in self.transport.exchange(messages, round=coordinator.step, timeout=federation.round_timeout,
+                                                kind="evaluate"):
+            try:
+                if response.node not in messages or response.error is not None:
+                    raise WireError(response.error or "reply from a node that was not asked")
+                silo_correct, silo_count, events = decode_evaluation_reply(response.content)
+            except WireError as error:
+                self.store.reject(coordinator.step, response.node, f"evaluation: {error}")
+                continue
+            self.store.record_round(coordinator.step, {response.node: events})
+            correct, count, answered = correct + silo_correct, count + silo_count, answered + 1
+        accuracy = correct / count if count > 0 else float("nan")
+        return {"accuracy": accuracy, "silos": answered, "private": private}
 
 
 class DirectTransport:
     """Silos called in this process: ``handlers[node](content) -> content``. For tests and tools;
     every message still goes through the wire encoding, and its size is measured."""
 
-    def __init__(self, handlers: dict):
+    def __init__(self, handlers: dict, evaluators: dict | None = None):
         self.handlers = handlers
+        self.evaluators = evaluators or {}
 
     def nodes(self) -> list[int]:
         return sorted(self.handlers)
 
-    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float) -> list[Response]:
+    def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float,
+                 kind: str = "train") -> list[Response]:
         from seedtune.common.wire import serialized_size
 
+        handlers = self.handlers if kind == "train" else self.evaluators
         responses = []
         for node, content in messages.items():
             down = serialized_size(content)
             try:
-                reply = self.handlers[node](content)
+                reply = handlers[node](content)
             except Exception as error:  # noqa: BLE001  (a silo's failure is a reply, not a crash)
                 responses.append(Response(node, None, f"{type(error).__name__}: {error}", down, 0))
                 continue

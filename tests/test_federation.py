@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from seedtune.client.app import handle_train
+from seedtune.client.app import handle_evaluate, handle_train
 from seedtune.client.node import SiloNode, SyncError
 from seedtune.common import components
 from seedtune.common.config import load_config
@@ -21,7 +21,13 @@ from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.common.wire import (
     Sync, WireError, decode_reply, decode_request, encode_reply, encode_request, serialized_size,
 )
-from seedtune.server.federation import DirectTransport, Federation, FederationError, Response
+from seedtune.server.federation import (
+    DirectTransport,
+    Federation,
+    FederationError,
+    NonPrivateEvaluationWarning,
+    Response,
+)
 from seedtune.server.runs import open_run
 
 TINY = ["schedule.steps=8", "schedule.stages=2", "eval.every=0", "data.synthetic_size=200",
@@ -101,9 +107,9 @@ def test_label_skew_skews_and_iid_does_not():
 
 # -- silo nodes --------------------------------------------------------------------------------
 def _shard(partition, partitions):
-    def load(config):
-        train = components.load_data(config).train
-        return train.select(partition_indices(train["label"], partitions, seed=config.data.split_seed)[partition])
+    def load(config, split="train"):
+        examples = getattr(components.load_data(config), split)
+        return examples.select(partition_indices(examples["label"], partitions, seed=config.data.split_seed)[partition])
     return load
 
 
@@ -256,3 +262,24 @@ def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_strea
             replica.applier.apply(record)
         for mine, theirs in zip(replica.parts.trainable, run.parts.trainable):
             assert torch.equal(mine.values(), theirs.values())
+
+
+@pytest.mark.parametrize("mode", ["private", "nonprivate"])
+def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode):
+    config = _config(f"federation.client_eval={mode}", "federation.clients=2", "federation.client_eval_sigma=2.0")
+    run = open_run(config, tmp_path / "run", resume=False)
+    nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k) for k in range(2)}
+    transport = DirectTransport({k: (lambda c, node=node: handle_train(c, node)) for k, node in nodes.items()},
+                                {k: (lambda c, node=node: handle_evaluate(c, node)) for k, node in nodes.items()})
+    if mode == "nonprivate":
+        with pytest.warns(NonPrivateEvaluationWarning, match="NOT differentially private"):
+            result = Federation(run, transport, progress=False).run_all()
+    else:
+        result = Federation(run, transport, progress=False).run_all()
+    assert result.client_evaluation["silos"] == 2 and result.client_evaluation["private"] == (mode == "private")
+    assert 0.0 <= result.client_evaluation["accuracy"] <= 1.2  # noised counts may overshoot a little
+    for node in nodes.values():
+        notes = [release["note"] for release in node.ledger.history()]
+        assert notes.count("evaluation") == (1 if mode == "private" else 0)
+        assert len(notes) == 8 + notes.count("evaluation")
+        assert node.ledger.spent() <= config.privacy.epsilon  # sigma was calibrated with the evaluation in

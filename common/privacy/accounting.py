@@ -77,19 +77,28 @@ def epsilon_for(
     return epsilon_of([event], delta, kind)
 
 
+def evaluation_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+    """A silo's noised evaluation counts: (correct, examples) + N(0, s^2 I_2). Adding or removing
+    one example moves both counts by at most 1, an L2 sensitivity of sqrt(2), so it is the
+    Gaussian mechanism with noise multiplier s / sqrt(2)."""
+    return dp_accounting.GaussianDpEvent(noise_multiplier / math.sqrt(2))
+
+
 def calibrate_noise_multiplier(
-    epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp"
+    epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp",
+    also: dp_accounting.DpEvent | None = None,
 ) -> float:
-    """The smallest sigma (to 1e-6) whose ``steps`` releases spend at most ``epsilon``.
+    """The smallest sigma (to 1e-6) whose ``steps`` releases (and the event ``also``, such as a
+    final private evaluation) spend at most ``epsilon``.
 
     dp-accounting's bisection returns the end of its final bracket whose epsilon is below the
     target, so the result never overshoots the budget.
     """
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant(kind),
-            lambda sigma: dp_accounting.SelfComposedDpEvent(release_event(sample_rate, sigma), steps),
-            epsilon,
-            delta,
-        )
-    )
+
+    def event(sigma: float) -> dp_accounting.DpEvent:
+        training = dp_accounting.SelfComposedDpEvent(release_event(sample_rate, sigma), steps)
+        return training if also is None else dp_accounting.ComposedDpEvent([training, also])
+
+    if also is not None and epsilon_of([also], delta, kind) >= epsilon:
+        raise ValueError(f"the evaluation alone spends epsilon >= {epsilon}")
+    return float(dp_accounting.calibrate_dp_mechanism(lambda: make_accountant(kind), event, epsilon, delta))

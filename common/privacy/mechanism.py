@@ -20,7 +20,7 @@ import dp_accounting
 import numpy as np
 import torch
 
-from seedtune.common.privacy.accounting import release_event
+from seedtune.common.privacy.accounting import evaluation_event, release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
 
@@ -66,3 +66,21 @@ def nonprivate_release(differences: torch.Tensor, *, sample_rate: float, populat
     """The same normalisation without clipping or noise (non-private ZO, MeZO-style)."""
     total = differences.to(torch.float64).sum(dim=0).numpy()
     return Release(total / (sample_rate * population), None)
+
+
+def private_counts(
+    correct: int,
+    count: int,
+    *,
+    noise_multiplier: float,
+    randomness: SecretRandomness,
+    ledger: PrivacyLedger,
+    round: int,
+) -> tuple[float, float]:
+    """A silo's evaluation, released privately: (correct, count) + N(0, s^2 I_2), charged first
+    as :func:`~seedtune.common.privacy.accounting.evaluation_event`."""
+    release_id = ledger.charge(evaluation_event(noise_multiplier), round=round, note="evaluation")
+    noise = randomness.normal(2) * noise_multiplier
+    values = [float(correct + noise[0]), float(count + noise[1])]
+    ledger.attach(release_id, values)
+    return values[0], values[1]

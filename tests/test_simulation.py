@@ -1,0 +1,146 @@
+"""The federation on Flower's real simulation engine and its real `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seedtune.cli.simulate import simulate
+from seedtune.cli.train import train
+from seedtune.common.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seedtune(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "seedtune.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **(env or {})})
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Processes started with SEEDTUNE_TEST_MARKER=<marker> (children inherit the environment)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SEEDTUNE_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_gone(marker: str, seconds: float = 20) -> list[psutil.Process]:
+    deadline = time.monotonic() + seconds
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="module")
+def killed_silo_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sim") / "run"
+    marker = uuid.uuid4().hex
+    result = seedtune("simulate", "--preset", "tiny", "--rounds", 30, "--out", run_dir, "--no-progress",
+                      "--set", "federation.fault_partition=1", "--set", "federation.fault_round=10",
+                      "--set", "zo.probes=16", "--set", "eval.every=0", env={"SEEDTUNE_TEST_MARKER": marker})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result, marker
+
+
+def test_a_killed_silo_leaves_the_run_to_the_others_and_every_ledger_exact(killed_silo_run):
+    run_dir, result, _ = killed_silo_run
+    report = json.loads(seedtune("show", run_dir, "--json").stdout)
+    assert report["status"] == "finished" and report["steps"] == 30
+    seen = {silo["silo"]: silo["releases"] for silo in report["federation"]["silos"]}
+    assert seen == {"partition-0": 30, "partition-1": 10, "partition-2": 30}  # what reached the coordinator
+    table = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith("partition-")}
+    # each silo's own ledger: partition-1 released round 10 and died before its reply left
+    assert {silo: int(row[1]) for silo, row in table.items()} == {"partition-0": 30, "partition-1": 11, "partition-2": 30}
+    assert all(float(row[2]) <= 8.0 for row in table.values())
+    assert table["partition-0"][2] == table["partition-0"][3]  # coordinator's view = silo's own ledger
+    assert any("dies at round 10" in r["reason"] for r in report["federation"]["rejections"])
+
+
+def test_uplink_is_under_a_kilobyte_and_no_weights_travel(killed_silo_run):
+    run_dir, _, _ = killed_silo_run
+    report = json.loads(seedtune("show", run_dir, "--json").stdout)
+    replies = [m for round in report["federation"]["traffic_per_round"].values() for m in round if m["bytes_up"]]
+    assert replies and max(m["bytes_up"] for m in replies) <= 1024  # K = 16 scalars + events, serialized
+    dead = next(silo["node"] for silo in report["federation"]["silos"] if silo["silo"] == "partition-1")
+    later = [m["bytes_down"] for r, msgs in report["federation"]["traffic_per_round"].items() if int(r) > 0
+             for m in msgs if m["node"] != dead]  # the dead silo is sent the rounds it missed
+    assert max(later) < 3000  # seeds and scalars only: a tensor of the model is far larger
+    assert (run_dir / "traffic.png").exists() and (run_dir / "training.png").exists()
+
+
+def test_simulated_runs_export_and_leave_no_process_behind(killed_silo_run, tmp_path):
+    run_dir, _, marker = killed_silo_run
+    assert seedtune("export", run_dir, "--out", tmp_path / "exported").returncode == 0
+    final, exported = load_file(run_dir / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+    assert wait_gone(marker) == []
+
+
+def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path):
+    overrides = ["schedule.steps=12", "schedule.stages=2", "eval.every=0", "privacy.noise_seed=11",
+                 "federation.clients=1", "prune.enabled=true", "prune.ratio=0.2"]
+    config = load_config("tiny", overrides=overrides)
+    with pytest.warns(UserWarning, match="noise_seed"):
+        train(config, tmp_path / "local", progress=False)
+        simulate(config, tmp_path / "federated", progress=False)
+    local = load_file(tmp_path / "local" / "final" / "model.safetensors")
+    federated = load_file(tmp_path / "federated" / "final" / "model.safetensors")
+    assert local.keys() == federated.keys() and all(torch.equal(local[k], federated[k]) for k in local)
+
+
+def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path):
+    marker = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seedtune.cli.main", "simulate", "--preset", "tiny", "--rounds", "400",
+         "--out", str(run_dir), "--no-progress"],
+        env={**os.environ, "SEEDTUNE_TEST_MARKER": marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list((run_dir / "silos").glob("*/ledger.sqlite")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # until silos are answering
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr[-2000:]
+    assert "resume with seedtune simulate --resume" in stderr
+    assert wait_gone(marker) == []
+
+
+def test_flwr_run_drives_the_same_apps_against_a_local_simulation_federation(tmp_path):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39391", "FLWR_LOCAL_CONTROL_API_PORT": "39393",
+           "SEEDTUNE_STATE_DIR": str(tmp_path / "silos"), "SEEDTUNE_TEST_MARKER": marker}
+    run_dir = tmp_path / "out"
+    settings = (f'run-dir="{run_dir}" model.name="tiny" data.name="synthetic" schedule.steps=4 schedule.stages=1 '
+                'federation.clients=2 eval.every=0 privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01')
+    flwr = Path(sys.executable).with_name("flwr")
+    try:
+        result = subprocess.run(
+            [str(flwr), "run", str(ROOT), "local", "--stream", "--federation-config",
+             "num-supernodes=2 client-resources-num-cpus=1", "--run-config", settings],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())  # `--stream` exits 0 even on failure
+        assert metrics["steps"] == 4 and len(metrics["silos"]) == 2
+        assert sorted(p.name for p in (tmp_path / "silos").iterdir()) == ["partition-0", "partition-1"]
+    finally:  # `flwr` leaves its SuperLink running: stop it and everything under it
+        for process in marked_processes(marker):
+            process.kill()
+    assert wait_gone(marker) == []
