@@ -60,13 +60,13 @@ def traffic_plot(rows: list[tuple[int, int, int, int, int]], path: Path, names: 
     by_node: dict[int, list[tuple[int, int, int]]] = {}
     for round, _attempt, node, down, up in rows:
         by_node.setdefault(node, []).append((round, up, down))
-    for node, points in sorted(by_node.items()):
+    for node, points in sorted(by_node.items(), key=lambda item: names.get(item[0]) or str(item[0])):
         rounds, ups, downs = zip(*points)
         label = names.get(node) or str(node)
         up_axis.plot(rounds, ups, marker=".", linewidth=0.8, label=label)
         down_axis.plot(rounds, downs, marker=".", linewidth=0.8, label=label)
     for axis, direction in ((up_axis, "up (silo → coordinator)"), (down_axis, "down (coordinator → silo)")):
-        axis.set_yscale("log")
+        axis.set_ylim(bottom=0)
         axis.set_xlabel("round")
         axis.set_ylabel("bytes per message")
         axis.set_title(direction)

@@ -63,3 +63,23 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path):
         load_config("huge")
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("epsilon")
+
+
+def test_flower_run_config_is_the_simulate_preset_in_flowers_flattened_form():
+    import tomllib
+    from pathlib import Path
+
+    from seedtune.common.config import Config
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app_config = dict(pyproject["tool"]["flwr"]["app"]["config"])
+    app_config.pop("run-dir")
+    flat = {}
+
+    def walk(node, prefix=""):  # Flower joins nested tables with dots
+        for key, value in node.items():
+            walk(value, f"{prefix}{key}.") if isinstance(value, dict) else flat.__setitem__(f"{prefix}{key}", value)
+
+    walk(app_config)
+    assert Config.from_flat(flat) == load_config("default", command="simulate")
+    assert flat == load_config("default", command="simulate").to_flat()
