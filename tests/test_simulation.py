@@ -121,6 +121,17 @@ def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path):
     assert wait_gone(marker) == []
 
 
+def test_a_failed_simulation_is_a_one_line_error_and_stops_what_it_started(tmp_path):
+    marker = uuid.uuid4().hex
+    result = seedtune("simulate", "--preset", "tiny", "--clients", 2, "--out", tmp_path / "run", "--no-progress",
+                      "--set", "federation.min_clients=3", "--set", "federation.round_timeout=3",
+                      env={"SEEDTUNE_TEST_MARKER": marker})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("seedtune: error:")
+    assert "min_clients=3" in result.stderr
+    assert wait_gone(marker) == []
+
+
 def test_flwr_run_drives_the_same_apps_against_a_local_simulation_federation(tmp_path):
     marker = uuid.uuid4().hex
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
