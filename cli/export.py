@@ -6,8 +6,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from seedtune.cli.train import LEDGER_FILE, LOG_FILE
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -15,6 +13,7 @@ from seedtune.common.errors import RunDirError
 from seedtune.common.models import fingerprint
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
+from tqdm.auto import tqdm
 
 
 def _open_run(run_dir: Path) -> tuple[UpdateLog, Config]:

@@ -200,7 +200,10 @@ def _show(args) -> int:
 
 
 def _budget(args) -> int:
-    from seedtune.common.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+    from seedtune.common.privacy.accounting import (
+        calibrate_noise_multiplier,
+        epsilon_for,
+    )
 
     def need(ok: bool, message: str) -> None:
         if not ok:

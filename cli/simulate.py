@@ -49,7 +49,6 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
     run.log.close()
 
     from flwr.simulation import run_simulation
-
     from seedtune.client.app import make_client_app
     from seedtune.server.app import Outcome, Stopped, make_server_app
 

@@ -14,16 +14,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from seedtune.client.silo import Silo
+from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import BudgetExhausted, RunDirError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness, SeededRandomness
+from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.server.runs import LOG_FILE, finish_run, open_run
+from tqdm.auto import tqdm
 
 __all__ = ["LEDGER_FILE", "LOG_FILE", "train"]
 
@@ -144,7 +144,4 @@ def _randomness(config: Config) -> SecretRandomness:
             NonPrivateRunWarning,
             stacklevel=3,
         )
-        return PublicRandomness(config.seed)
-    if config.privacy.noise_seed is not None:
-        return SeededRandomness(config.privacy.noise_seed)
-    return SecretRandomness()
+    return components.randomness(config)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch  # noqa: F401  (Ray workers need torch imported by the ClientApp module itself)
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-
 from seedtune.client.node import SiloNode
 from seedtune.common import components
 from seedtune.common.config import Config

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import datasets
 import torch
-
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -29,7 +28,6 @@ from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import evaluation_event
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import private_counts
-from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness, SeededRandomness
 from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
@@ -193,7 +191,7 @@ class SiloNode:
                     self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", epsilon=epsilon, delta=delta,
                                                 accountant=accountant)
                 ledger = self.ledger
-            randomness = _randomness(config, self.partition or 0)
+            randomness = components.randomness(config, self.partition or 0)
             self._silos[run_id] = Silo(run.task, run.estimator, self._shard_loader(config, "train"), randomness, ledger)
         return self._silos[run_id]
 
@@ -202,16 +200,6 @@ class SiloNode:
             run.log.close()
         if self.ledger is not None:
             self.ledger.close()
-
-
-def _randomness(config: Config, offset: int) -> SecretRandomness:
-    """Secret by default. Seeded only for non-private runs (public sampling) and tests
-    (privacy.noise_seed); silo k of a run uses seed + k, so silo 0 draws as ``seedtune train``."""
-    if not config.privacy.enabled:
-        return PublicRandomness(config.seed + 1_000_003 * offset)
-    if config.privacy.noise_seed is not None:
-        return SeededRandomness(config.privacy.noise_seed + offset)
-    return SecretRandomness()
 
 
 def _safe(run_id: str) -> str:

@@ -7,7 +7,6 @@ scale. Only the released scalars leave; the batch loss stays with the silo (``la
 from __future__ import annotations
 
 import datasets
-
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.ledger import PrivacyLedger

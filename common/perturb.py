@@ -24,9 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from seedtune.common.trainable import DirectionField, TrainableSet, TrainableTensor
+from torch import nn
 
 
 @dataclass

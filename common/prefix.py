@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from torch import nn
-
 from seedtune.common.trainable import TrainableSet
+from torch import nn
 
 
 class PrefixCache:

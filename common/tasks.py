@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from seedtune.common import modeling_seedtune
 from seedtune.common.errors import ConfigError
 from seedtune.common.models import BaseModel, load_base, quiet_transformers
+from torch import nn
 
 TASKS = ("sequence-classification", "prompt-classification", "causal-lm")
 TASK_FILE = "seedtune_task.json"

@@ -19,14 +19,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from seedtune.common.directions import (
     Distribution,
     direction_at,
     direction_norm_squared,
     fill_range,
 )
+from torch import nn
 
 CHUNK = 1 << 20  # coordinates per piece when a whole tensor's direction is generated
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from seedtune.common.trainable import DirectionField, TrainableSet
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from seedtune.common.errors import RunDirError
 from seedtune.common.trainable import DirectionField, TrainableSet
 from seedtune.common.update import apply_update

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.common.updatelog import StepRecord

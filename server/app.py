@@ -16,11 +16,10 @@ from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-
 from seedtune.common.config import Config
 from seedtune.common.wire import serialized_size
-from seedtune.server.federation import Federation, FederationResult, Response
 from seedtune.server import plots
+from seedtune.server.federation import Federation, FederationResult, Response
 from seedtune.server.runs import LOG_FILE, finish_run, open_run
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import RecordDict
-from tqdm.auto import tqdm
-
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.common.wire import (
@@ -36,6 +34,7 @@ from seedtune.common.wire import (
 )
 from seedtune.server.runs import Run
 from seedtune.server.store import FederationStore
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from seedtune.common import components
 from seedtune.common.components import ModelParts
 from seedtune.common.config import Config

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import dp_accounting
-
 from seedtune.common.errors import BudgetExhausted, RunDirError
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import ACCOUNTANTS, epsilon_of

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import dp_accounting
 import numpy as np
 import torch
-
 from seedtune.common.privacy.accounting import evaluation_event, release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness

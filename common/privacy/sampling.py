@@ -9,7 +9,6 @@ expected batch size q * n instead, which is public.
 from __future__ import annotations
 
 import numpy as np
-
 from seedtune.common.privacy.randomness import SecretRandomness
 
 
