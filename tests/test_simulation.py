@@ -134,14 +134,15 @@ def test_a_failed_simulation_is_a_one_line_error_and_stops_what_it_started(tmp_p
 
 def test_flwr_run_drives_the_same_apps_against_a_local_simulation_federation(tmp_path):
     marker = uuid.uuid4().hex
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    bin_dir = str(Path(sys.executable).parent)  # `flwr` starts `flower-superlink` from PATH, as an activated venv has it
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39391", "FLWR_LOCAL_CONTROL_API_PORT": "39393",
            "SEEDTUNE_STATE_DIR": str(tmp_path / "silos"), "SEEDTUNE_TEST_MARKER": marker}
     run_dir = tmp_path / "out"
     settings = (f'run-dir="{run_dir}" model.name="tiny" data.name="synthetic" schedule.steps=4 schedule.stages=1 '
                 'federation.clients=2 eval.every=0 privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01')
-    flwr = Path(sys.executable).with_name("flwr")
+    flwr = Path(bin_dir) / "flwr"
     try:
         result = subprocess.run(
             [str(flwr), "run", str(ROOT), "local", "--stream", "--federation-config",
