@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar")
     simulate.set_defaults(run=_simulate)
 
+    partition = commands.add_parser(
+        "partition", help="write each silo's share of a preset's data to its own file (for a deployment)")
+    partition.add_argument("--preset", default="default", help="whose data and split to use (default, tiny)")
+    partition.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
+    partition.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override one setting, e.g. --set federation.partition=label-skew")
+    partition.add_argument("--clients", type=int, help="number of silos (federation.clients)")
+    partition.add_argument("--out", type=Path, required=True, help="folder for silo-<i>.jsonl")
+    partition.set_defaults(run=_partition)
+
     export = commands.add_parser("export", help="rebuild a run's model from its base and log alone")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, required=True, help="directory to write the model to")
@@ -149,6 +159,33 @@ def _silo_names(run_dir: Path) -> dict[int, str]:
         return store.nodes()
     finally:
         store.close()
+
+
+def _partition(args) -> int:
+    from seedtune.common import components
+    from seedtune.common.config import load_config
+
+    if args.clients is not None and args.clients < 1:
+        raise SeedtuneError(f"--clients {args.clients} must be >= 1")
+    overrides = list(args.overrides) + ([f"federation.clients={args.clients}"] if args.clients else [])
+    config = load_config(args.preset, args.config, overrides, command="simulate")
+    silos = config.federation.clients
+    names = components.load_data(config).label_names
+    existing = [args.out / f"silo-{i}.jsonl" for i in range(silos) if (args.out / f"silo-{i}.jsonl").exists()]
+    if existing:
+        raise SeedtuneError(f"{existing[0]} already exists: a silo's data is not overwritten; choose another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for silo in range(silos):
+        rows = [row for split in ("train", "validation")
+                for row in components.silo_shard(config, split, silo, silos)]
+        path = args.out / f"silo-{silo}.jsonl"
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("w") as file:  # labels by name, so a silo's file means the same to everyone
+            for row in rows:
+                file.write(json.dumps({"text": row["text"], "label": names[row["label"]]}) + "\n")
+        partial.replace(path)
+        print(f"{path}: {len(rows)} examples")
+    return 0
 
 
 def _export(args) -> int:

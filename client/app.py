@@ -10,7 +10,9 @@ Node configuration (``--node-config`` of a SuperNode, or set by the simulation e
   (simulation); ``data-path`` — a CSV/JSONL file that *is* this silo's data (deployment);
 * ``state-dir`` — where the ledger and the model replica live (default
   ``~/.seedtune/silos/<partition>``);
-* ``epsilon`` / ``delta`` — this silo's own budget, which no request can raise.
+* ``epsilon`` / ``delta`` — this silo's own budget, which no request can raise;
+* ``name`` — how the coordinator's reports call this silo;
+* ``audit-log`` — a JSON-lines file of every message in and out (``client/audit.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from pathlib import Path
 import torch  # noqa: F401  (Ray workers need torch imported by the ClientApp module itself)
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from seedtune.client.audit import audit_mod
 from seedtune.client.node import SiloNode
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.data import load_text_data
 from seedtune.common.errors import SeedtuneError
-from seedtune.common.partition import partition_indices
 from seedtune.common.wire import (
     WireError,
     decode_evaluation,
@@ -66,6 +68,18 @@ def handle_evaluate(content: RecordDict, node: SiloNode) -> RecordDict:
     return encode_evaluation_reply(correct, count, events, silo=node.name)
 
 
+def own_data(path: Path, config: Config, label_names: tuple[str, ...], split: str):
+    """The silo's own file, split reproducibly, its labels numbered as the run's ``label_names``
+    (a file's labels are names: "positive", not 1, so no silo can silently flip them)."""
+    data = load_text_data(str(path), split_seed=config.data.split_seed, validation_fraction=0.1, test_fraction=0.01)
+    unknown = sorted(set(data.label_names) - set(label_names))
+    if unknown:
+        raise SeedtuneError(f"data-path {str(path)!r} has label {unknown[0]!r}, which this run does not know; "
+                            f"its labels are {list(label_names)}")
+    ids = [label_names.index(name) for name in data.label_names]
+    return getattr(data, split).map(lambda row: {"label": ids[row["label"]]})
+
+
 def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode, int | None]:
     """This process's SiloNode for the node described by ``context.node_config``."""
     node_config = context.node_config
@@ -85,19 +99,10 @@ def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode
             budget = (float(node_config["epsilon"]), float(node_config.get("delta", 1e-5)),
                       str(node_config.get("accountant", "rdp")))
 
-        def shard(config: Config, split: str):
+        def shard(config: Config, label_names: tuple[str, ...], split: str):
             if "data-path" in node_config:
-                data = load_text_data(str(node_config["data-path"]), split_seed=config.data.split_seed,
-                                      validation_fraction=0.1, test_fraction=0.01)
-                return getattr(data, split)
-            examples = getattr(components.load_data(config), split)
-            partitions = int(node_config.get("num-partitions", 1))
-            if partition is None or partitions == 1:
-                return examples
-            federation = config.federation
-            parts = partition_indices(examples["label"], partitions, scheme=federation.partition,
-                                      alpha=federation.alpha, seed=config.data.split_seed)
-            return examples.select(parts[partition])
+                return own_data(Path(str(node_config["data-path"])), config, label_names, split)
+            return components.silo_shard(config, split, partition, int(node_config.get("num-partitions", 1)))
 
         _NODES[key] = SiloNode(state_dir, shard, budget=budget, partition=partition,
                                name=str(node_config.get("name", label)))
@@ -105,7 +110,7 @@ def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode
 
 
 def make_client_app(state_root: Path | None = None) -> ClientApp:
-    app = ClientApp()
+    app = ClientApp(mods=[audit_mod])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

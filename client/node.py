@@ -13,6 +13,7 @@ restarted node comes back to the exact model it had, and its ledger still binds 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,10 @@ from seedtune.common.wire import Setup, Sync
 
 log = logging.getLogger(__name__)
 
-ShardLoader = Callable[[Config, str], datasets.Dataset]  # (config, "train" | "validation") -> shard
+ShardLoader = Callable[[Config, tuple[str, ...], str], datasets.Dataset]  # (config, label names, split) -> shard
+
+
+CHECKPOINT_EVERY = 50  # steps between a replica's own checkpoints
 
 
 class SyncError(SeedtuneError):
@@ -69,6 +73,7 @@ class _Run:
         start = 0
         if checkpoint.exists():
             start = self._restore(torch.load(checkpoint, weights_only=True))
+        self._checkpointed = start
         for record in self.log.steps(start):
             self.applier.apply(record)
         self.estimator = ZerothOrderEstimator(
@@ -101,11 +106,30 @@ class _Run:
             self.applier.apply(record)
         return True
 
+    def _save_checkpoint(self, checkpoint: dict) -> None:
+        def tensors(arrays):  # torch.load(weights_only=True) reads tensors, not numpy arrays
+            return None if arrays is None else [torch.as_tensor(a).clone() for a in arrays]
+
+        checkpoint = {**checkpoint, "values": tensors(checkpoint["values"]), "anchor": tensors(checkpoint["anchor"])}
+        staging = self.directory / f"checkpoint.pt.{os.getpid()}.partial"
+        torch.save(checkpoint, staging)
+        staging.replace(self.directory / "checkpoint.pt")  # atomic: readers see the old one or the new
+        self._checkpointed = checkpoint["version"]
+
+    def checkpoint_now(self) -> None:
+        """Keep the replica's own checkpoint near its head: Flower's deployment engine starts a
+        fresh ClientApp process for every message, and each would otherwise replay the whole log."""
+        anchor, anchor_step = self.applier.anchor
+        self._save_checkpoint({
+            "version": self.version,
+            "values": [entry.values() for entry in self.parts.trainable],
+            "anchor": anchor,
+            "anchor_step": anchor_step,
+        })
+
     def catch_up(self, sync: Sync) -> None:
         if sync.checkpoint is not None and sync.checkpoint["version"] > self.version:
-            staging = self.directory / "checkpoint.pt.partial"
-            torch.save(dict(sync.checkpoint), staging)
-            staging.replace(self.directory / "checkpoint.pt")
+            self._save_checkpoint(dict(sync.checkpoint))
             self.log.restart_at(sync.checkpoint["version"])
             self._first_step = self.log.first_step
             self._restore(sync.checkpoint)
@@ -117,6 +141,8 @@ class _Run:
             if record.step == self.log.next_step:
                 self.log.append(record)  # durable before it is applied
             self.applier.apply(record)
+        if self.version - self._checkpointed >= CHECKPOINT_EVERY:
+            self.checkpoint_now()
 
 
 class SiloNode:
@@ -169,7 +195,7 @@ class SiloNode:
         if run.version != request.model_version:
             raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
-        shard = self._shard_loader(run.config, "validation")
+        shard = self._shard_loader(run.config, run.label_names, "validation")
         metrics = evaluate(run.task, shard, batch_size=run.config.eval.batch_size)
         correct, count = metrics["accuracy"] * len(shard), float(len(shard))
         if not private:
@@ -192,7 +218,8 @@ class SiloNode:
                                                 accountant=accountant)
                 ledger = self.ledger
             randomness = components.randomness(config, self.partition or 0)
-            self._silos[run_id] = Silo(run.task, run.estimator, self._shard_loader(config, "train"), randomness, ledger)
+            shard = self._shard_loader(config, run.label_names, "train")
+            self._silos[run_id] = Silo(run.task, run.estimator, shard, randomness, ledger)
         return self._silos[run_id]
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from seedtune.common.config import Config
 from seedtune.common.data import TextData, load_text_data
 from seedtune.common.errors import ConfigError
 from seedtune.common.models import fingerprint
+from seedtune.common.partition import partition_indices
 from seedtune.common.perturb import unreached_parameters
 from seedtune.common.privacy.accounting import (
     calibrate_noise_multiplier,
@@ -50,6 +51,18 @@ def load_data(config: Config) -> TextData:
         max_train_examples=d.max_train_examples,
         synthetic_size=d.synthetic_size,
     )
+
+
+def silo_shard(config: Config, split: str, partition: int | None, partitions: int):
+    """Silo ``partition``'s share of the configured dataset's ``split`` ("train" or "validation"),
+    split as in a simulation (``federation.partition``, ``alpha``, ``data.split_seed``)."""
+    examples = getattr(load_data(config), split)
+    if partition is None or partitions == 1:
+        return examples
+    federation = config.federation
+    parts = partition_indices(examples["label"], partitions, scheme=federation.partition,
+                              alpha=federation.alpha, seed=config.data.split_seed)
+    return examples.select(parts[partition])
 
 
 def load_model(config: Config, label_names: tuple[str, ...], base: dict | None = None) -> Task:

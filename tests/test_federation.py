@@ -107,9 +107,8 @@ def test_label_skew_skews_and_iid_does_not():
 
 # -- silo nodes --------------------------------------------------------------------------------
 def _shard(partition, partitions):
-    def load(config, split="train"):
-        examples = getattr(components.load_data(config), split)
-        return examples.select(partition_indices(examples["label"], partitions, seed=config.data.split_seed)[partition])
+    def load(config, label_names, split="train"):
+        return components.silo_shard(config, split, partition, partitions)
     return load
 
 
@@ -284,3 +283,31 @@ def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode)
         assert notes.count("evaluation") == (1 if mode == "private" else 0)
         assert len(notes) == 8 + notes.count("evaluation")
         assert node.ledger.spent() <= config.privacy.epsilon  # sigma was calibrated with the evaluation in
+
+
+def test_a_silo_answering_each_message_from_a_fresh_process_checkpoints_and_stays_exact(tmp_path, monkeypatch):
+    # Flower's deployment engine starts a new ClientApp process for every message: model the
+    # silo as a new SiloNode per message, over the same state directory.
+    import seedtune.client.node as node_module
+
+    monkeypatch.setattr(node_module, "CHECKPOINT_EVERY", 3)
+    config = _config("zo.probes=4")
+    run = open_run(config, tmp_path / "run", resume=False)
+    state = tmp_path / "silo0"
+
+    def fresh_process(content):
+        node = SiloNode(state, _shard(0, 1), partition=0)
+        try:
+            return handle_train(content, node, partition=0)
+        finally:
+            node.close()
+
+    result = Federation(run, DirectTransport({0: fresh_process}), progress=False).run_all()
+    assert result.steps == 8 and not result.rejections
+    saved = torch.load(next(state.glob("runs/*/checkpoint.pt")), weights_only=True)
+    assert saved["version"] >= 6  # the replica keeps its own checkpoint near its head
+    replica = SiloNode(state, _shard(0, 1), partition=0).run(run.run_id)
+    for record in run.log.steps(replica.version):
+        replica.applier.apply(record)
+    for mine, theirs in zip(replica.parts.trainable, run.parts.trainable):
+        assert torch.equal(mine.values(), theirs.values())

@@ -11,10 +11,11 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from processes import marked_processes, wait_gone
 
 from seedtune.cli.simulate import simulate
 from seedtune.cli.train import train
@@ -26,25 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def seedtune(*args, env=None):
     return subprocess.run([sys.executable, "-m", "seedtune.cli.main", *map(str, args)], capture_output=True,
                           text=True, timeout=900, env={**os.environ, **(env or {})})
-
-
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """Processes started with SEEDTUNE_TEST_MARKER=<marker> (children inherit the environment)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("SEEDTUNE_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def wait_gone(marker: str, seconds: float = 20) -> list[psutil.Process]:
-    deadline = time.monotonic() + seconds
-    while (left := marked_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""A real deployment on loopback: Flower's own `flower-superlink` and `flower-supernode` processes
+with TLS and node authentication, credentials from deploy/credentials.py, runs from `flwr run`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from processes import kill_marked
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode: the venv's own
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Loopback:
+    """One SuperLink and any number of SuperNodes under ``root``; ``close`` stops every process
+    started here (and whatever those detached), by the marker in their environment."""
+
+    def __init__(self, root: Path, silos: int):
+        self.root = root
+        self.marker = uuid.uuid4().hex
+        self.port = free_port()
+        self.credentials = root / "credentials"
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "SEEDTUNE_TEST_MARKER": self.marker}
+        self.supernodes: dict[int, subprocess.Popen] = {}
+        subprocess.run([sys.executable, str(ROOT / "deploy" / "credentials.py"), "--out", str(self.credentials),
+                        "--silos", str(silos + 1), "--server-name", "localhost", "--server-name", "127.0.0.1"],
+                       check=True, capture_output=True)
+        (root / "flwr").mkdir()
+        (root / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.credentials / "ca.crt"}"\n')
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("w")
+        return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_superlink(self) -> None:
+        c = self.credentials
+        self.superlink = self._start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"),
+            "--ssl-certfile", str(c / "superlink.crt"), "--ssl-keyfile", str(c / "superlink.key"),
+            "--enable-supernode-auth", "--database", str(self.root / "superlink-state.db"),
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise RuntimeError("flower-superlink exited:\n" + self.log("superlink")[-3000:])
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("flower-superlink did not start listening in 60 s")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def register(self, silo: int) -> None:
+        result = self.flwr("supernode", "register", str(self.credentials / f"silo-{silo}.pub"), "loopback")
+        if result.returncode != 0 or "registered successfully" not in result.stdout:
+            raise RuntimeError(f"registering silo-{silo} failed:\n{result.stdout}{result.stderr}")
+
+    def start_supernode(self, silo: int, *, data: Path | None = None, with_ca: bool = True,
+                        extra: str = "", max_retries: int | None = None) -> subprocess.Popen:
+        state = self.root / f"silo-{silo}"
+        config = (f'name="silo-{silo}" state-dir="{state}" audit-log="{state / "audit.jsonl"}" '
+                  f'partition-id={silo} {extra}')
+        if data is not None:
+            config += f' data-path="{data}"'
+        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                   "--auth-supernode-private-key", str(self.credentials / f"silo-{silo}"),
+                   "--node-config", config, "--port", str(free_port())]
+        if with_ca:
+            command += ["--root-certificates", str(self.credentials / "ca.crt")]
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries), "--max-wait-time", "20"]
+        process = self._start(f"supernode-{silo}", command)
+        self.supernodes[silo] = process
+        return process
+
+    def wait_online(self, count: int, seconds: float = 90) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            listing = self.flwr("supernode", "list", "loopback").stdout
+            if listing.count(" online ") >= count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"fewer than {count} SuperNodes online after {seconds} s:\n{listing}")
+
+    def run(self, settings: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """``flwr run <this project> loopback --stream``, with run-config overrides."""
+        return self.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", settings, timeout=timeout)
+
+    def start_run(self, settings: str) -> subprocess.Popen:
+        """The same, in the background."""
+        return subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", settings],
+                                env=self.env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> list:
+        return kill_marked(self.marker)

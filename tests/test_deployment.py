@@ -1,0 +1,125 @@
+"""A real deployment on loopback: SuperLink and SuperNodes as separate processes, TLS and node
+authentication on, each silo with its own data file, state directory and ledger."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from loopback import Loopback
+
+SETTINGS = ('model.name="tiny" data.name="synthetic" schedule.stages=1 eval.every=0 '
+            'privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 ')
+
+
+def _shards(tmp_path, silos):
+    out = tmp_path / "shards"
+    subprocess.run([sys.executable, "-m", "seedtune.cli.main", "partition", "--preset", "tiny", "--clients",
+                    str(silos), "--out", str(out)], check=True, capture_output=True)
+    return [out / f"silo-{i}.jsonl" for i in range(silos)]
+
+
+def _audit(deployment, silo):
+    path = deployment.root / f"silo-{silo}" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _releases(deployment, silo) -> int:
+    with sqlite3.connect(deployment.root / f"silo-{silo}" / "ledger.sqlite") as ledger:
+        return ledger.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """Two silos, TLS, node authentication, a four-round run; stopped whatever happens."""
+    root = tmp_path_factory.mktemp("loopback")
+    deployment = Loopback(root, silos=2)
+    try:
+        shards = _shards(root, 2)
+        deployment.start_superlink()
+        for silo in range(2):
+            deployment.register(silo)
+            deployment.start_supernode(silo, data=shards[silo])
+        deployment.wait_online(2)
+        run_dir = root / "out"
+        result = deployment.run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=4 federation.clients=2 '
+                                           'federation.min_clients=2')
+        yield deployment, run_dir, result
+    finally:
+        assert deployment.close() == []
+
+
+def test_a_tls_authenticated_deployment_trains_and_each_silo_keeps_its_ledger(deployed):
+    deployment, run_dir, result = deployed
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # `--stream` exits 0 even on failure
+    assert metrics["steps"] == 4
+    assert sorted(silo for silo in metrics["silos"]) == ["silo-0", "silo-1"]
+    assert (run_dir / "final" / "model.safetensors").exists()
+    for silo in range(2):
+        assert _releases(deployment, silo) == 4  # one charged release per round, in the silo's own ledger
+        assert 0 < metrics["silos"][f"silo-{silo}"]["epsilon"] <= 6.0 + 1e-9
+    assert "Uvicorn running on https://" in deployment.log("superlink")
+
+
+def test_only_seeds_and_scalars_cross_between_supernode_and_superlink(deployed):
+    deployment, _, _ = deployed
+    for silo in range(2):
+        train = [m for m in _audit(deployment, silo) if m["type"] == "train"]
+        outgoing = [m for m in train if m["direction"] == "out"]
+        incoming = [m for m in train if m["direction"] == "in"]
+        assert len(outgoing) == len(incoming) == 4
+        for message in train:  # no weight tensor in either direction, in any training round
+            assert all(record["kind"] != "array" for record in message["records"].values()), message
+        for message in outgoing:
+            assert list(message["records"]) == ["reply"]
+            reply = message["records"]["reply"]["values"]
+            assert sorted(reply) == ["events", "expected_batch_size", "model_version", "projected_grads",
+                                     "round", "silo"]
+            assert len(reply["projected_grads"]) == 4 and all(isinstance(g, float) for g in reply["projected_grads"])
+            assert all(isinstance(reply[k], (int, float)) for k in ("round", "model_version", "expected_batch_size"))
+            assert [json.loads(e)["type"] for e in reply["events"]] == ["PoissonSampledDpEvent"]
+        for message in incoming:
+            request = message["records"]["request"]["values"]
+            assert len(request["probe_seeds"]) == 4 and all(isinstance(s, int) for s in request["probe_seeds"])
+
+
+def test_a_supernode_without_a_registered_key_or_without_the_ca_is_refused(deployed):
+    deployment, _, _ = deployed
+    unregistered = deployment.start_supernode(2, max_retries=1)  # key made, never registered
+    assert unregistered.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in deployment.log("supernode-2")
+    without_ca = deployment.start_supernode(0, with_ca=False, max_retries=1)  # registered key, no CA
+    assert without_ca.wait(timeout=120) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment.log("supernode-0")
+
+
+def test_a_supernode_killed_mid_run_leaves_the_run_to_the_others(tmp_path):
+    deployment = Loopback(tmp_path, silos=3)
+    try:
+        shards = _shards(tmp_path, 3)
+        deployment.start_superlink()
+        for silo in range(3):
+            deployment.register(silo)
+            deployment.start_supernode(silo, data=shards[silo])
+        deployment.wait_online(3)
+        run_dir = tmp_path / "out"
+        run = deployment.start_run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=6 federation.clients=3 '
+                                              'federation.min_clients=2 federation.round_timeout=60')
+        ledger = tmp_path / "silo-2" / "ledger.sqlite"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (ledger.exists() and _releases(deployment, 2) >= 2):
+            time.sleep(0.5)
+        assert _releases(deployment, 2) >= 2, "silo-2 never answered"
+        deployment.supernodes[2].kill()  # the SuperNode itself, mid-run: no goodbye to the SuperLink
+        output, _ = run.communicate(timeout=900)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["steps"] == 6, output[-3000:]
+        assert _releases(deployment, 0) == _releases(deployment, 1) == 6
+        assert _releases(deployment, 2) < 6
+    finally:
+        assert deployment.close() == []
