@@ -53,7 +53,10 @@ class GridTransport:
         outgoing = {node: Message(content, dst_node_id=node, message_type=message_type, group_id=str(round))
                     for node, content in messages.items()}
         sizes = {node: serialized_size(message) for node, message in outgoing.items()}
-        pending = set(self.grid.push_messages(list(outgoing.values())))
+        nodes = list(outgoing)
+        ids = list(self.grid.push_messages([outgoing[node] for node in nodes]))
+        addressee = dict(zip(ids, nodes))  # replies are matched to whom we asked: an error the
+        pending = set(ids)                 # SuperLink writes for a lost node comes from the SuperLink
         replies = []
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
@@ -66,9 +69,12 @@ class GridTransport:
                 time.sleep(0.05)
         responses = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = addressee.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 error = f"Flower error {reply.error.code}: {reply.error.reason}"
+                responses.append(Response(node, None, error, sizes.get(node, 0), serialized_size(reply)))
+            elif reply.metadata.src_node_id != node:
+                error = f"a reply from node {reply.metadata.src_node_id} to the message sent to node {node}"
                 responses.append(Response(node, None, error, sizes.get(node, 0), serialized_size(reply)))
             else:
                 responses.append(Response(node, reply.content, None, sizes.get(node, 0), serialized_size(reply)))

@@ -311,3 +311,42 @@ def test_a_silo_answering_each_message_from_a_fresh_process_checkpoints_and_stay
         replica.applier.apply(record)
     for mine, theirs in zip(replica.parts.trainable, run.parts.trainable):
         assert torch.equal(mine.values(), theirs.values())
+
+
+def test_grid_replies_are_attributed_to_the_silo_asked_even_when_the_superlink_writes_them(monkeypatch):
+    # A SuperNode that vanished is answered for by the SuperLink (its node id, 1, as sender); a
+    # reply that claims another sender than the node asked is refused, not credited.
+    from flwr.app import Error, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from seedtune.server.app import GridTransport
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    class FakeGrid:
+        def push_messages(self, messages):
+            self.sent = messages
+            return [f"id-{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            replies = []
+            for message in self.sent:
+                message.metadata.__dict__["_message_id"] = f"id-{message.metadata.dst_node_id}"
+                if message.metadata.dst_node_id == 7:
+                    reply = Message(Error(code=5, reason="node unavailable"), reply_to=message)
+                    reply.metadata.__dict__["_src_node_id"] = 1  # written by the SuperLink
+                else:
+                    reply = Message(RecordDict({"reply": ConfigRecord({"x": 1})}), reply_to=message)
+                    reply.metadata.__dict__["_src_node_id"] = 99 if message.metadata.dst_node_id == 9 else 8
+                replies.append(reply)
+            return replies
+
+    responses = GridTransport(FakeGrid()).exchange({7: RecordDict(), 8: RecordDict(), 9: RecordDict()},
+                                                   round=0, timeout=5)
+    by_node = {response.node: response for response in responses}
+    assert set(by_node) == {7, 8, 9}
+    assert "node unavailable" in by_node[7].error
+    assert by_node[8].error is None and by_node[8].content is not None
+    assert "from node 99" in by_node[9].error and by_node[9].content is None
