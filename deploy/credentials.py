@@ -13,8 +13,13 @@ writes
                                 read them)
 
 Every silo gets ``ca.crt`` (to know it talks to the real SuperLink) and only its own ``silo-<i>``;
-the SuperLink operator registers each ``silo-<i>.pub``. Existing files are never overwritten
-(``--force`` to replace them), so running it twice does not invalidate keys already handed out.
+the SuperLink operator registers each ``silo-<i>.pub``. Across organisations a silo better makes its
+own key pair, so that its private key never leaves it, and sends only the public half:
+
+    python deploy/credentials.py --node-key hospital-b --out keys/     # keys/hospital-b, .pub
+
+Existing files are never overwritten (``--force`` to replace them), so running it twice does not
+invalidate keys already handed out.
 """
 
 from __future__ import annotations
@@ -89,6 +94,12 @@ def _pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
+def write_node_key(out: Path, name: str, force: bool = False) -> list[Path]:
+    """One silo's key pair: ``out/<name>`` (private, mode 0600) and ``out/<name>.pub``."""
+    private, public = node_key_pair(name)
+    return _write(out, {name: (private, True), f"{name}.pub": (public, False)}, force)
+
+
 def write_credentials(out: Path, silos: int, server_names: list[str], force: bool = False) -> list[Path]:
     """Write everything into ``out``; returns the paths written. Private keys are mode 0600."""
     files: dict[str, tuple[bytes, bool]] = {}  # name -> (content, private)
@@ -102,6 +113,10 @@ def write_credentials(out: Path, silos: int, server_names: list[str], force: boo
         private, public = node_key_pair(f"silo-{silo}")
         files[f"silo-{silo}"] = (private, True)
         files[f"silo-{silo}.pub"] = (public, False)
+    return _write(out, files, force)
+
+
+def _write(out: Path, files: dict[str, tuple[bytes, bool]], force: bool) -> list[Path]:
     existing = sorted(name for name in files if (out / name).exists())
     if existing and not force:
         raise FileExistsError(f"{out / existing[0]} already exists: keep the credentials already handed out, "
@@ -125,17 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-name", action="append", dest="server_names",
                         help="a host name or IP address the SuperLink is reached at (repeat); "
                              "default: superlink, localhost, 127.0.0.1")
+    parser.add_argument("--node-key", metavar="NAME", help="make only one silo's key pair, NAME and NAME.pub")
     parser.add_argument("--force", action="store_true", help="replace existing credentials")
     args = parser.parse_args(argv)
     if args.silos < 1:
         parser.error(f"--silos={args.silos}: need at least one silo")
+    if args.node_key is not None and not args.node_key.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--node-key={args.node_key!r}: use letters, digits, '-' and '_' only")
     names = args.server_names or ["superlink", "localhost", "127.0.0.1"]
     try:
-        written = write_credentials(args.out, args.silos, names, force=args.force)
+        if args.node_key:
+            written = write_node_key(args.out, args.node_key, force=args.force)
+        else:
+            written = write_credentials(args.out, args.silos, names, force=args.force)
     except FileExistsError as error:
         print(f"credentials: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {len(written)} files to {args.out} (SuperLink names: {', '.join(names)})")
+    detail = "a silo key pair" if args.node_key else f"SuperLink names: {', '.join(names)}"
+    print(f"wrote {len(written)} files to {args.out} ({detail})")
     return 0
 
 

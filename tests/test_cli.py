@@ -110,3 +110,28 @@ def test_unreadable_run_directories_are_one_line_errors(tmp_path):
 def test_existing_output_directory_is_refused(tiny_run, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(tiny_run), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_partition_writes_each_silo_its_share_by_label_name_and_never_overwrites(tmp_path):
+    from seedtune.client.app import own_data
+    from seedtune.common import components
+    from seedtune.common.config import load_config
+    from seedtune.common.errors import SeedtuneError
+
+    assert main(["partition", "--preset", "tiny", "--clients", "3", "--out", str(tmp_path)]) == 0
+    config = load_config("tiny", overrides=["federation.clients=3"], command="simulate")
+    data = components.load_data(config)
+    rows = [json.loads(line) for i in range(3) for line in (tmp_path / f"silo-{i}.jsonl").read_text().splitlines()]
+    assert len(rows) == len(data.train) + len(data.validation)  # every example in exactly one silo
+    assert len({row["text"] for row in rows}) == len({*data.train["text"], *data.validation["text"]})
+    assert {row["label"] for row in rows} == set(data.label_names)
+    # A silo's file means the same to everyone: labels map by name, even in another order.
+    reversed_names = tuple(reversed(data.label_names))
+    written = {row["text"]: row["label"] for row in map(json.loads, (tmp_path / "silo-0.jsonl").read_text().splitlines())}
+    shard = own_data(tmp_path / "silo-0.jsonl", config, reversed_names, "train")
+    assert len(shard) > 0 and all(reversed_names[row["label"]] == written[row["text"]] for row in shard)
+    with pytest.raises(SeedtuneError, match="which this run does not know"):
+        own_data(tmp_path / "silo-0.jsonl", config, ("other", "labels"), "train")
+    again = seedtune("partition", "--preset", "tiny", "--out", tmp_path)
+    assert again.returncode == 2 and again.stderr.strip().startswith("seedtune: error:")
+    assert "silo-0.jsonl already exists" in again.stderr
