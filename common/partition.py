@@ -1,10 +1,15 @@
-"""Split a training set across silos: IID, or label-skewed by a Dirichlet(alpha) prior.
+"""Split a training set across silos: IID, label-skewed, or quantity-skewed by Dirichlet(alpha).
 
 Partitions are a pure function of (labels, number of partitions, scheme, seed), so every party
-derives the same split; every example lands in exactly one partition. Label skew follows the
-usual recipe (Hsu et al. 2019): for each class, draw proportions p ~ Dirichlet(alpha 1) over the
-partitions and deal that class's examples out accordingly; small alpha means each silo sees
-mostly one class.
+derives the same split; every example lands in exactly one partition.
+
+* label skew (Hsu et al. 2019): for each class, draw proportions p ~ Dirichlet(alpha 1) over the
+  partitions and deal that class's examples out accordingly; small alpha means each silo sees
+  mostly one class.
+* quantity skew (Li et al. 2022, "Federated Learning on Non-IID Data Silos: An Experimental
+  Study"): draw silo sizes from q ~ Dirichlet(alpha 1), then deal shuffled examples out by size;
+  the label mix stays IID, the amount of data per silo does not. Every silo keeps at least one
+  example: sizes are 1 + Multinomial(n - partitions, q).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SCHEMES = ("iid", "label-skew")
+SCHEMES = ("iid", "label-skew", "quantity-skew")
 
 
 def partition_indices(
@@ -27,10 +32,16 @@ def partition_indices(
     if scheme == "iid":
         order = rng.permutation(len(labels))
         return [np.sort(part) for part in np.array_split(order, partitions)]
-    if scheme != "label-skew":
+    if scheme not in SCHEMES:
         raise ValueError(f"unknown partition scheme {scheme!r}; use one of {SCHEMES}")
     if alpha <= 0:
-        raise ValueError(f"label-skew alpha must be > 0, got {alpha}")
+        raise ValueError(f"{scheme} alpha must be > 0, got {alpha}")
+    if scheme == "quantity-skew":
+        if len(labels) < partitions:
+            raise ValueError(f"{len(labels)} examples cannot give each of {partitions} partitions one")
+        sizes = 1 + rng.multinomial(len(labels) - partitions, rng.dirichlet(np.full(partitions, alpha)))
+        order = rng.permutation(len(labels))
+        return [np.sort(part) for part in np.split(order, np.cumsum(sizes)[:-1])]
     parts: list[list[np.ndarray]] = [[] for _ in range(partitions)]
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))

@@ -88,13 +88,27 @@ def test_malformed_requests_are_refused_before_anything_runs():
 
 
 # -- partitions --------------------------------------------------------------------------------
-@pytest.mark.parametrize("scheme", ["iid", "label-skew"])
+@pytest.mark.parametrize("scheme", ["iid", "label-skew", "quantity-skew"])
 def test_partitions_keep_every_example_exactly_once(scheme):
     labels = np.random.default_rng(0).integers(0, 3, size=1001)
     parts = partition_indices(labels, 4, scheme=scheme, alpha=0.3, seed=7)
     together = np.concatenate(parts)
     assert len(together) == 1001 and set(together.tolist()) == set(range(1001))
     assert [p.tolist() for p in parts] == [p.tolist() for p in partition_indices(labels, 4, scheme=scheme, alpha=0.3, seed=7)]
+
+
+def test_quantity_skew_skews_sizes_but_not_labels_and_leaves_no_silo_empty():
+    labels = np.random.default_rng(0).integers(0, 2, 4000)
+    parts = partition_indices(labels, 5, scheme="quantity-skew", alpha=0.3, seed=1)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[-1] > 4 * sizes[0] and sizes[0] >= 1
+    big = [p for p in parts if len(p) >= 200]
+    assert all(abs(labels[p].mean() - labels.mean()) < 0.08 for p in big)  # label mix stays IID
+    assert [len(p) for p in partition_indices(labels, 5, scheme="iid")] == [800] * 5
+    tiny = partition_indices(labels[:6], 6, scheme="quantity-skew", alpha=0.01, seed=3)
+    assert sorted(len(p) for p in tiny) == [1] * 6
+    with pytest.raises(ValueError, match="cannot give each"):
+        partition_indices(labels[:3], 4, scheme="quantity-skew")
 
 
 def test_label_skew_skews_and_iid_does_not():
