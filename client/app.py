@@ -118,7 +118,7 @@ def make_client_app(state_root: Path | None = None) -> ClientApp:
         try:
             content = handle_train(message.content, node, partition=partition)
         except (SeedtuneError, WireError, InjectedFault) as error:
-            log.warning("silo %s refused round: %s", partition, error)
+            log.warning("silo %s refused a request: %s", node.name, error)
             return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
         return Message(content, reply_to=message)
 

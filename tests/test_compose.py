@@ -17,9 +17,11 @@ import pytest
 from loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# The run is calibrated to epsilon = 3 and each silo's ledger holds 6 (SILO_EPSILON's default):
+# a round retried on a slow machine is charged again, and must not exhaust the silos mid-run.
 RUN_CONFIG = ('model.name="tiny" data.name="synthetic" schedule.stages=1 eval.every=0 privacy.sample_rate=0.05 '
               'privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 schedule.steps=6 federation.clients=3 '
-              'federation.min_clients=2 federation.round_timeout=60')
+              'federation.min_clients=2 federation.round_timeout=180 privacy.epsilon=3.0')
 
 
 def _docker(*args, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
@@ -89,7 +91,7 @@ def stack(tmp_path_factory):
         stack.compose("build", timeout=1200)
         stack.compose("up", "-d")
         restarted_at = None
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 1200
         while time.monotonic() < deadline:
             state = _docker("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
                             stack.container("launcher")).stdout.split()
@@ -113,8 +115,8 @@ def test_compose_up_runs_the_fine_tuning_and_leaves_model_log_and_ledgers_on_vol
     metrics = json.loads(stack.read("runs", "print(open('/v/default/metrics.json').read())"))
     assert metrics["steps"] == 6 and set(metrics["silos"]) == {"silo-0", "silo-1", "silo-2"}
     assert "model.safetensors" in stack.read("runs", "import os; print(os.listdir('/v/default/final'))")
-    for silo in (0, 2):
-        assert len(stack.releases(silo)) == 6  # every round, charged in the silo's own ledger volume
+    for silo in (0, 2):  # every round, charged in the silo's own ledger volume (retried ones again)
+        assert len(stack.releases(silo)) >= 6 and stack.spent(silo) <= 6.0 + 1e-9
     assert "Uvicorn running on https://0.0.0.0:9093" in logs  # TLS on
 
 
@@ -124,17 +126,20 @@ def test_a_restarted_supernode_keeps_its_ledger_and_the_ledger_still_binds_it(st
     releases = stack.releases(1)
     assert len([t for t in releases if t < restarted_at]) >= 2  # what it spent before the restart survived
     assert len(releases) >= 3, logs[-3000:]  # and it went on answering after it
-    # The run spent the silos' budgets (epsilon = 6; silo-1 missed a round): a second run must be refused by the
-    # silos themselves, from the ledgers on their volumes; the launcher reports the failure.
-    second = stack.compose("run", "--rm", "-e", "SEEDTUNE_RUN_NAME=second", "launcher", check=False, timeout=600)
+    # A second run calibrated to the ledgers' whole budget (epsilon = 6) cannot fit beside the
+    # first: the silos themselves refuse it partway, from the ledgers on their volumes.
+    second = stack.compose("run", "--rm", "-e", "SEEDTUNE_RUN_NAME=second", "-e",
+                           "SEEDTUNE_RUN_CONFIG=" + RUN_CONFIG.replace("privacy.epsilon=3.0", "privacy.epsilon=6.0"),
+                           "launcher", check=False, timeout=1200)
     assert second.returncode != 0
     assert "did not finish" in second.stderr + second.stdout
-    refusals = stack.read("silo-1-state", (
-        "import json\n"
-        "lines = [json.loads(l) for l in open('/v/audit.jsonl')]\n"
-        "print(json.dumps([l['error']['reason'] for l in lines if l['direction'] == 'out' and 'error' in l]))"))
-    assert any("budget" in reason.lower() for reason in json.loads(refusals)), refusals
-    for silo in (0, 2):  # they spent everything in the first run: not one more release
-        assert len(stack.releases(silo)) == 6
-    for silo in range(3):  # silo-1 missed a round while restarting and may use what it has left, no more
-        assert stack.spent(silo) <= 6.0 + 1e-9
+    refused = []
+    for silo in range(3):
+        reasons = json.loads(stack.read(f"silo-{silo}-state", (
+            "import json\n"
+            "lines = [json.loads(l) for l in open('/v/audit.jsonl')]\n"
+            "print(json.dumps([l['error']['reason'] for l in lines if l['direction'] == 'out' and 'error' in l]))")))
+        if any("past its budget" in reason for reason in reasons):
+            refused.append(silo)
+        assert stack.spent(silo) <= 6.0 + 1e-9  # never past it, whatever was asked
+    assert len(refused) >= 2  # enough silos refused that no round could reach min_clients=2
