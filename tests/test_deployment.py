@@ -33,18 +33,22 @@ def _releases(deployment, silo) -> int:
         return ledger.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
 
 
+def _bring_up(deployment, shards):
+    """The SuperLink, then every silo: key registered, SuperNode on its own data file, online."""
+    deployment.start_superlink()
+    for silo, shard in enumerate(shards):
+        deployment.register(silo)
+        deployment.start_supernode(silo, data=shard)
+    deployment.wait_online(len(shards))
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """Two silos, TLS, node authentication, a four-round run; stopped whatever happens."""
     root = tmp_path_factory.mktemp("loopback")
     deployment = Loopback(root, silos=2)
     try:
-        shards = _shards(root, 2)
-        deployment.start_superlink()
-        for silo in range(2):
-            deployment.register(silo)
-            deployment.start_supernode(silo, data=shards[silo])
-        deployment.wait_online(2)
+        _bring_up(deployment, _shards(root, 2))
         run_dir = root / "out"
         result = deployment.run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=4 federation.clients=2 '
                                            'federation.min_clients=2')
@@ -101,15 +105,10 @@ def test_a_supernode_without_a_registered_key_or_without_the_ca_is_refused(deplo
 def test_a_supernode_killed_mid_run_leaves_the_run_to_the_others(tmp_path):
     deployment = Loopback(tmp_path, silos=3)
     try:
-        shards = _shards(tmp_path, 3)
-        deployment.start_superlink()
-        for silo in range(3):
-            deployment.register(silo)
-            deployment.start_supernode(silo, data=shards[silo])
-        deployment.wait_online(3)
+        _bring_up(deployment, _shards(tmp_path, 3))
         run_dir = tmp_path / "out"
         run = deployment.start_run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=6 federation.clients=3 '
-                                              'federation.min_clients=2 federation.round_timeout=60')
+                                              'federation.min_clients=2 federation.round_timeout=120')
         ledger = tmp_path / "silo-2" / "ledger.sqlite"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (ledger.exists() and _releases(deployment, 2) >= 2):
