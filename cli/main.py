@@ -34,20 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one silo privately, on this machine")
-    train.add_argument("--preset", default="default", help="default (MiniLM on Rotten Tomatoes) or tiny")
-    train.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting, e.g. --set privacy.epsilon=2 (repeatable)")
+    _settings(train, "default (MiniLM on Rotten Tomatoes) or tiny", "privacy.epsilon=2")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<preset>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
     simulate = commands.add_parser("simulate", help="a federation of silos on this machine (Flower simulation)")
-    simulate.add_argument("--preset", default="default", help="default (MiniLM, Rotten Tomatoes, 3 silos) or tiny")
-    simulate.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
-    simulate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override one setting, e.g. --set federation.partition=label-skew")
+    _settings(simulate, "default (MiniLM, Rotten Tomatoes, 3 silos) or tiny", "federation.partition=label-skew")
     simulate.add_argument("--clients", type=int, help="number of silos (federation.clients)")
     simulate.add_argument("--rounds", type=int, help="number of rounds (schedule.steps)")
     simulate.add_argument("--out", type=Path, help="run directory (default: runs/sim-<preset>-<time>)")
@@ -57,10 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     partition = commands.add_parser(
         "partition", help="write each silo's share of a preset's data to its own file (for a deployment)")
-    partition.add_argument("--preset", default="default", help="whose data and split to use (default, tiny)")
-    partition.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
-    partition.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override one setting, e.g. --set federation.partition=label-skew")
+    _settings(partition, "whose data and split to use (default, tiny)", "federation.partition=quantity-skew")
     partition.add_argument("--clients", type=int, help="number of silos (federation.clients)")
     partition.add_argument("--out", type=Path, required=True, help="folder for silo-<i>.jsonl")
     partition.set_defaults(run=_partition)
@@ -86,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
     budget.set_defaults(run=_budget)
     return parser
+
+
+def _settings(command: argparse.ArgumentParser, presets: str, example: str) -> None:
+    """--preset, --config and --set: where a command's configuration comes from."""
+    command.add_argument("--preset", default="default", help=presets)
+    command.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"override one setting, e.g. --set {example} (repeatable)")
 
 
 def _train(args) -> int:
