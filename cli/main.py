@@ -17,8 +17,6 @@ EXIT_USAGE = 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and data come from packages, not a hub
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         return args.run(args)
     except SeedtuneError as error:

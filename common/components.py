@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -10,8 +11,9 @@ import dp_accounting
 import numpy as np
 import torch
 from seedtune.common.config import Config
-from seedtune.common.data import TextData, load_text_data
+from seedtune.common.data import TextData, default_prompt, load_text_data
 from seedtune.common.errors import ConfigError
+from seedtune.common.lora import is_lora
 from seedtune.common.models import fingerprint
 from seedtune.common.partition import partition_indices
 from seedtune.common.perturb import unreached_parameters
@@ -70,8 +72,8 @@ def load_model(config: Config, label_names: tuple[str, ...], base: dict | None =
     task derives by computation are set to the values the run started from, exactly."""
     m = config.model
     task = load_task(
-        m.name, m.task, label_names, max_length=m.max_length, template=m.template or None,
-        head_scale=m.head_scale, init_seed=m.init_seed,
+        m.name, m.task, label_names, max_length=m.max_length, template=m.template or default_prompt(config.data.name),
+        head_scale=m.head_scale, init_seed=m.init_seed, lora=lora_settings(config),
     )
     if base is not None and base.get("derived"):
         params = dict(task.module.named_parameters())
@@ -80,6 +82,11 @@ def load_model(config: Config, label_names: tuple[str, ...], base: dict | None =
                 values = np.frombuffer(base64.b64decode(text), dtype="<f4")
                 params[name].copy_(torch.from_numpy(values.copy()).view_as(params[name]))
     return task
+
+
+def lora_settings(config: Config) -> dict | None:
+    lora = config.lora
+    return dict(rank=lora.rank, alpha=lora.alpha, targets=lora.targets) if lora.enabled else None
 
 
 def base_reference(config: Config, task: Task, label_names: tuple[str, ...]) -> dict:
@@ -104,8 +111,12 @@ def base_reference(config: Config, task: Task, label_names: tuple[str, ...]) -> 
 
 
 def choose_mask(config: Config, task: Task, sample: dict) -> OrderedDict[str, torch.Tensor | None]:
-    """SynFlow's top r% (or everything), minus tensors the task's forward never reaches."""
-    if config.prune.enabled:
+    """LoRA's adapters, SynFlow's top r% or everything (each with the ``prune.always`` tensors),
+    minus tensors the task's forward never reaches."""
+    if config.lora.enabled:
+        mask = OrderedDict((name, None) for name, _ in task.module.named_parameters()
+                           if is_lora(name) or any(fnmatch.fnmatchcase(name, p) for p in config.prune.always))
+    elif config.prune.enabled:
         mask = synflow_mask(task.module, task.synflow_output, config.prune.ratio, config.prune.always)
     else:
         mask = OrderedDict((name, None) for name, _ in task.module.named_parameters())

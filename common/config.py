@@ -133,6 +133,18 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    enabled: bool = False  # train LoRA adapters (through peft) and the prune.always tensors, not a mask
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()  # module names to adapt; empty = peft's default for the model type
+
+    def validate(self) -> None:
+        _check("lora.rank", self.rank, 1 <= self.rank <= 1024, "an integer in [1, 1024]")
+        _check("lora.alpha", self.alpha, self.alpha > 0 and math.isfinite(self.alpha), "> 0")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     clients: int = 3  # silos in a simulation (a deployment has as many as connect)
     fraction: float = 1.0  # share of silos asked each round (sampled from public randomness)
@@ -183,6 +195,7 @@ class Config:
     zo: ZOConfig = field(default_factory=ZOConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 

