@@ -64,6 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--steps", type=int, default=10, help="how many steps to list (text output; -1 = all)")
     show.set_defaults(run=_show)
 
+    bench = commands.add_parser("bench", help="measure seedtune: accuracy against privacy and other methods")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    utility = benches.add_parser(
+        "utility", help="test accuracy of zero-shot, MeZO, DPZero, DP-ZOSO, DP-SGD (Opacus) and federated "
+                        "DP-ZOSO at epsilon 2 and 6, over 3 seeds")
+    utility.add_argument("--quick", action="store_true", help="slices and one seed: a few minutes")
+    utility.add_argument("--preset", default="default", help="the model, data and subset to compare on")
+    utility.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting of every run, e.g. --set schedule.steps=500")
+    utility.add_argument("--methods", default=",".join(("zero-shot", "mezo", "dpzero", "dp-zoso", "dp-sgd",
+                                                          "federated")),
+                         help="comma-separated subset of the methods")
+    utility.add_argument("--seeds", type=int, help="runs per method and epsilon (default: 3; --quick: 1)")
+    utility.add_argument("--out", type=Path, help="folder for utility.json, utility.png and the runs "
+                                                  "(default: runs/bench-utility-<time>)")
+    utility.add_argument("--json", action="store_true", help="print the results as JSON")
+    utility.add_argument("--no-progress", action="store_true", help="no progress bar")
+    utility.set_defaults(run=_bench_utility)
+
     budget = commands.add_parser("budget", help="sigma for a privacy budget, or epsilon for a sigma")
     target = budget.add_mutually_exclusive_group(required=True)
     target.add_argument("--epsilon", type=float, help="target epsilon: prints the noise multiplier sigma")
@@ -82,6 +101,23 @@ def _settings(command: argparse.ArgumentParser, presets: str, example: str) -> N
     command.add_argument("--config", type=Path, help="a TOML file of settings, applied over the preset")
     command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help=f"override one setting, e.g. --set {example} (repeatable)")
+
+
+def _bench_utility(args) -> int:
+    from datetime import datetime
+
+    from seedtune.cli.bench_utility import bench_utility, print_table
+
+    out = args.out or Path("runs") / f"bench-utility-{datetime.now():%Y%m%d-%H%M%S}"
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    summary = bench_utility(out, quick=args.quick, preset=args.preset, overrides=tuple(args.overrides),
+                            methods=methods, seeds=args.seeds, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table(summary)
+        print(f"\n{out / 'utility.json'}, {out / 'utility.png'} ({summary['wall_s']:.0f} s)")
+    return 0
 
 
 def _train(args) -> int:

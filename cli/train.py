@@ -43,8 +43,13 @@ class TrainResult:
     after: dict
 
 
-def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train one silo privately; everything lands in ``run_dir`` (see the README for its layout)."""
+def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
+          baseline: dict | None = None) -> TrainResult:
+    """Train one silo privately; everything lands in ``run_dir`` (see the README for its layout).
+
+    ``baseline``: the starting model's test metrics, when the caller already has them (a
+    benchmark running many methods from the same start); otherwise they are measured.
+    """
     run = open_run(config, run_dir, resume=resume)
     config, data, log, coordinator, sigma = run.config, run.data, run.log, run.coordinator, run.sigma
     task, parts, schedule, run_dir = run.task, run.parts, run.schedule, run.run_dir
@@ -61,7 +66,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     def evaluation(split, limit):
         return run.evaluate(split, limit)
 
-    before = log.meta("before") or evaluation("test", 0)
+    before = log.meta("before") or baseline or evaluation("test", config.eval.test_examples)
     log.set_meta("before", before)
     if coordinator.step == 0:
         log.record_metrics(0, {f"val_{k}": v for k, v in evaluation("validation", None).items()})
@@ -112,7 +117,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         ) from None
     bar.close()
 
-    after = evaluation("test", 0)
+    after = evaluation("test", config.eval.test_examples)
     log.set_meta("after", after)
     epsilon = ledger.spent() if ledger else math.inf
     finish_run(run, before, after, epsilon)

@@ -179,11 +179,13 @@ class EvalConfig:
     every: int = 100  # evaluate on public validation data every N steps (0 = only at the end)
     max_examples: int = 500
     batch_size: int = 64
+    test_examples: int = 0  # test accuracy before and after a run on the first N test examples (0 = all)
 
     def validate(self) -> None:
         _check("eval.every", self.every, self.every >= 0, ">= 0")
         _check("eval.max_examples", self.max_examples, self.max_examples >= 0, ">= 0 (0 = all)")
         _check("eval.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        _check("eval.test_examples", self.test_examples, self.test_examples >= 0, ">= 0 (0 = all)")
 
 
 @dataclass(frozen=True)

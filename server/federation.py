@@ -206,7 +206,7 @@ class Federation:
         federation = self.config.federation
         for node in self.wait_for_silos(federation.clients, federation.round_timeout):
             self.store.register(node)
-        before = log_.meta("before") or run.evaluate("test", 0)
+        before = log_.meta("before") or run.evaluate("test", run.config.eval.test_examples)
         log_.set_meta("before", before)
         if coordinator.step == 0:
             log_.record_metrics(0, {f"val_{k}": v for k, v in run.evaluate("validation").items()})
@@ -235,7 +235,7 @@ class Federation:
                 bar.update(1)
         finally:
             bar.close()
-        after = run.evaluate("test", 0)
+        after = run.evaluate("test", run.config.eval.test_examples)
         log_.set_meta("after", after)
         client_evaluation = None
         if self.config.federation.client_eval != "off":

@@ -1,0 +1,82 @@
+"""DP-SGD through Opacus, as the utility benchmark's first-order baseline.
+
+It trains the same tensors as the zeroth-order run of the same config (its trainable subset,
+whole tensors), on the same training split, for the same number of steps, with Opacus's Poisson
+sampler at the same rate q, per-example clipping at ``privacy.clip_bound`` and Gaussian noise
+whose multiplier seedtune's own accountant calibrates for the same (epsilon, delta, q, steps).
+The epsilon it reports is that accountant's for the release made; Opacus's own RDP accountant
+is asked too, as a cross-check, and must agree.
+"""
+
+from __future__ import annotations
+
+import dp_accounting
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from seedtune.common import components
+from seedtune.common.config import Config
+from seedtune.common.errors import ConfigError
+from seedtune.common.privacy.accounting import epsilon_of, release_event
+from seedtune.common.tasks import evaluate
+
+
+def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
+    """Train with DP-SGD; the test metrics and the epsilon spent."""
+    data = components.load_data(config)
+    task = components.load_model(config, data.label_names)
+    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
+    names = set(components.choose_mask(config, task, sample))
+    if config.model.task != "sequence-classification":
+        raise ConfigError("the DP-SGD baseline supports model.task=sequence-classification only")
+    module = task.module
+    trainable = []
+    for name, param in module.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            trainable.append(param)
+    population = len(data.train)
+    p = config.privacy
+    sigma = components.noise_multiplier(config)
+    steps = config.schedule.steps
+    model = GradSampleModule(module)
+    # Opacus records activations only in training mode; only the modules holding trainable
+    # tensors train, so dropout stays off in the frozen encoder, as in the zeroth-order runs.
+    module.eval()
+    for owner in module.modules():
+        if any(param.requires_grad for param in owner.parameters(recurse=False)):
+            owner.train()
+    optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=p.clip_bound,
+                            expected_batch_size=max(1, round(p.sample_rate * population)))
+    sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate,
+                                            generator=None)  # Opacus's Poisson sampler, OS randomness
+    done = 0
+    while done < steps:
+        for chosen in sampler:
+            if done == steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if len(chosen):
+                rows = data.train[list(chosen)]
+                batch = task.encode(rows["text"], rows["label"])
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+                loss.backward()
+            else:  # an empty Poisson batch still releases noise
+                for param in trainable:
+                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+            optimizer.step()
+            done += 1
+    model.eval()
+    for param in trainable:
+        param.requires_grad_(False)
+    metrics = evaluate(task, data.test, batch_size=config.eval.batch_size, max_examples=config.eval.test_examples)
+    events = [dp_accounting.SelfComposedDpEvent(release_event(p.sample_rate, sigma), steps)]
+    epsilon = epsilon_of(events, p.delta, p.accountant)
+    opacus = RDPAccountant()
+    opacus.history = [(sigma, p.sample_rate, steps)]
+    metrics["opacus_epsilon"] = opacus.get_epsilon(p.delta)
+    return metrics, epsilon

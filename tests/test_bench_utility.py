@@ -1,0 +1,71 @@
+"""``seedtune bench utility``: every method runs through its real path and the table adds up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seedtune.cli.bench_utility import METHODS, QUICK, grid, method_config, summarize
+from seedtune.cli.main import main
+from seedtune.common.config import load_config
+
+
+def test_each_method_is_the_configuration_it_claims():
+    base = load_config("default")
+    mezo = method_config(base, "mezo", None, 1)
+    assert not mezo.privacy.enabled and mezo.schedule.kind == "constant" and mezo.seed == 1
+    assert mezo.prune == base.prune  # the same trainable subset as DP-ZOSO
+    dpzero = method_config(base, "dpzero", 2.0, 0)
+    assert dpzero.privacy.epsilon == 2.0 and dpzero.schedule.kind == "constant"
+    assert not dpzero.prune.enabled and dpzero.zo.probes == 1 and dpzero.schedule.lr < base.schedule.lr
+    zoso = method_config(base, "dp-zoso", 6.0, 2)
+    assert zoso.schedule.kind == "stagewise" and zoso.prune == base.prune and zoso.privacy.epsilon == 6.0
+    assert method_config(base, "federated", 6.0, 0, QUICK).federation.clients == 3
+    for method in METHODS:  # the budget's sigma is always calibrated afresh
+        assert method_config(base, method, 2.0, 0).privacy.noise_multiplier is None
+
+
+def test_the_grid_runs_private_methods_at_every_epsilon_and_zero_shot_once():
+    runs = grid(QUICK, METHODS)
+    assert runs.count(("zero-shot", None, 0)) == 1
+    assert {(m, e) for m, e, _ in runs if m in ("dpzero", "dp-zoso", "dp-sgd", "federated")} == {
+        (m, e) for m in ("dpzero", "dp-zoso", "dp-sgd", "federated") for e in QUICK.epsilons}
+    assert [e for m, e, _ in runs if m == "mezo"] == [None] * len(QUICK.seeds)
+
+
+def test_summaries_are_means_and_sample_deviations_over_seeds():
+    records = [{"method": "dp-zoso", "epsilon": 2.0, "seed": s, "accuracy": a, "loss": 1.0, "epsilon_spent": 2.0,
+                "peak_memory_mib": 100.0, "wall_s": 1.0} for s, a in enumerate((0.6, 0.7, 0.8))]
+    (row,) = summarize(records)
+    assert row["runs"] == 3 and row["accuracy"] == pytest.approx(0.7) and row["accuracy_std"] == pytest.approx(0.1)
+
+
+def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "utility", "--quick", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "utility.json").read_text())
+    assert summary["complete"] and summary["quick"]
+    table = {(row["method"], row["epsilon"]): row for row in summary["table"]}
+    assert set(table) == {(m, e) for m, e, _ in grid(QUICK, METHODS)}
+    for (method, epsilon), row in table.items():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["peak_memory_mib"] > 0 and row["wall_s"] > 0
+        if epsilon is not None:  # every private method spends its budget, and no more
+            assert row["epsilon_spent"] == pytest.approx(epsilon, rel=1e-3)
+    assert table[("mezo", None)]["epsilon_spent"] is None  # not private: no epsilon, not a number
+    for run in summary["runs"]:
+        if run["method"] == "dp-sgd":  # Opacus's own accountant agrees on the same release
+            assert run["opacus_epsilon"] == pytest.approx(run["epsilon_spent"], rel=0.05)
+    assert (out / "utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "dp-sgd" in printed and "federated" in printed
+
+
+def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("keep")
+    assert main(["bench", "utility", "--out", str(tmp_path / "used")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["bench", "utility", "--methods", "zero-shot,sgd", "--out", str(tmp_path / "new")]) == 2
+    assert "--methods sgd: unknown" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
