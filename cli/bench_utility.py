@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -86,11 +87,9 @@ def method_config(base: Config, method: str, epsilon: float | None, seed: int, p
 
 
 def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline: dict | None = None) -> dict:
-    """One run in this (fresh) process: test metrics, epsilon spent, peak memory, wall time."""
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    warnings.simplefilter("ignore")
+    """One run in this (fresh) process: test metrics, epsilon spent, peak memory, wall time.
+    (A federated run's silos live in Ray worker processes: its peak memory is the coordinator's.)"""
+    warnings.simplefilter("ignore")  # e.g. MeZO's non-private warning: the table says so
     config = Config.from_dict(settings)
     start = time.perf_counter()
     if method == "zero-shot":
@@ -220,8 +219,6 @@ def _write(out: Path, base: Config, plan: Plan, quick: bool, records: list[dict]
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

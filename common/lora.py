@@ -16,19 +16,21 @@ full-parameter ZO (ANCHORS.md); with B = 0 a perturbation of A alone changes not
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 ADAPTER_DIR = "adapter"
 
 
-def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> PeftModel:
+def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> nn.Module:
     """``model`` with LoRA adapters of rank ``rank`` on modules ``targets`` (empty: peft's
     default for the model type), initialised from ``seed`` without touching the global RNG."""
+    from peft import LoraConfig, get_peft_model  # imported on use: it costs every process ~1 s otherwise
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets) or None)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft 0.21 calls a transformers API that transformers 5 deprecates; nothing to act on.
@@ -44,8 +46,12 @@ def is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def find_adapted(module: nn.Module) -> PeftModel | None:
-    return next((m for m in module.modules() if isinstance(m, PeftModel)), None)
+def find_adapted(module: nn.Module) -> nn.Module | None:
+    """The peft model inside ``module``, if any (none can exist before peft is imported)."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return None
+    return next((m for m in module.modules() if isinstance(m, peft.PeftModel)), None)
 
 
 def save_adapter(module: nn.Module, directory: Path) -> None:
@@ -55,6 +61,8 @@ def save_adapter(module: nn.Module, directory: Path) -> None:
 
 def merged_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose adapted model has its adapters merged into plain weights."""
+    from peft import PeftModel
+
     merged = copy.deepcopy(module)
     for parent in list(merged.modules()):
         for child_name, child in list(parent.named_children()):

@@ -63,10 +63,10 @@ def _train(config, run_dir):
 
 
 HEAD = ["prune.ratio=0.0", "prune.always=classifier.*", "schedule.lr=0.5"]
-MINILM_SOURCES = ["rotten-tomatoes", "bbc-news", "crowdflower-tweets"]
+SOURCES = ["rotten-tomatoes", "bbc-news", "crowdflower-tweets"]
 
 
-@pytest.mark.parametrize("source", MINILM_SOURCES)
+@pytest.mark.parametrize("source", SOURCES)
 def test_minilm_classifies_every_packaged_source(source, tmp_path):
     before, after, _ = _train(_settings("minilm", "sequence-classification", source, *HEAD), tmp_path / "run")
     assert after < before
@@ -95,14 +95,15 @@ def test_minilm_trains_a_pruning_mask_of_the_encoder(tmp_path):
 SMOL_HEAD = ["prune.ratio=0.0", "prune.always=lm.model.norm.*", "schedule.lr=0.05"]
 
 
-@pytest.mark.parametrize("source", MINILM_SOURCES)
+@pytest.mark.parametrize("source", SOURCES)
 def test_smollm2_classifies_every_packaged_source_by_prompt(source, tmp_path):
     before, after, _ = _train(_settings("smollm2", "prompt-classification", source, *SMOL_HEAD), tmp_path / "run")
     assert after < before
 
 
-def test_smollm2_instruction_tuning_lowers_the_answer_loss(tmp_path):
-    config = _settings("smollm2", "causal-lm", "rotten-tomatoes", "prune.ratio=0.0",
+@pytest.mark.parametrize("source", SOURCES)
+def test_smollm2_instruction_tuning_lowers_the_answer_loss(source, tmp_path):
+    config = _settings("smollm2", "causal-lm", source, "prune.ratio=0.0",
                        "prune.always=model.norm.*", "schedule.lr=0.05")
     before, after, parts = _train(config, tmp_path / "run")
     assert after < before
