@@ -137,8 +137,13 @@ def grid(plan: Plan, methods: tuple[str, ...]) -> list[tuple[str, float | None, 
 
 
 def bench_utility(out: Path, *, quick: bool = False, preset: str = "default", overrides: tuple[str, ...] = (),
-                  methods: tuple[str, ...] = METHODS, seeds: int | None = None, progress: bool = True) -> dict:
+                  methods: tuple[str, ...] = METHODS, seeds: int | None = None, dpzero_lr: float | None = None,
+                  dpsgd_lr: float | None = None, progress: bool = True) -> dict:
     plan = QUICK if quick else FULL
+    for flag, value in (("--dpzero-lr", dpzero_lr), ("--dpsgd-lr", dpsgd_lr)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise SeedtuneError(f"{flag} {value} must be a finite number > 0")
+    plan = replace(plan, dpzero_lr=dpzero_lr or plan.dpzero_lr, dpsgd_lr=dpsgd_lr or plan.dpsgd_lr)
     if seeds is not None:
         if seeds < 1:
             raise SeedtuneError(f"--seeds {seeds} must be >= 1")

@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                                                           "federated")),
                          help="comma-separated subset of the methods")
     utility.add_argument("--seeds", type=int, help="runs per method and epsilon (default: 3; --quick: 1)")
+    utility.add_argument("--dpzero-lr", type=float, help="DPZero's step size (default 1e-5: it moves every parameter)")
+    utility.add_argument("--dpsgd-lr", type=float, help="DP-SGD's step size (default 2.0)")
     utility.add_argument("--out", type=Path, help="folder for utility.json, utility.png and the runs "
                                                   "(default: runs/bench-utility-<time>)")
     utility.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -111,7 +113,8 @@ def _bench_utility(args) -> int:
     out = args.out or Path("runs") / f"bench-utility-{datetime.now():%Y%m%d-%H%M%S}"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     summary = bench_utility(out, quick=args.quick, preset=args.preset, overrides=tuple(args.overrides),
-                            methods=methods, seeds=args.seeds, progress=not args.no_progress)
+                            methods=methods, seeds=args.seeds, dpzero_lr=args.dpzero_lr, dpsgd_lr=args.dpsgd_lr,
+                            progress=not args.no_progress)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -68,4 +68,6 @@ def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["bench", "utility", "--methods", "zero-shot,sgd", "--out", str(tmp_path / "new")]) == 2
     assert "--methods sgd: unknown" in capsys.readouterr().err
+    assert main(["bench", "utility", "--dpzero-lr", "-1", "--out", str(tmp_path / "new")]) == 2
+    assert "--dpzero-lr -1.0 must be a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
