@@ -68,7 +68,14 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
             else:  # an empty Poisson batch still releases noise
                 for param in trainable:
                     param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as error:  # e.g. position embeddings, looked up once for the whole batch
+                raise ConfigError(
+                    "DP-SGD through Opacus cannot form per-example gradients for every tensor of this trainable "
+                    f"subset ({error}); compare on the head or a mask, e.g. --set prune.enabled=true "
+                    "--set prune.ratio=0"
+                ) from None
             done += 1
     model.eval()
     for param in trainable:

@@ -260,7 +260,8 @@ def utility_plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def print_table(summary: dict, file=sys.stdout) -> None:
+def print_table(summary: dict, file=None) -> None:
+    file = file or sys.stdout  # looked up at call time, so redirection (and pytest's capture) applies
     print(f"{'method':<11}{'epsilon':>8}{'accuracy':>18}{'eps spent':>11}{'peak MiB':>10}{'wall s':>9}", file=file)
     for row in summary["table"]:
         epsilon = "-" if row["epsilon"] is None else f"{row['epsilon']:g}"

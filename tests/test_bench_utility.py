@@ -43,7 +43,8 @@ def test_summaries_are_means_and_sample_deviations_over_seeds():
 
 def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "utility", "--quick", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    head = ["--set", "prune.enabled=true", "--set", "prune.ratio=0.0", "--set", "schedule.lr=0.05"]
+    assert main(["bench", "utility", "--quick", "--preset", "tiny", *head, "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "utility.json").read_text())
     assert summary["complete"] and summary["quick"]
     table = {(row["method"], row["epsilon"]): row for row in summary["table"]}
@@ -59,6 +60,14 @@ def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     assert (out / "utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "dp-sgd" in printed and "federated" in printed
+
+
+def test_dp_sgd_on_tensors_opacus_cannot_split_per_example_is_a_one_line_error(tmp_path, capsys):
+    # The tiny preset trains every tensor, position embeddings included (one lookup per batch).
+    code = main(["bench", "utility", "--quick", "--preset", "tiny", "--methods", "dp-sgd", "--seeds", "1",
+                 "--out", str(tmp_path / "bench"), "--no-progress"])
+    assert code == 2
+    assert "cannot form per-example gradients" in capsys.readouterr().err
 
 
 def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
