@@ -51,7 +51,7 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
     optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=p.clip_bound,
                             expected_batch_size=max(1, round(p.sample_rate * population)))
     sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate,
-                                            generator=None)  # Opacus's Poisson sampler, OS randomness
+                                            generator=None)  # Opacus's default: torch's global RNG
     done = 0
     while done < steps:
         for chosen in sampler:
