@@ -35,7 +35,6 @@ from seedtune.common.data import SYNTHETIC_CUES, SYNTHETIC_FILLER, SYNTHETIC_LAB
 from seedtune.common import hub
 from seedtune.common.errors import ConfigError
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -194,7 +193,6 @@ def load_base(name: str, *, causal: bool, init_seed: int = 0, task: str | None =
         return _tiny(causal, init_seed)
     path = resolve(name, task)
     with quiet_transformers():
-        kind = AutoConfig.from_pretrained(path).model_type
         tokenizer = AutoTokenizer.from_pretrained(path)
         if causal:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -205,7 +203,7 @@ def load_base(name: str, *, causal: bool, init_seed: int = 0, task: str | None =
                 model = AutoModel.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model.eval(), tokenizer, {"name": name, "path": str(path), "model_type": kind})
+    return BaseModel(model.eval(), tokenizer, {"name": name, "path": str(path)})
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
