@@ -5,6 +5,7 @@ State directory layout (the node's own disk; nothing here leaves it):
     <state>/ledger.sqlite                  every release this silo ever made, and its budget
     <state>/runs/<run_id>/replica.sqlite   the run's setup and the updates applied, in order
     <state>/runs/<run_id>/checkpoint.pt    trainable coordinates received instead of a replay
+    <state>/timings.jsonl                  per request: seconds catching up, in forward passes, in all
 
 The model is rebuilt from the base model, the checkpoint (if any) and the replica's records, so a
 restarted node comes back to the exact model it had, and its ledger still binds it.
@@ -12,8 +13,10 @@ restarted node comes back to the exact model it had, and its ledger still binds 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +43,7 @@ ShardLoader = Callable[[Config, tuple[str, ...], str], datasets.Dataset]  # (con
 
 
 CHECKPOINT_EVERY = 50  # steps between a replica's own checkpoints
+TIMINGS_FILE = "timings.jsonl"
 
 
 class SyncError(SeedtuneError):
@@ -135,12 +139,11 @@ class _Run:
             self._restore(sync.checkpoint)
         if sync.start_version > self.version:
             raise SyncError(f"updates start at version {sync.start_version} but this silo is at {self.version}")
+        # Durable before any is applied; steps another process serving this silo logged are kept.
+        self.log.extend([record for record in sync.records if record.step >= self.log.next_step])
         for record in sync.records:
-            if record.step < self.version:
-                continue  # already applied
-            if record.step == self.log.next_step:
-                self.log.append(record)  # durable before it is applied
-            self.applier.apply(record)
+            if record.step >= self.version:  # else already applied
+                self.applier.apply(record)
         if self.version - self._checkpointed >= CHECKPOINT_EVERY:
             self.checkpoint_now()
 
@@ -179,13 +182,25 @@ class SiloNode:
 
     def answer(self, request: TrainRequest, sync: Sync) -> tuple[TrainReply, int]:
         """Catch up, then sample -> estimate -> clip -> sum -> record -> noise -> scale."""
+        start = time.perf_counter()
         run = self.run(request.run_id, sync.setup)
         run.catch_up(sync)
+        caught_up = time.perf_counter()
         if run.version != request.model_version:
             raise SyncError(f"asked to answer at version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
         reply = silo.answer(request)
+        self._record_timing(request.round, {
+            "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,
+            "total_s": time.perf_counter() - start, "replayed": len(sync.records)})
         return reply, run.version
+
+    def _record_timing(self, round: int, timing: dict) -> None:
+        """Where this silo's time went, per request, in ``timings.jsonl`` of its state directory
+        (local only; ``seedtune bench scale`` reads it)."""
+        line = json.dumps({"round": round, "time": time.time(), "pid": os.getpid(), **timing})
+        with (self.state_dir / TIMINGS_FILE).open("a") as file:
+            file.write(line + "\n")
 
     def evaluate(self, request: TrainRequest, sync: Sync, *, private: bool, noise_multiplier: float
                  ) -> tuple[float, float, tuple[dict, ...]]:

@@ -6,6 +6,8 @@ scale. Only the released scalars leave; the batch loss stays with the silo (``la
 
 from __future__ import annotations
 
+import time
+
 import datasets
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.privacy import events as event_codec
@@ -35,13 +37,16 @@ class Silo:
         self.ledger = ledger  # None: a non-private run, which releases without clipping or noise
         self.last_loss = float("nan")
         self.last_batch_size = 0
+        self.last_compute_s = 0.0  # the forward passes of the last answer
 
     def answer(self, request: TrainRequest) -> TrainReply:
         population = len(self.shard)
         chosen = poisson_sample(population, request.sample_rate, self.randomness)
         rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
         batch = self.task.encode(rows["text"], rows["label"]) if len(chosen) else {}
+        start = time.perf_counter()
         estimate = self.estimator.estimate(batch, len(chosen), request.probe_seeds, request.beta)
+        self.last_compute_s = time.perf_counter() - start
         if self.ledger is None:
             release = nonprivate_release(
                 estimate.differences, sample_rate=request.sample_rate, population=population

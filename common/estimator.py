@@ -10,8 +10,8 @@ E_z[s_ik z_k] -> grad l_i(theta) as beta -> 0 (MeZO, Malladi et al. 2023; DPZero
 batch before clipping would lose the per-example sensitivity the accountant assumes.
 
 Cost: 2K forward passes over the batch and no backward pass; the weights are bit-identical after.
-When the first layers hold no trainable coordinate (a head, or a pruning mask in the top
-layers), one clean pass computes them and the 2K perturbed passes start after them
+When the first layers hold no trainable coordinate (a head, a pruning mask in the top layers,
+adapters), one pass computes them and the 2K perturbed passes start after them
 (:mod:`seedtune.common.prefix`).
 """
 
@@ -32,8 +32,8 @@ PerExampleLoss = Callable[[nn.Module, dict], torch.Tensor]
 
 @dataclass(frozen=True)
 class Estimate:
-    """Per-example differences (B x K, float64) and the batch's mean loss (local only): at theta
-    when a clean pass ran, else the mean of the perturbed losses."""
+    """Per-example differences (B x K, float64) and the batch's mean loss (local only), the mean
+    of the perturbed losses: within O(beta^2) of the loss at theta."""
 
     differences: torch.Tensor
     loss: float
@@ -66,10 +66,9 @@ class ZerothOrderEstimator:
         if prefix is not None and prefix.modules is None:
             prefix.trace(lambda: self.loss_fn(self.model, batch))
         if prefix is None or not prefix.modules:
-            prefix, clean = None, None
+            prefix = None
         else:
-            with prefix.recording():
-                clean = float(self.loss_fn(self.model, batch).to(torch.float64).mean())
+            prefix.record(lambda: self.loss_fn(self.model, batch))
         loss_sum = 0.0
         try:
             for k, seed in enumerate(probe_seeds):
@@ -83,7 +82,7 @@ class ZerothOrderEstimator:
         finally:
             if prefix is not None:
                 prefix.clear()
-        return Estimate(differences, clean if clean is not None else loss_sum / len(probe_seeds))
+        return Estimate(differences, loss_sum / len(probe_seeds))
 
     @staticmethod
     def _replaying(prefix: PrefixCache | None):

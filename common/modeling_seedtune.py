@@ -55,18 +55,21 @@ class MeanPoolingClassifier(PreTrainedModel):
         # Weights come from the pretrained encoder and the label words, never from here.
         pass
 
-    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """The normalised mean-pooled sentence embedding."""
+    def embed(self, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
+        """The normalised mean-pooled sentence embedding. ``position_ids`` of shape (batch, length)
+        make the position lookup per example, which per-example gradients (Opacus) need."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         hidden = self.encoder(**kwargs).last_hidden_state
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, **unused):
-        logits = self.classifier(self.embed(input_ids, attention_mask, token_type_ids))
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, position_ids=None, **unused):
+        logits = self.classifier(self.embed(input_ids, attention_mask, token_type_ids, position_ids))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels)

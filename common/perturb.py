@@ -99,7 +99,10 @@ class Perturbation:
 
     # -- fully trainable tensors of ordinary modules: swap in perturbed copies -----------------
     def _buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        key = (len(self._stack), like.dtype, like.device)  # one buffer per nesting depth
+        depth = len(self._stack)  # one buffer per nesting depth; the outermost is shared with updates
+        if depth == 0:
+            return self.directions.workspace(numel, like.dtype, like.device)
+        key = (depth, like.dtype, like.device)
         buffer = self._workspace.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = self._workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)

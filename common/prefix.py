@@ -6,8 +6,10 @@ trainable coordinates is entered, therefore computes bit-identical outputs in ev
 pruning mask concentrated in the top layers (SynFlow's usual choice) or a trained head leaves
 most of the network in that prefix, so the perturbed passes run only what follows it.
 
-The plan (which modules form the prefix) is traced once on a real forward; a clean pass per
-batch records their outputs, and the perturbed passes return them in call order. The outputs
+The plan (which modules form the prefix) is traced once on a real forward; per batch, a pass
+that stops as soon as the prefix has returned records their outputs (the rest of the network is
+left to the perturbed passes, so the cache costs the prefix once, never a whole extra forward),
+and the perturbed passes return them in call order. The outputs
 are reused as they are, so a model that edits activations in place after the prefix would break
 this; the estimator's oracle tests compare cached and uncached estimates bit for bit.
 """
@@ -19,6 +21,10 @@ from contextlib import contextmanager
 
 from seedtune.common.trainable import TrainableSet
 from torch import nn
+
+
+class _PrefixRecorded(Exception):
+    """Raised out of the forward once the last prefix output is recorded: the rest is not needed."""
 
 
 class PrefixCache:
@@ -34,6 +40,7 @@ class PrefixCache:
             if not any(id(p) in trainable_ids for p in module.parameters())
         }
         self.modules: list[nn.Module] | None = None  # the plan, once traced
+        self._last: tuple[nn.Module, int] | None = None  # the prefix module returning last, its calls
         self._outputs: dict[nn.Module, list] = {}
 
     def trace(self, forward: Callable[[], object]) -> list[nn.Module]:
@@ -72,16 +79,26 @@ class PrefixCache:
             return False
 
         self.modules = [m for m in self.model.modules() if m in cacheable and not inside_cacheable(m)]
+        if self.modules:
+            last = max(self.modules, key=lambda m: calls[m][-1][1])
+            self._last = (last, len(calls[last]))
         return self.modules
 
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Run normally, keeping the outputs of the prefix modules."""
+    def record(self, forward: Callable[[], object]) -> None:
+        """Run ``forward`` until every prefix module has returned, keeping their outputs."""
         self._outputs = {module: [] for module in self.modules or ()}
-        handles = [module.register_forward_hook(lambda m, a, o: self._outputs[m].append(o))
-                   for module in self.modules or ()]
+        last, calls = self._last or (None, 0)
+
+        def keep(module: nn.Module, args, output) -> None:
+            self._outputs[module].append(output)
+            if module is last and len(self._outputs[module]) == calls:
+                raise _PrefixRecorded
+
+        handles = [module.register_forward_hook(keep) for module in self.modules or ()]
         try:
-            yield
+            forward()
+        except _PrefixRecorded:
+            pass
         finally:
             for handle in handles:
                 handle.remove()

@@ -27,7 +27,7 @@ from seedtune.common.directions import (
 )
 from torch import nn
 
-CHUNK = 1 << 20  # coordinates per piece when a whole tensor's direction is generated
+CHUNK = 1 << 19  # coordinates per piece of z (2 MiB in float32): no larger than a big layer
 
 
 @dataclass(eq=False)
@@ -152,13 +152,23 @@ class DirectionField:
         return out
 
     def buffer(self, entry: TrainableTensor, length: int | None = None) -> torch.Tensor:
-        """A reused flat buffer: fresh multi-MB tensors are slow to fault in on a CPU."""
+        """A reused flat buffer for a piece of ``entry``'s direction."""
         length = min(entry.size, CHUNK) if length is None else length
-        key = (entry.param.dtype, entry.param.device)
+        return self.workspace(length, entry.param.dtype, entry.param.device)
+
+    def workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The one reused flat scratch tensor of a dtype and device, at least ``numel`` long.
+
+        Fresh multi-MB tensors are slow to fault in on a CPU, so it stays; and the update's
+        pieces of z and the perturbation's copy of a module's weights share it (they are never
+        in use at once), so a step holds one such buffer above inference, not two.
+        """
+        key = (dtype, device)
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < length:
-            buffer = self._buffers[key] = torch.empty(length, dtype=key[0], device=key[1])
-        return buffer[:length]
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # freed before the larger one is made
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
 
     def rows(self, entry: TrainableTensor, seed: int, rows: torch.Tensor) -> torch.Tensor:
         """z on whole rows ``rows`` of a fully trainable 2-D parameter, shape (len(rows), width).

@@ -14,7 +14,7 @@ import sqlite3
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,13 +141,19 @@ class UpdateLog:
     # -- steps --------------------------------------------------------------------------------
     def append(self, record: StepRecord) -> None:
         """Commit one step durably; steps must arrive in order, without gaps."""
+        self.extend([record])
+
+    def extend(self, records: Sequence[StepRecord]) -> None:
+        """Commit consecutive steps durably in one transaction (one disk sync, not one per step:
+        a silo catching up 1,000 rounds writes them in milliseconds)."""
         expected = self.next_step
-        if record.step != expected:
-            raise ValueError(f"step {record.step} appended to a log holding {expected} steps")
+        for offset, record in enumerate(records):
+            if record.step != expected + offset:
+                raise ValueError(f"step {record.step} appended to a log holding {expected + offset} steps")
         with self._db:
-            self._db.execute(
+            self._db.executemany(
                 "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
+                [(
                     record.step,
                     record.stage,
                     json.dumps(list(record.probe_seeds)),
@@ -157,7 +163,7 @@ class UpdateLog:
                     record.prox,
                     record.anchor_step,
                     time.time(),
-                ),
+                ) for record in records],
             )
 
     @property

@@ -119,15 +119,38 @@ def test_computing_the_frozen_prefix_once_changes_no_bit(kind, layout, synthetic
     cached = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field)
     plain = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, cache_prefix=False)
     first = cached.estimate(batch, 6, [1, 2, 3], 1e-2)
-    assert torch.equal(first.differences, plain.estimate(batch, 6, [1, 2, 3], 1e-2).differences)
+    reference = plain.estimate(batch, 6, [1, 2, 3], 1e-2)
+    assert torch.equal(first.differences, reference.differences)
+    assert first.loss == reference.loss  # the mean of the same perturbed losses
     if layout == "top":
         assert cached.prefix.modules  # the embeddings and the first block(s) were skipped
-        assert first.loss == float(task.per_example_loss(task.module, batch).double().mean())  # the clean loss
         other = batch_of(task, synthetic, size=4, offset=10)  # a new batch: nothing stale is reused
         assert torch.equal(cached.estimate(other, 4, [5], 1e-2).differences,
                            plain.estimate(other, 4, [5], 1e-2).differences)
     else:
         assert cached.prefix.modules == []
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_the_prefix_is_computed_once_and_the_rest_only_in_the_perturbed_passes(kind, synthetic):
+    task = make_task(kind)
+    trainable = TrainableSet(task.module, top_layer_mask(task.module))
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
+                                     DirectionField(trainable, "rademacher"))
+    batch = batch_of(task, synthetic)
+    estimator.estimate(batch, 6, [1], 1e-2)  # traces the plan
+    # Inside a prefix module (replay replaces its forward, so its children no longer run).
+    first_prefix = next(child for m in estimator.prefix.modules for child in m.modules() if child is not m)
+    after = [m for m in task.module.modules() if m in estimator.prefix._owns_trainable][0]
+    calls = {first_prefix: 0, after: 0}
+    handles = [m.register_forward_pre_hook(lambda m, a: calls.__setitem__(m, calls[m] + 1)) for m in calls]
+    try:
+        estimator.estimate(batch, 6, [1, 2, 3], 1e-2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[first_prefix] == 1  # recorded once, replayed 6 times without running
+    assert calls[after] == 6  # 2K perturbed passes, no clean pass over the trainable part
 
 
 def test_empty_batch_gives_zero_differences():

@@ -156,6 +156,17 @@ def test_log_round_trips_steps_mask_and_metrics_exactly(tmp_path):
     assert reopened.config == {"x": 1} and reopened.metrics() == {"train_loss": [(3, 0.25)]}
 
 
+def test_extending_the_log_commits_all_steps_or_none(tmp_path):
+    log = UpdateLog.create(tmp_path / "log.sqlite", config={}, base={}, mask=OrderedDict([("b", None)]),
+                           numels={"b": 7})
+    log.extend([_record(0), _record(1)])
+    with pytest.raises(ValueError, match="appended"):
+        log.extend([_record(2), _record(4)])  # a gap: nothing of the batch is written
+    assert log.next_step == 2
+    log.extend([_record(i) for i in range(2, 1002)])
+    assert log.next_step == 1002 and list(log.steps(1000)) == [_record(1000), _record(1001)]
+
+
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_replaying_the_log_reproduces_the_live_model_bit_for_bit(tmp_path, distribution):
     task = make_task("sequence-classification")

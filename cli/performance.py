@@ -1,0 +1,105 @@
+"""``seedtune bench step|memory|comm|server|scale|sweep``: run one, print its figures and targets.
+
+Each bench returns a report: ``setup`` (what was measured, on what), ``rows`` (the figures) and
+``targets`` (each claim of ``docs/performance.md`` with its measured value, its limit and
+whether it is met). Reports are printed as tables or JSON, and written atomically with ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from seedtune.cli.bench_cost import SWEEP_BATCHES, bench_memory, bench_step, bench_sweep
+from seedtune.cli.bench_traffic import bench_comm, bench_scale, bench_server
+
+# The columns each bench prints: (heading, key, format).
+COLUMNS = {
+    "step": [("variant", "variant", "{:<42}"), ("trainable", "trainable", "{:>10}"),
+             ("step ms", "step_s", "{:>9.0f}"), ("2 fwd ms", "baseline_s", "{:>9.0f}"),
+             ("ratio", "ratio", "{:>7.3f}")],
+    "memory": [("method", "method", "{:<11}"), ("step s", "step_s", "{:>8.3f}"),
+               ("MiB above model", "peak_above_model_mib", "{:>16.1f}"), ("x inference", "vs_inference", "{:>12.2f}")],
+    "sweep": [("method", "method", "{:<11}"), ("batch", "batch", "{:>6}"), ("step s", "step_s", "{:>8.3f}"),
+              ("MiB above model", "peak_above_model_mib", "{:>16.1f}")],
+    "comm": [("K", "probes", "{:>3}"), ("down B", "down_bytes", "{:>8}"), ("up B", "up_bytes", "{:>6}"),
+             ("first contact B", "first_contact_bytes", "{:>16}"),
+             ("1000 rounds, every round", "total_every_round_bytes", "{:>25,}"),
+             ("every 3rd round", "total_every_third_round_bytes", "{:>16,}"),
+             ("join at round 1000", "join_at_the_end_bytes", "{:>19,}")],
+    "server": [("trainable set", "trainable_set", "{:<22}"), ("K", "probes", "{:>3}"),
+               ("server ms/round", "server_round_s", "{:>16.2f}"), ("client ms/step", "client_step_s", "{:>15.1f}"),
+               ("replay rounds/s", "replay_rounds_per_s", "{:>16.1f}"), ("1000 rounds s", "replay_1000_s", "{:>14.2f}")],
+    "scale": [("silos", "clients", "{:>6}"), ("round s", "round_s", "{:>8.3f}"),
+              ("forward s", "forward_s_per_round", "{:>10.3f}"), ("framework s", "framework_s_per_round", "{:>12.3f}"),
+              ("framework/compute", "framework_over_compute", "{:>18.2f}"),
+              ("tree MiB", "peak_tree_mib", "{:>9.0f}"), ("MiB/silo", "peak_mib_per_client", "{:>9.0f}")],
+}
+MILLISECONDS = {"step_s", "baseline_s", "server_round_s", "client_step_s"}
+
+
+def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progress: bool = True) -> dict:
+    import torch
+
+    from seedtune.cli.bench_cost import _threads
+
+    torch.set_num_threads(_threads())
+    if name == "step":
+        report = bench_step(repeats=3 if quick else 10, progress=progress)
+    elif name == "memory":
+        report = bench_memory(progress=progress)
+    elif name == "comm":
+        report = bench_comm(progress=progress)
+    elif name == "server":
+        report = bench_server(rounds=100 if quick else 1000, full_rounds=10 if quick else 100, progress=progress)
+    elif name == "scale":
+        report = bench_scale(rounds=4 if quick else 12, progress=progress)
+    elif name == "sweep":
+        out = out or Path("runs") / f"bench-sweep-{datetime.now():%Y%m%d-%H%M%S}"
+        report = bench_sweep(out, batches=(1, 4) if quick else SWEEP_BATCHES, progress=progress)
+    else:
+        raise ValueError(name)
+    report["machine"] = {"cpus": _threads(), "processor": platform.processor() or platform.machine(),
+                         "python": platform.python_version(), "torch": torch.__version__,
+                         "date": datetime.now().isoformat(timespec="seconds")}
+    report["quick"] = quick
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / f"{name}.json.partial"
+        staging.write_text(json.dumps(report, indent=2))
+        staging.replace(out / f"{name}.json")
+    return report
+
+
+def print_report(report: dict, file=None) -> None:
+    file = file or sys.stdout
+    columns = COLUMNS[report["bench"]]
+    print(" ".join(_heading(title, fmt) for title, _, fmt in columns), file=file)
+    for row in report["rows"]:
+        cells = []
+        for _, key, fmt in columns:
+            value = row[key] * 1e3 if key in MILLISECONDS else row[key]
+            cells.append(fmt.format(value))
+        print(" ".join(cells), file=file)
+    if report["bench"] == "comm":
+        fedavg = report["fedavg_round_bytes"]
+        print(f"FedAvg (full model each way): {fedavg['down']:,} B down and up per round, "
+              f"{fedavg['total_1000_rounds']:,} B over 1000 rounds", file=file)
+    if report["bench"] == "server":
+        setup = report["setup"]
+        print(f"model download at 100 Mbit/s: {setup['model_download_s_at_100_mbit']:.2f} s "
+              f"({setup['model_bytes']:,} B)", file=file)
+    for target in report["targets"]:
+        relation = ">=" if target["at_least"] else "<="
+        print(f"[{'met' if target['met'] else 'NOT met'}] {target['claim']}: {target['value']:.4g} "
+              f"(target {relation} {target['limit']:g})", file=file)
+
+
+def _heading(title: str, fmt: str) -> str:
+    """``title`` aligned and padded like the values that ``fmt`` formats."""
+    align, width = re.match(r"\{:([<>]?)(\d+)", fmt).groups()
+    return f"{title:{align or '>'}{width}}"
