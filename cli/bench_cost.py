@@ -231,33 +231,25 @@ def _resident_kib() -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
 
 
-def _release_free_memory() -> None:
-    """Return freed heap pages to the kernel, so the baseline holds only live memory."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline is then a little high
-        pass
-
-
 def _reset_high_water() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
 
 
 def measure_cost(method: str, batch_size: int, length: int = LENGTH, repeats: int = 3) -> dict:
-    """In this (fresh) process: the peak resident memory above the loaded model during
-    ``repeats`` steps of ``method``, and their median time."""
+    """In this (fresh) process: the median time of ``repeats`` steps of ``method`` or, in a
+    process started by :func:`in_fresh_process` with ``exact_memory``, the peak resident memory
+    above the loaded model during them."""
     import gc
+    import warnings
 
     import torch
 
+    warnings.simplefilter("ignore")  # Opacus's and torch's notes on hooks, once per process
     torch.set_num_threads(_threads())
     work = workload(batch_size, length)
     step = _cost_step(method, work)
     _inference(work)  # the same warm-up for every method: libraries' lazy set-up is not a step's
     gc.collect()
-    _release_free_memory()
     loaded = _resident_kib()
     _reset_high_water()
     times = []
@@ -326,15 +318,37 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def in_fresh_process(fn: Callable, *args) -> dict:
-    """``fn(*args)`` in a new interpreter: its memory is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+# glibc's allocator keeps freed memory for reuse, which made the same measurement vary by 5 MiB
+# from run to run. With these settings every allocation of 64 KiB or more is mapped from the
+# kernel and returned to it when freed, so resident memory follows the live tensors (repeats to
+# 0.2 MiB); allocation is slower, so times are measured in separate processes without them.
+EXACT_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def in_fresh_process(fn: Callable, *args, environment: dict[str, str] | None = None):
+    """``fn(*args)`` in a new interpreter (with ``environment`` added): its memory is its own."""
+    saved = {key: os.environ.get(key) for key in environment or {}}
+    os.environ.update(environment or {})
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def cost(method: str, batch_size: int) -> dict:
+    """Time from one fresh process, memory from another (see EXACT_MEMORY)."""
+    timed = in_fresh_process(measure_cost, method, batch_size)
+    sized = in_fresh_process(measure_cost, method, batch_size, environment=EXACT_MEMORY)
+    return {**timed, "peak_above_model_mib": sized["peak_above_model_mib"]}
 
 
 def bench_memory(batch_size: int = BATCH, progress: bool = True) -> dict:
-    rows = [in_fresh_process(measure_cost, method, batch_size)
-            for method in _progress(COST_METHODS, progress, "memory")]
+    rows = [cost(method, batch_size) for method in _progress(COST_METHODS, progress, "memory")]
     by = {row["method"]: row for row in rows}
     inference = by["inference"]["peak_above_model_mib"]
     for row in rows:
@@ -357,7 +371,7 @@ def bench_sweep(out: Path, batches: tuple[int, ...] = SWEEP_BATCHES, progress: b
     """Step time and memory against batch size, each point in a fresh process; sweep.json and
     sweep.png in ``out``."""
     grid = [(method, batch) for batch in batches for method in COST_METHODS]
-    rows = [in_fresh_process(measure_cost, method, batch) for method, batch in _progress(grid, progress, "sweep")]
+    rows = [cost(method, batch) for method, batch in _progress(grid, progress, "sweep")]
     summary = {"bench": "sweep", "setup": {"model": "all-MiniLM-L6-v2", "length": LENGTH, "threads": _threads()},
                "rows": rows, "targets": []}
     out.mkdir(parents=True, exist_ok=True)

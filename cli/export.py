@@ -15,6 +15,8 @@ from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from tqdm.auto import tqdm
 
+REPLAY_BATCH = 100  # steps applied piece by piece of the model at once (UpdateApplier.apply_all)
+
 
 def _open_run(run_dir: Path) -> tuple[UpdateLog, Config]:
     if not run_dir.is_dir():
@@ -42,9 +44,11 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
         )
     parts = components.model_parts(config, task, log.mask())
     applier = UpdateApplier(parts.trainable, parts.directions)
-    total = log.num_steps
-    for record in tqdm(log.steps(), total=total, disable=not progress, unit="step", desc="replay"):
-        applier.apply(record)
+    records = list(log.steps())
+    with tqdm(total=len(records), disable=not progress, unit="step", desc="replay") as bar:
+        for start in range(0, len(records), REPLAY_BATCH):
+            applier.apply_all(records[start : start + REPLAY_BATCH])
+            bar.update(len(records[start : start + REPLAY_BATCH]))
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     task.save(staging)
@@ -52,7 +56,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
         out.rmdir()
     staging.rename(out)
     log.close()
-    return total
+    return len(records)
 
 
 def describe(run_dir: Path) -> dict:

@@ -78,8 +78,7 @@ class _Run:
         if checkpoint.exists():
             start = self._restore(torch.load(checkpoint, weights_only=True))
         self._checkpointed = start
-        for record in self.log.steps(start):
-            self.applier.apply(record)
+        self.applier.apply_all(list(self.log.steps(start)))
         self.estimator = ZerothOrderEstimator(
             self.task.module, self.task.per_example_loss, self.parts.trainable, self.parts.directions
         )
@@ -106,8 +105,7 @@ class _Run:
         (the replica restarted from a checkpoint meanwhile)."""
         if self.log.first_step != self._first_step:
             return False
-        for record in self.log.steps(self.version):
-            self.applier.apply(record)
+        self.applier.apply_all(list(self.log.steps(self.version)))
         return True
 
     def _save_checkpoint(self, checkpoint: dict) -> None:
@@ -141,9 +139,7 @@ class _Run:
             raise SyncError(f"updates start at version {sync.start_version} but this silo is at {self.version}")
         # Durable before any is applied; steps another process serving this silo logged are kept.
         self.log.extend([record for record in sync.records if record.step >= self.log.next_step])
-        for record in sync.records:
-            if record.step >= self.version:  # else already applied
-                self.applier.apply(record)
+        self.applier.apply_all([record for record in sync.records if record.step >= self.version])
         if self.version - self._checkpointed >= CHECKPOINT_EVERY:
             self.checkpoint_now()
 

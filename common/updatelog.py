@@ -255,6 +255,54 @@ class UpdateApplier:
         )
         self.version += 1
 
+    @torch.no_grad()
+    def apply_all(self, records: Sequence[StepRecord]) -> None:
+        """Apply consecutive steps: bit for bit what :meth:`apply` does one step at a time, but
+        piece by piece of the model. Each 2 MiB piece of theta stays in cache through every step
+        instead of the whole model streaming through memory once per step, which is what bounds
+        a silo's catch-up on a large trainable set. Nothing is applied if any step is out of
+        order or lacks its anchor."""
+        records = list(records)
+        if len(records) <= 1 or self.directions.sphere:  # a sphere's scale needs all of z first
+            for record in records:
+                self.apply(record)
+            return
+        anchor_step = self._anchor_step if self._anchor is not None else None
+        for offset, record in enumerate(records):
+            if record.step != self.version + offset:
+                raise ValueError(f"step {record.step} applied to a model at version {self.version + offset}")
+            if record.prox > 0:
+                if record.anchor_step == record.step:
+                    anchor_step = record.step
+                if anchor_step != record.anchor_step:
+                    raise ValueError(f"step {record.step} needs the anchor of step {record.anchor_step}")
+        resets = any(r.prox > 0 and r.anchor_step == r.step for r in records)
+        new_anchor = [torch.empty_like(v) for v in self.trainable.snapshot()] if resets else None
+        for position, entry in enumerate(self.trainable):
+            for offset, length in self.directions.chunks(entry):
+                piece = slice(offset, offset + length)
+                index = None if entry.index is None else entry.index[piece]
+                target = entry.flat[piece] if index is None else entry.flat[index]  # a view, or a copy
+                anchor = None if self._anchor is None else self._anchor[position][piece]
+                z = self.directions.buffer(entry, length)
+                for record in records:  # the arithmetic of apply_update, in its order
+                    drift = None
+                    if record.prox > 0:
+                        if record.anchor_step == record.step:
+                            anchor = new_anchor[position][piece]
+                            anchor.copy_(target)  # theta at the stage start
+                        drift = target - anchor
+                    for seed, g in zip(record.probe_seeds, record.projected_grads):
+                        coefficient = -record.lr * float(g) / len(record.probe_seeds)
+                        target.add_(self.directions.fill(entry, seed, z, offset), alpha=coefficient)
+                    if drift is not None:
+                        target.add_(drift, alpha=-record.lr * record.prox)
+                if index is not None:
+                    entry.flat[index] = target
+        if resets:
+            self._anchor, self._anchor_step = new_anchor, anchor_step
+        self.version += len(records)
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)

@@ -107,8 +107,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
         log.set_meta("trainable_coordinates", parts.trainable.dimension)
         log.set_meta("command", command)
     applier = UpdateApplier(parts.trainable, parts.directions)
-    for record in log.steps():  # resume: rebuild the model from the log
-        applier.apply(record)
+    applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
     coordinator = Coordinator(
         run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
         clip_bound=config.privacy.clip_bound, noise_multiplier=sigma,

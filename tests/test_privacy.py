@@ -145,6 +145,20 @@ def test_a_release_past_the_budget_is_refused_and_nothing_is_released(tmp_path):
         _release(PrivacyLedger(tmp_path / "l.sqlite", epsilon=budget, delta=1e-5), SecretRandomness())
 
 
+def test_a_new_process_reads_the_stored_capacity_and_it_is_the_accountants(tmp_path, monkeypatch):
+    from seedtune.common.privacy import ledger as ledger_module
+
+    event = release_event(0.1, 1.0)
+    budget = epsilon_for(1.0, 0.1, 7, 1e-5) * 1.0001  # room for exactly seven
+    PrivacyLedger(tmp_path / "l.sqlite", epsilon=budget, delta=1e-5).capacity(event)
+    calls = []
+    monkeypatch.setattr(ledger_module, "epsilon_of", lambda *a: calls.append(a) or ledger_module.math.inf)
+    reopened = PrivacyLedger(tmp_path / "l.sqlite", epsilon=budget, delta=1e-5)
+    assert reopened.capacity(event) == 7 and calls == []  # stored, not recomputed
+    assert reopened.capacity(release_event(0.2, 1.0)) == 0  # another event is computed afresh
+    assert calls
+
+
 def test_a_ledgers_budget_cannot_be_changed_after_creation(tmp_path):
     PrivacyLedger(tmp_path / "l.sqlite", epsilon=2, delta=1e-5).close()
     with pytest.raises(BudgetExhausted, match="cannot be changed"):

@@ -196,6 +196,46 @@ def test_replaying_the_log_reproduces_the_live_model_bit_for_bit(tmp_path, distr
     assert not torch.equal(live_state["classifier.weight"], make_task("sequence-classification").module.state_dict()["classifier.weight"])
 
 
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_applying_many_steps_piece_by_piece_equals_one_at_a_time_bit_for_bit(monkeypatch, distribution):
+    monkeypatch.setattr(trainable_module, "CHUNK", 1000)  # many pieces per tensor
+    task = make_task("sequence-classification")
+    other = copy.deepcopy(task.module)
+    mask = OrderedDict([("bert.encoder.layer.0.attention.self.query.weight", torch.arange(0, 1024, 3)),
+                        ("bert.encoder.layer.1.intermediate.dense.weight", None), ("classifier.weight", None)])
+    schedule = StagewiseSchedule(steps=40, stages=3, lr=0.01, beta_start=1e-3, beta_end=1e-2, prox=0.3)
+    records = []
+    for step in range(40):
+        plan = schedule.plan(step)
+        records.append(StepRecord(step, plan.stage, (step + 10, step + 99), tuple(torch.randn(2).tolist()),
+                                  plan.lr, plan.beta, plan.prox, plan.anchor_step))
+
+    def applier(module):
+        trainable = TrainableSet(module, mask)
+        return UpdateApplier(trainable, DirectionField(trainable, distribution))
+
+    one, many = applier(task.module), applier(other)
+    for record in records:
+        one.apply(record)
+    many.apply_all(records[:7])  # the first stage's anchor is set inside a batch ...
+    many.apply_all(records[7:23])  # ... then used by one that starts mid-stage, and reset
+    many.apply_all(records[23:])
+    assert many.version == one.version == 40
+    assert all(torch.equal(a, b) for a, b in zip(task.module.state_dict().values(), other.state_dict().values()))
+    assert many.anchor[1] == one.anchor[1] and all(torch.equal(a, b) for a, b in zip(many.anchor[0], one.anchor[0]))
+
+
+def test_a_batch_of_steps_with_a_bad_one_changes_nothing():
+    trainable = TrainableSet.everything(_model())
+    applier = UpdateApplier(trainable, DirectionField(trainable, "rademacher"))
+    before = trainable.snapshot()
+    with pytest.raises(ValueError, match="version"):
+        applier.apply_all([_record(0), _record(1), _record(3)])
+    with pytest.raises(ValueError, match="anchor"):
+        applier.apply_all([_record(0), _record(1, prox=0.1, anchor_step=0)])  # step 0 set no anchor
+    assert applier.version == 0 and all(torch.equal(a, b) for a, b in zip(before, trainable.snapshot()))
+
+
 def test_a_step_cannot_be_applied_out_of_order_or_without_its_anchor():
     trainable = TrainableSet.everything(_model())
     applier = UpdateApplier(trainable, DirectionField(trainable, "rademacher"))
