@@ -357,7 +357,9 @@ def bench_memory(batch_size: int = BATCH, progress: bool = True) -> dict:
     return {
         "bench": "memory",
         "setup": {"model": "all-MiniLM-L6-v2", "batch": batch_size, "length": LENGTH,
-                  "model_mib": by["zo"]["model_mib"], "threads": _threads()},
+                  "model_mib": by["zo"]["model_mib"], "threads": _threads(),
+                  # What a ZO step must hold above inference: one layer's perturbed weights.
+                  "largest_layer_mib": 1536 * 384 * 4 / 2**20, "zo_above_inference_mib": zo - inference},
         "rows": rows,
         "targets": [
             _target("ZO step memory / inference memory (above the model)", zo / inference, 1.1),

@@ -122,7 +122,7 @@ def bench_comm(progress: bool = True) -> dict:
 
 
 # -- server --------------------------------------------------------------------------------
-def bench_server(rounds: int = ROUNDS, full_rounds: int = 200, progress: bool = True) -> dict:
+def bench_server(rounds: int = ROUNDS, full_rounds: int = 200, progress: bool = True, profile: bool = False) -> dict:
     """Coordinator round time against a client step, and catch-up replay speed, for the default
     preset's trainable set (the head, K=8) over ``rounds`` rounds and for every parameter (K=1,
     DPZero's setting) over ``full_rounds`` (its replay time per round does not depend on how many)."""
@@ -131,8 +131,8 @@ def bench_server(rounds: int = ROUNDS, full_rounds: int = 200, progress: bool = 
 
     work = workload()
     default_mask = components.choose_mask(work.config, work.task, work.batch)
-    variants = [("default preset (head)", default_mask, work.config.zo.probes, rounds),
-                ("every parameter", step_masks(work)["full"], 1, full_rounds)]
+    variants = [("default preset (head)", default_mask, work.config.zo.probes, rounds, False),
+                ("every parameter", step_masks(work)["full"], 1, full_rounds, profile)]
     rows = [_server_row(work, *variant) for variant in _progress(variants, progress, "server")]
     model_bytes = sum(p.numel() * p.element_size() for p in work.task.module.parameters())
     download = model_bytes * 8 / LINK_BITS_PER_S
@@ -155,7 +155,7 @@ def bench_server(rounds: int = ROUNDS, full_rounds: int = 200, progress: bool = 
     }
 
 
-def _server_row(work, label: str, mask: dict, probes: int, rounds: int) -> dict:
+def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile: bool) -> dict:
     import numpy as np
     from seedtune.client.node import _Run
     from seedtune.common import components
@@ -199,15 +199,50 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int) -> dict:
             client_step()
             client.append(time.perf_counter() - start)
         replica = _Run(Path(scratch) / "silo", setup)  # the silo's own model, from the base model
-        start = time.perf_counter()
-        replica.catch_up(Sync(0, records))
-        replay = time.perf_counter() - start
+        with _profiler(profile) as profiled:
+            start = time.perf_counter()
+            replica.catch_up(Sync(0, records))
+            replay = time.perf_counter() - start
         replica.log.close()
-    return {"trainable_set": label, "trainable": parts.trainable.dimension, "probes": config.zo.probes,
+        # The same steps on the same model applied one at a time, and all at once piece by piece
+        # (what catch-up does), timed alternately: apply_all's gain, without the log's commit.
+        one_at_a_time, piecewise = [], []
+        for _ in range(2):
+            for durations, apply in ((one_at_a_time, _one_at_a_time), (piecewise, _all_at_once)):
+                applier = UpdateApplier(replica.parts.trainable, replica.parts.directions)
+                start = time.perf_counter()
+                apply(applier, records)
+                durations.append(time.perf_counter() - start)
+    extra = {"replay_profile": profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+             } if profile else {}
+    return {**extra,"trainable_set": label, "trainable": parts.trainable.dimension, "probes": config.zo.probes,
             "rounds": rounds, "server_round_s": statistics.median(times),
             "client_step_s": statistics.median(client),
             "server_over_client": statistics.median(times) / statistics.median(client),
-            "replay_rounds_per_s": rounds / replay}
+            "replay_rounds_per_s": rounds / replay,
+            "apply_one_at_a_time_rounds_per_s": rounds / min(one_at_a_time),
+            "apply_all_rounds_per_s": rounds / min(piecewise)}
+
+
+def _one_at_a_time(applier, records) -> None:
+    for record in records:
+        applier.apply(record)
+
+
+def _all_at_once(applier, records) -> None:
+    applier.apply_all(records)
+
+
+@contextmanager
+def _profiler(enabled: bool):
+    """torch's profiler around the block when ``enabled``."""
+    if not enabled:
+        yield None
+        return
+    from torch.profiler import profile
+
+    with profile() as profiled:
+        yield profiled
 
 
 def _restore(trainable, values) -> None:

@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="print the results as JSON")
         command.add_argument("--out", type=Path, help=f"write {name}.json (and for sweep, sweep.png) here")
         command.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "server":
+            command.add_argument("--profile", action="store_true",
+                                 help="also print torch's profile of the every-parameter replay")
         command.set_defaults(run=_bench_cost)
 
     budget = commands.add_parser("budget", help="sigma for a privacy budget, or epsilon for a sigma")
@@ -146,7 +149,8 @@ def _bench_utility(args) -> int:
 def _bench_cost(args) -> int:
     from seedtune.cli.performance import print_report, run_bench
 
-    report = run_bench(args.bench, quick=args.quick, out=args.out, progress=not args.no_progress)
+    report = run_bench(args.bench, quick=args.quick, out=args.out, progress=not args.no_progress,
+                       profile=getattr(args, "profile", False))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -33,7 +33,9 @@ COLUMNS = {
              ("join at round 1000", "join_at_the_end_bytes", "{:>19,}")],
     "server": [("trainable set", "trainable_set", "{:<22}"), ("K", "probes", "{:>3}"),
                ("server ms/round", "server_round_s", "{:>16.2f}"), ("client ms/step", "client_step_s", "{:>15.1f}"),
-               ("replay rounds/s", "replay_rounds_per_s", "{:>16.1f}"), ("1000 rounds s", "replay_1000_s", "{:>14.2f}")],
+               ("replay rounds/s", "replay_rounds_per_s", "{:>16.1f}"), ("1000 rounds s", "replay_1000_s", "{:>14.2f}"),
+               ("apply one by one/s", "apply_one_at_a_time_rounds_per_s", "{:>19.1f}"),
+               ("apply_all/s", "apply_all_rounds_per_s", "{:>12.1f}")],
     "scale": [("silos", "clients", "{:>6}"), ("round s", "round_s", "{:>8.3f}"),
               ("forward s", "forward_s_per_round", "{:>10.3f}"), ("framework s", "framework_s_per_round", "{:>12.3f}"),
               ("framework/compute", "framework_over_compute", "{:>18.2f}"),
@@ -43,7 +45,8 @@ MILLISECONDS = {("step", "step_s"), ("step", "baseline_s"), ("server", "server_r
                 ("server", "client_step_s")}  # stored in seconds, printed in ms
 
 
-def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progress: bool = True) -> dict:
+def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progress: bool = True,
+              profile: bool = False) -> dict:
     import torch
 
     from seedtune.cli.bench_cost import _threads
@@ -56,7 +59,8 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
     elif name == "comm":
         report = bench_comm(progress=progress)
     elif name == "server":
-        report = bench_server(rounds=100 if quick else 1000, full_rounds=20 if quick else 100, progress=progress)
+        report = bench_server(rounds=100 if quick else 1000, full_rounds=20 if quick else 100, progress=progress,
+                              profile=profile)
     elif name == "scale":
         report = bench_scale(rounds=4 if quick else 12, progress=progress)
     elif name == "sweep":
@@ -94,6 +98,9 @@ def print_report(report: dict, file=None) -> None:
         setup = report["setup"]
         print(f"model download at 100 Mbit/s: {setup['model_download_s_at_100_mbit']:.2f} s "
               f"({setup['model_bytes']:,} B)", file=file)
+    for row in report["rows"]:
+        if "replay_profile" in row:
+            print(f"\nwhere replay time goes ({row['trainable_set']}, torch profiler):\n{row['replay_profile']}", file=file)
     for target in report["targets"]:
         relation = ">=" if target["at_least"] else "<="
         print(f"[{'met' if target['met'] else 'NOT met'}] {target['claim']}: {target['value']:.4g} "
