@@ -39,6 +39,7 @@ def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
 
 
 def _allocate(megabytes: int) -> dict:
+    torch.ones(1 << 20).sum()  # torch's own first-use set-up (thread pools) happens before the reset
     bench_cost._reset_high_water()
     before = bench_cost._resident_kib()
     block = torch.ones(megabytes * 2**18)  # float32: megabytes MiB, every page touched
@@ -49,7 +50,7 @@ def _allocate(megabytes: int) -> dict:
 
 def test_the_high_water_mark_catches_a_freed_allocation_and_exact_mode_returns_it():
     seen = in_fresh_process(_allocate, 48, environment=EXACT_MEMORY)
-    assert 47 <= seen["peak_mib"] <= 50  # the peak saw it although it was gone when read
+    assert 47 <= seen["peak_mib"] <= 52  # the peak saw it although it was gone when read
     assert seen["after_mib"] < 2  # and the allocator gave it back
 
 
@@ -119,7 +120,8 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
         "comm": {"probes": 1, "down_bytes": 1, "up_bytes": 1, "first_contact_bytes": 1, "total_every_round_bytes": 1,
                  "total_every_third_round_bytes": 1, "join_at_the_end_bytes": 1},
         "server": {"trainable_set": "head", "probes": 8, "server_round_s": 0.001, "client_step_s": 0.1,
-                   "replay_rounds_per_s": 900.0, "replay_1000_s": 1.1},
+                   "replay_rounds_per_s": 900.0, "replay_1000_s": 1.1, "apply_one_at_a_time_rounds_per_s": 1.0,
+                   "apply_all_rounds_per_s": 1.0},
         "scale": {"clients": 2, "round_s": 0.2, "forward_s_per_round": 0.1, "framework_s_per_round": 0.1,
                   "framework_over_compute": 1.0, "peak_tree_mib": 10.0, "peak_mib_per_client": 5.0},
     }
