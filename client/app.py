@@ -12,7 +12,9 @@ Node configuration (``--node-config`` of a SuperNode, or set by the simulation e
   ``~/.seedtune/silos/<partition>``);
 * ``epsilon`` / ``delta`` — this silo's own budget, which no request can raise;
 * ``name`` — how the coordinator's reports call this silo;
-* ``audit-log`` — a JSON-lines file of every message in and out (``client/audit.py``).
+* ``audit-log`` — a JSON-lines file of every message in and out (``client/audit.py``);
+* ``min-noise-multiplier``, ``max-probes``, ``max-sample-rate``, ``max-rounds``,
+  ``allow-nonprivate`` — limits no request can exceed (``client/limits.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch  # noqa: F401  (Ray workers need torch imported by the ClientApp mo
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from seedtune.client.audit import audit_mod
+from seedtune.client.limits import Limits
 from seedtune.client.node import SiloNode
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -104,8 +107,10 @@ def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode
                 return own_data(Path(str(node_config["data-path"])), config, label_names, split)
             return components.silo_shard(config, split, partition, int(node_config.get("num-partitions", 1)))
 
+        # seedtune simulate (state_root given) runs every silo for the one user who started it.
+        limits = Limits.from_node_config(node_config, allow_nonprivate=state_root is not None)
         _NODES[key] = SiloNode(state_dir, shard, budget=budget, partition=partition,
-                               name=str(node_config.get("name", label)))
+                               name=str(node_config.get("name", label)), limits=limits)
     return _NODES[key], partition
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from seedtune.client.limits import Limits
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -155,8 +156,10 @@ class SiloNode:
         budget: tuple[float, float, str] | None = None,
         partition: int | None = None,
         name: str | None = None,
+        limits: Limits | None = None,
     ):
         self.state_dir = Path(state_dir)
+        self.limits = limits or Limits()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._shard_loader = shard
         self._budget = budget
@@ -180,6 +183,7 @@ class SiloNode:
         """Catch up, then sample -> estimate -> clip -> sum -> record -> noise -> scale."""
         start = time.perf_counter()
         run = self.run(request.run_id, sync.setup)
+        self.limits.check_training(request, private=run.config.privacy.enabled)  # before anything is drawn
         run.catch_up(sync)
         caught_up = time.perf_counter()
         if run.version != request.model_version:
@@ -201,6 +205,7 @@ class SiloNode:
     def evaluate(self, request: TrainRequest, sync: Sync, *, private: bool, noise_multiplier: float
                  ) -> tuple[float, float, tuple[dict, ...]]:
         """Accuracy counts on this silo's own held-out examples: noised and charged when private."""
+        self.limits.check_evaluation(private=private, noise_multiplier=noise_multiplier)
         run = self.run(request.run_id, sync.setup)
         run.catch_up(sync)
         if run.version != request.model_version:

@@ -11,6 +11,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from seedtune.client.app import handle_evaluate, handle_train
+from seedtune.client.limits import Limits
 from seedtune.client.node import SiloNode, SyncError
 from seedtune.common import components
 from seedtune.common.config import load_config
@@ -282,7 +283,8 @@ def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_strea
 def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode):
     config = _config(f"federation.client_eval={mode}", "federation.clients=2", "federation.client_eval_sigma=2.0")
     run = open_run(config, tmp_path / "run", resume=False)
-    nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k) for k in range(2)}
+    limits = Limits(allow_nonprivate=mode == "nonprivate")  # a deployed silo must opt in to exact counts
+    nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k, limits=limits) for k in range(2)}
     transport = DirectTransport({k: (lambda c, node=node: handle_train(c, node)) for k, node in nodes.items()},
                                 {k: (lambda c, node=node: handle_evaluate(c, node)) for k, node in nodes.items()})
     if mode == "nonprivate":

@@ -1,0 +1,92 @@
+"""A silo's own limits: a coordinator cannot make it release weaker or more than its operator allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from seedtune.client.app import handle_train
+from seedtune.client.limits import Limits, RequestRefused
+from seedtune.client.node import SiloNode
+from seedtune.common import components
+from seedtune.common.config import load_config
+from seedtune.common.errors import SeedtuneError
+from seedtune.common.protocol import TrainRequest
+from seedtune.common.wire import Sync
+from seedtune.server.federation import DirectTransport, Federation, FederationError
+from seedtune.server.runs import open_run
+
+TINY = ["schedule.steps=4", "schedule.stages=2", "eval.every=0", "data.synthetic_size=200",
+        "federation.clients=1", "federation.round_timeout=5", "federation.round_retries=1"]
+
+
+def _config(*extra):
+    return load_config("tiny", overrides=[*TINY, *extra], command="simulate")
+
+
+def _shard(config, label_names, split="train"):
+    return components.silo_shard(config, split, 0, 1)
+
+
+def _with(request: TrainRequest, **changes) -> TrainRequest:
+    return TrainRequest(**{**request.__dict__, **changes})
+
+
+def test_node_config_sets_the_limits_and_a_bad_value_names_its_key():
+    limits = Limits.from_node_config({"min-noise-multiplier": 0.8, "max-probes": 16, "max-sample-rate": 0.05,
+                                      "max-rounds": 500, "allow-nonprivate": "true"})
+    assert limits == Limits(0.8, 16, 0.05, 500, True)
+    assert Limits.from_node_config({}) == Limits()  # no floor, K <= 1024, q <= 1, no round limit, private only
+    assert Limits.from_node_config({}, allow_nonprivate=True).allow_nonprivate
+    for key, value in (("min-noise-multiplier", -1.0), ("max-probes", 0), ("max-sample-rate", 1.5),
+                       ("max-rounds", "many"), ("allow-nonprivate", "sometimes"), ("max-probes", True)):
+        with pytest.raises(SeedtuneError, match=f"node config {key}="):
+            Limits.from_node_config({key: value})
+
+
+def test_requests_outside_the_limits_are_refused_before_anything_is_released(tmp_path):
+    run = open_run(_config("zo.probes=4", "privacy.sample_rate=0.05"), tmp_path / "run", resume=False)
+    limits = Limits(min_noise_multiplier=run.sigma * 0.9, max_probes=4, max_sample_rate=0.05, max_rounds=3)
+    node = SiloNode(tmp_path / "silo", _shard, partition=0, limits=limits)
+    request = run.coordinator.request()
+    first = Sync(0, tuple(run.log.steps()), run.setup())
+    refusals = {
+        "min-noise-multiplier": _with(request, noise_multiplier=run.sigma * 0.5),
+        "max-probes": _with(request, probe_seeds=request.probe_seeds + (99,)),
+        "max-sample-rate": _with(request, sample_rate=0.2),
+        "max-rounds": _with(request, round=3),
+    }
+    for key, asked in refusals.items():
+        with pytest.raises(RequestRefused, match=key):
+            node.answer(asked, first)
+    assert node.ledger is None or node.ledger.releases == 0  # nothing drawn, charged or released
+    assert not (tmp_path / "silo" / "timings.jsonl").exists()
+    reply, _ = node.answer(request, first)  # the same request within the limits is answered
+    assert len(reply.projected_grads) == 4 and node.ledger.releases == 1
+
+
+def test_a_run_that_switches_privacy_off_is_refused_unless_the_silo_allows_it(tmp_path):
+    run = open_run(_config("privacy.enabled=false"), tmp_path / "run", resume=False)
+    request, first = run.coordinator.request(), Sync(0, tuple(run.log.steps()), run.setup())
+    strict = SiloNode(tmp_path / "strict", _shard, partition=0)
+    with pytest.raises(RequestRefused, match="allow-nonprivate"):
+        strict.answer(request, first)
+    with pytest.raises(RequestRefused, match="allow-nonprivate"):
+        strict.evaluate(request, first, private=False, noise_multiplier=0.0)
+    with pytest.raises(RequestRefused, match="min-noise-multiplier"):
+        SiloNode(tmp_path / "floor", _shard, partition=0, limits=Limits(min_noise_multiplier=3.0)).evaluate(
+            request, first, private=True, noise_multiplier=1.0)
+    willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_nonprivate=True))
+    reply, _ = willing.answer(request, first)
+    assert reply.events == ()  # answered, without noise, as its operator allowed
+
+
+def test_a_coordinator_asking_for_less_noise_than_the_floor_gets_no_release(tmp_path):
+    run = open_run(_config(), tmp_path / "run", resume=False)
+    node = SiloNode(tmp_path / "silo", _shard, partition=0, limits=Limits(min_noise_multiplier=run.sigma * 2))
+    federation = Federation(run, DirectTransport({0: lambda content: handle_train(content, node)}), progress=False)
+    with pytest.raises(FederationError):
+        federation.run_all()
+    reasons = [r["reason"] for r in federation.store.rejections()]
+    assert reasons and all("min-noise-multiplier" in reason for reason in reasons)
+    assert run.coordinator.step == 0  # no round was applied
+    assert node.ledger is None or node.ledger.releases == 0
