@@ -269,12 +269,21 @@ def _pack_index(index: torch.Tensor) -> str:
     return base64.b64encode(zlib.compress(deltas.tobytes(), 6)).decode()
 
 
+MAX_INDEX_BYTES = 1 << 30  # 128M mask coordinates: a decompression bomb stops here
+
+
 def _unpack_index(text: str) -> torch.Tensor:
-    deltas = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8")
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(base64.b64decode(text), MAX_INDEX_BYTES)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"a mask index inflates past {MAX_INDEX_BYTES} bytes")
+    deltas = np.frombuffer(raw, dtype="<i8")
     return torch.from_numpy(np.cumsum(deltas).astype(np.int64))
 
 
 def _decode_setup(blob) -> Setup:
+    if not isinstance(blob, bytes):  # bytes(n) of a huge int n would allocate n bytes
+        raise WireError(f"sync.setup must be bytes, got {type(blob).__name__}")
     try:
         data = json.loads(bytes(blob).decode())
         mask = OrderedDict((name, None if data["mask"][name] is None else _unpack_index(data["mask"][name]))

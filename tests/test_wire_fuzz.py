@@ -1,0 +1,149 @@
+"""Property-based fuzzing of every decoder a party runs on what arrives from the network: any
+input either decodes into a valid message or is refused with a WireError; nothing else escapes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from flwr.app import ConfigRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seedtune.common.wire import (
+    MAX_PROBES,
+    WireError,
+    decode_evaluation,
+    decode_evaluation_reply,
+    decode_reply,
+    decode_request,
+)
+
+# Every value type a Flower ConfigRecord carries: scalars and homogeneous lists of them.
+SCALARS = [st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
+           st.text(max_size=40), st.binary(max_size=40), st.booleans()]
+VALUES = st.one_of(*SCALARS, *[st.lists(s, max_size=6) for s in SCALARS])
+REQUEST_KEYS = ["run_id", "round", "model_version", "probe_seeds", "beta", "clip_bound", "noise_multiplier",
+                "sample_rate"]
+SYNC_KEYS = ["start_version", "records", "setup", "checkpoint_version", "checkpoint_anchor_step"]
+REPLY_KEYS = ["silo", "round", "model_version", "projected_grads", "expected_batch_size", "events"]
+
+
+def records(keys: list[str]):
+    """Config records whose keys are mostly the real ones, with values of any type."""
+    return st.dictionaries(st.one_of(st.sampled_from(keys), st.text(max_size=8)), VALUES, max_size=len(keys) + 2)
+
+
+def plausible_records():
+    """Step records as JSON: the right shape, values anywhere in range and out of it."""
+    number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 2**64), st.booleans(),
+                       st.text(max_size=3), st.none())
+    row = st.lists(st.one_of(number, st.lists(number, max_size=3)), min_size=0, max_size=9)
+    return st.lists(row, max_size=3).map(json.dumps)
+
+
+def _decodes_or_refuses(decode, content) -> None:
+    try:
+        decode(content)
+    except WireError:
+        pass  # refused with a reason: the only acceptable failure
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(request=records(REQUEST_KEYS), sync=records(SYNC_KEYS), steps=plausible_records(), keep_steps=st.booleans())
+def test_a_train_request_decodes_or_is_refused(request, sync, steps, keep_steps):
+    if keep_steps:
+        sync = {**sync, "records": steps}
+    content = RecordDict({"request": ConfigRecord(request), "sync": ConfigRecord(sync)})
+    try:
+        decoded, synced = decode_request(content)
+    except WireError:
+        return
+    # What a silo would apply to its model: consecutive steps of finite numbers only
+    assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.sample_rate <= 1
+    for offset, step in enumerate(synced.records):
+        assert step.step == synced.start_version + offset
+        assert all(math.isfinite(x) for x in (step.lr, step.beta, step.prox, *step.projected_grads))
+
+
+@FUZZ
+@given(request=records(REQUEST_KEYS), sync=records(SYNC_KEYS), evaluate=records(["private", "noise_multiplier"]))
+def test_an_evaluation_request_decodes_or_is_refused(request, sync, evaluate):
+    content = RecordDict({"request": ConfigRecord(request), "sync": ConfigRecord(sync),
+                          "evaluate": ConfigRecord(evaluate)})
+    _decodes_or_refuses(decode_evaluation, content)
+
+
+@FUZZ
+@given(reply=records(REPLY_KEYS), probes=st.integers(1, 4), round=st.integers(0, 3))
+def test_a_reply_decodes_only_into_finite_values_of_the_round_asked(reply, probes, round):
+    content = RecordDict({"reply": ConfigRecord(reply)})
+    try:
+        decoded, version, silo = decode_reply(content, round=round, probes=probes)
+    except WireError:
+        return
+    # What the coordinator would aggregate: the round it asked, K finite numbers, a positive weight
+    assert decoded.round == round and len(decoded.projected_grads) == probes
+    assert all(math.isfinite(g) for g in decoded.projected_grads) and decoded.expected_batch_size > 0
+    assert version >= 0 and isinstance(silo, str)
+
+
+@FUZZ
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4),
+       weight=st.floats(allow_nan=True, allow_infinity=True), events=st.lists(st.text(max_size=30), max_size=2))
+def test_a_well_formed_reply_with_bad_numbers_is_refused(values, weight, events):
+    content = RecordDict({"reply": ConfigRecord({"silo": "s", "round": 0, "model_version": 0,
+                                                  "projected_grads": values, "expected_batch_size": weight,
+                                                  "events": events})})
+    try:
+        decoded, _, _ = decode_reply(content, round=0, probes=len(values))
+    except WireError:
+        return
+    assert all(math.isfinite(g) for g in decoded.projected_grads) and decoded.expected_batch_size > 0
+
+
+@FUZZ
+@given(evaluation=records(["silo", "correct", "count", "events"]))
+def test_an_evaluation_reply_decodes_or_is_refused(evaluation):
+    _decodes_or_refuses(decode_evaluation_reply, RecordDict({"evaluation": ConfigRecord(evaluation)}))
+
+
+def test_the_fuzzed_request_shape_can_also_decode():
+    # The strategies reach valid messages too (else the tests above would only test refusals).
+    request = {"run_id": "r", "round": 1, "model_version": 1, "probe_seeds": [1, 2], "beta": 1e-3, "clip_bound": 1.0,
+               "noise_multiplier": 1.0, "sample_rate": 0.1}
+    decoded, sync = decode_request(RecordDict({"request": ConfigRecord(request),
+                                               "sync": ConfigRecord({"start_version": 1, "records": "[]"})}))
+    assert decoded.probe_seeds == (1, 2) and sync.records == () and len(decoded.probe_seeds) <= MAX_PROBES
+
+
+def test_a_setup_that_would_allocate_without_bound_is_refused():
+    import base64
+    import zlib
+
+    from seedtune.common import wire
+
+    request = {"run_id": "r", "round": 1, "model_version": 1, "probe_seeds": [1], "beta": 1e-3, "clip_bound": 1.0,
+               "noise_multiplier": 1.0, "sample_rate": 0.1}
+
+    def with_setup(setup):
+        return RecordDict({"request": ConfigRecord(request),
+                           "sync": ConfigRecord({"start_version": 1, "records": "[]", "setup": setup})})
+
+    for setup in (2**62, 10**9, [1, 2]):  # found by fuzzing: bytes(2**62) raised MemoryError
+        with pytest.raises(WireError, match="must be bytes"):
+            decode_request(with_setup(setup))
+    bomb = base64.b64encode(zlib.compress(bytes(64 << 20), 9)).decode()  # 64 KB that inflates to 64 MB
+    blob = json.dumps({"run_id": "r", "config": {}, "base": {}, "mask": {"w": bomb}, "mask_order": ["w"]}).encode()
+    original = wire.MAX_INDEX_BYTES
+    wire.MAX_INDEX_BYTES = 1 << 20
+    try:
+        with pytest.raises(WireError, match="inflates past"):
+            decode_request(with_setup(blob))
+    finally:
+        wire.MAX_INDEX_BYTES = original
