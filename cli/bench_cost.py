@@ -221,14 +221,18 @@ def bench_step(repeats: int = 10, progress: bool = True) -> dict:
 
 
 # -- memory and time of one step, each method in a fresh process ------------------------------
-def _high_water_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB."""
     status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
+
+
+def _high_water_kib() -> int:
+    return _status_kib("VmHWM")  # the peak resident memory since the last reset
 
 
 def _resident_kib() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+    return _status_kib("VmRSS")
 
 
 def _reset_high_water() -> None:
@@ -280,31 +284,24 @@ def _cost_step(method: str, work: Workload) -> Callable[[], None]:
     for param in module.parameters():
         param.requires_grad_(True)
     if method == "backprop":
-        optimizer = torch.optim.SGD(module.parameters(), lr=1e-6)
-
-        def backprop() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(module(**inputs).logits.float(), labels)
-            loss.backward()
-            optimizer.step()
-
-        return backprop
-    if method == "dp-sgd":
+        model, optimizer = module, torch.optim.SGD(module.parameters(), lr=1e-6)
+    elif method == "dp-sgd":
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        model = GradSampleModule(module)
+        model = GradSampleModule(module)  # per-example gradients, clipped and noised by the optimizer
         optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=1e-6), noise_multiplier=1.0,
                                 max_grad_norm=2.0, expected_batch_size=work.size)
+    else:
+        raise SeedtuneError(f"unknown method {method!r}; use one of {', '.join(COST_METHODS)}")
 
-        def dp_sgd() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(**inputs).logits.float(), labels)
-            loss.backward()
-            optimizer.step()
+    def gradient_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(**inputs).logits.float(), labels)
+        loss.backward()
+        optimizer.step()
 
-        return dp_sgd
-    raise SeedtuneError(f"unknown method {method!r}; use one of {', '.join(COST_METHODS)}")
+    return gradient_step
 
 
 def _inference(work: Workload) -> None:

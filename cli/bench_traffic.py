@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from seedtune.cli.bench_cost import _progress, _target, in_fresh_process, workload, zo_step
+from seedtune.cli.bench_cost import _progress, _target, _threads, in_fresh_process, workload, zo_step
 
 PROBES = (1, 4, 16)
 ROUNDS = 1000
@@ -259,7 +259,7 @@ def _restore(trainable, values) -> None:
 # -- scale ---------------------------------------------------------------------------------
 def bench_scale(clients: tuple[int, ...] = SCALE_CLIENTS, rounds: int = 12, progress: bool = True) -> dict:
     rows = [in_fresh_process(simulate_and_measure, n, rounds) for n in _progress(clients, progress, "scale")]
-    return {"bench": "scale", "setup": {"preset": "tiny", "rounds": rounds, "cpus": _cpus()}, "rows": rows,
+    return {"bench": "scale", "setup": {"preset": "tiny", "rounds": rounds, "cpus": _threads()}, "rows": rows,
             "targets": []}
 
 
@@ -306,15 +306,10 @@ def simulate_and_measure(clients: int, rounds: int) -> dict:
     forward = sum(t["forward_s"] for t in later) / max(len(durations), 1)
     silo_total = sum(t["total_s"] for t in later) / max(len(durations), 1)
     round_s = statistics.median(durations) if durations else math.nan
-    workers = min(clients, _cpus())
+    workers = min(clients, _threads())
     compute = forward / workers  # the silos run on `workers` Ray workers at once
     return {"clients": clients, "rounds": rounds, "wall_s": wall, "round_s": round_s,
             "forward_s_per_round": forward, "silo_busy_s_per_round": silo_total,
             "framework_s_per_round": round_s - compute, "framework_over_compute": (round_s - compute) / compute,
             "peak_tree_mib": peak["bytes"] / 2**20, "peak_mib_per_client": peak["bytes"] / 2**20 / clients}
 
-
-def _cpus() -> int:
-    from seedtune.cli.bench_cost import _threads
-
-    return _threads()
