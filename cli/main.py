@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
     budget.add_argument("--steps", type=int, required=True)
     budget.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    budget.add_argument("--noise", choices=("discrete", "gaussian"), default="discrete",
+                        help="the noise a release draws (privacy.noise; 'pld' needs 'gaussian')")
     budget.set_defaults(run=_budget)
     return parser
 
@@ -319,13 +321,16 @@ def _budget(args) -> int:
     need(0 < args.delta < 1, f"--delta {args.delta} must be in (0, 1), e.g. 1e-5")
     need(0 < args.sample_rate <= 1, f"--sample-rate {args.sample_rate} must be in (0, 1]")
     need(args.steps >= 1, f"--steps {args.steps} must be >= 1")
+    need(not (args.accountant == "pld" and args.noise == "discrete"),
+         "--accountant pld models the continuous Gaussian only: add --noise gaussian, or use --accountant rdp")
     if args.epsilon is not None:
         need(args.epsilon > 0 and math.isfinite(args.epsilon), f"--epsilon {args.epsilon} must be a finite number > 0")
-        sigma = calibrate_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+        sigma = calibrate_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant,
+                                           noise=args.noise)
         print(f"{sigma:.4f}")
     else:
         need(args.sigma > 0, f"--sigma {args.sigma} must be > 0")
-        print(f"{epsilon_for(args.sigma, args.sample_rate, args.steps, args.delta, args.accountant):.4f}")
+        print(f"{epsilon_for(args.sigma, args.sample_rate, args.steps, args.delta, args.accountant, args.noise):.4f}")
     return 0
 
 

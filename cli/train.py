@@ -61,7 +61,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         )
     randomness = _randomness(config)
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
-    silo = Silo(task, estimator, data.train, randomness, ledger)
+    silo = Silo(task, estimator, data.train, randomness, ledger, config.privacy.noise)
 
     def evaluation(split, limit):
         return run.evaluate(split, limit)

@@ -219,8 +219,8 @@ class SiloNode:
         if silo.ledger is None:
             raise SyncError("a private evaluation in a non-private run")
         noisy = private_counts(round(correct), int(count), noise_multiplier=noise_multiplier,
-                               randomness=silo.randomness, ledger=silo.ledger, round=request.round)
-        return noisy[0], noisy[1], (event_codec.event_to_dict(evaluation_event(noise_multiplier)),)
+                               randomness=silo.randomness, ledger=silo.ledger, round=request.round, noise=silo.noise)
+        return noisy[0], noisy[1], (event_codec.event_to_dict(evaluation_event(noise_multiplier, silo.noise)),)
 
     def _silo(self, run_id: str, run: _Run) -> Silo:
         if run_id not in self._silos:
@@ -235,7 +235,7 @@ class SiloNode:
                 ledger = self.ledger
             randomness = components.randomness(config, self.partition or 0)
             shard = self._shard_loader(config, run.label_names, "train")
-            self._silos[run_id] = Silo(run.task, run.estimator, shard, randomness, ledger)
+            self._silos[run_id] = Silo(run.task, run.estimator, shard, randomness, ledger, config.privacy.noise)
         return self._silos[run_id]
 
     def close(self) -> None:

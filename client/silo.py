@@ -29,12 +29,14 @@ class Silo:
         shard: datasets.Dataset,
         randomness: SecretRandomness,
         ledger: PrivacyLedger | None,
+        noise: str = "discrete",
     ):
         self.task = task
         self.estimator = estimator
         self.shard = shard
         self.randomness = randomness
         self.ledger = ledger  # None: a non-private run, which releases without clipping or noise
+        self.noise = noise  # "discrete" (exact lattice noise) or "gaussian" (floating point)
         self.last_loss = float("nan")
         self.last_batch_size = 0
         self.last_compute_s = 0.0  # the forward passes of the last answer
@@ -61,6 +63,7 @@ class Silo:
                 randomness=self.randomness,
                 ledger=self.ledger,
                 round=request.round,
+                noise=self.noise,
             )
         self.last_loss, self.last_batch_size = estimate.loss, len(chosen)
         events = () if release.event is None else (event_codec.event_to_dict(release.event),)

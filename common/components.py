@@ -152,7 +152,7 @@ def noise_multiplier(config: Config) -> float:
     also = planned_evaluation(config)
     try:
         return calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, config.schedule.steps, p.accountant,
-                                          also=also)
+                                          also=also, noise=p.noise)
     except ValueError:
         raise ConfigError(
             f"federation.client_eval_sigma={config.federation.client_eval_sigma} alone spends more than "
@@ -164,7 +164,7 @@ def planned_evaluation(config: Config):
     """The private client evaluation a run ends with, if any (charged to every silo)."""
     federation = config.federation
     if config.privacy.enabled and federation.client_eval == "private":
-        return evaluation_event(federation.client_eval_sigma)
+        return evaluation_event(federation.client_eval_sigma, config.privacy.noise)
     return None
 
 
@@ -173,7 +173,7 @@ def planned_epsilon(config: Config, sigma: float) -> float:
     p = config.privacy
     if not p.enabled:
         return float("inf")
-    events = [dp_accounting.SelfComposedDpEvent(release_event(p.sample_rate, sigma), config.schedule.steps)]
+    events = [dp_accounting.SelfComposedDpEvent(release_event(p.sample_rate, sigma, p.noise), config.schedule.steps)]
     if planned_evaluation(config) is not None:
         events.append(planned_evaluation(config))
     return epsilon_of(events, p.delta, p.accountant)

@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from seedtune.common.directions import DISTRIBUTIONS
 from seedtune.common.errors import ConfigError
-from seedtune.common.privacy.accounting import ACCOUNTANTS
+from seedtune.common.privacy.accounting import ACCOUNTANTS, NOISES
 from seedtune.common.tasks import TASKS
 
 PRESETS = ("default", "tiny")
@@ -71,6 +71,7 @@ class PrivacyConfig:
     sample_rate: float = 0.003  # q: Poisson sampling rate
     noise_multiplier: float | None = None  # sigma; None = calibrate from (epsilon, delta, steps)
     accountant: str = "rdp"
+    noise: str = "discrete"  # "discrete": exact integer noise on a lattice; "gaussian": floating-point
     noise_seed: int | None = None  # TESTS ONLY: makes sampling and noise reproducible
 
     def validate(self) -> None:
@@ -79,6 +80,10 @@ class PrivacyConfig:
         _check("privacy.clip_bound", self.clip_bound, self.clip_bound > 0 and math.isfinite(self.clip_bound), "> 0")
         _check("privacy.sample_rate", self.sample_rate, 0 < self.sample_rate <= 1, "in (0, 1]")
         _check("privacy.accountant", self.accountant, self.accountant in ACCOUNTANTS, f"one of {ACCOUNTANTS}")
+        _check("privacy.noise", self.noise, self.noise in NOISES, f"one of {NOISES}")
+        _check("privacy.accountant", self.accountant, not (self.accountant == "pld" and self.noise == "discrete"),
+               "'rdp' with privacy.noise='discrete' (PLD models the continuous Gaussian only; or set "
+               "privacy.noise='gaussian')")
         if self.noise_multiplier is not None:
             _check("privacy.noise_multiplier", self.noise_multiplier,
                    self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),

@@ -65,10 +65,16 @@ def test_show_reports_privacy_and_every_step(tiny_run):
 
 
 def test_budget_prints_sigma_and_epsilon():
-    sigma = seedtune("budget", "--epsilon", 2, "--delta", 1e-5, "--sample-rate", 0.01, "--steps", 1000)
+    common = ("--delta", 1e-5, "--sample-rate", 0.01, "--steps", 1000)
+    sigma = seedtune("budget", "--epsilon", 2, *common, "--noise", "gaussian")
     assert sigma.returncode == 0 and sigma.stdout.strip() == "1.0223"
-    epsilon = seedtune("budget", "--sigma", 1.0223, "--delta", 1e-5, "--sample-rate", 0.01, "--steps", 1000)
+    epsilon = seedtune("budget", "--sigma", 1.0223, *common, "--noise", "gaussian")
     assert float(epsilon.stdout) == pytest.approx(2.0, abs=1e-3)
+    # discrete noise is counted at integer orders only: a little more noise for the same budget
+    discrete = seedtune("budget", "--epsilon", 2, *common)
+    assert 1.0223 < float(discrete.stdout) < 1.0223 * 1.01
+    refused = seedtune("budget", "--epsilon", 2, *common, "--accountant", "pld")
+    assert refused.returncode == 2 and "--noise gaussian" in refused.stderr
 
 
 @pytest.mark.parametrize("args, fragment", [

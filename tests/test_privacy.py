@@ -61,10 +61,10 @@ def test_adding_or_removing_one_example_moves_the_sum_by_at_most_c(rows, clip_bo
 
 
 # -- noise -------------------------------------------------------------------------------------
-def _release(ledger, randomness, differences=None):
+def _release(ledger, randomness, differences=None, noise="discrete"):
     differences = torch.ones(10, 3, dtype=torch.float64) if differences is None else differences
     return private_release(differences, clip_bound=1.0, noise_multiplier=1.0, sample_rate=0.1,
-                           population=100, randomness=randomness, ledger=ledger, round=0).values
+                           population=100, randomness=randomness, ledger=ledger, round=0, noise=noise).values
 
 
 def test_identical_runs_release_different_noise(tmp_path):
@@ -76,13 +76,20 @@ def test_identical_runs_release_different_noise(tmp_path):
     assert not np.array_equal(draws[0], draws[1])
 
 
-def test_noise_comes_from_the_os_csprng_and_not_from_any_public_seed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("noise", ["discrete", "gaussian"])
+def test_noise_comes_from_the_os_csprng_and_not_from_any_public_seed(tmp_path, monkeypatch, noise):
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     seeds = [0, 1, 1000, 653885050075807403]  # run seed, split seed, probe seeds
-    monkeypatch.setattr(os, "urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
-    first = _release(ledger, SecretRandomness())
+
+    def replay_urandom():  # a fixed stream of "OS" bytes, restarted for each release
+        stream = np.random.default_rng(987654321)
+        monkeypatch.setattr(os, "urandom", lambda n: stream.bytes(n))
+
+    replay_urandom()
+    first = _release(ledger, SecretRandomness(), noise=noise)
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
-    assert np.array_equal(first, _release(ledger, SecretRandomness()))  # fixed urandom => fixed noise
+    replay_urandom()
+    assert np.array_equal(first, _release(ledger, SecretRandomness(), noise=noise))  # fixed urandom => fixed noise
     noise = first * 10 - 10 * 1.0  # undo the normalisation: (sum + noise) / (q n), sum = 10 per coordinate
     for seed in seeds:  # no generator keyed by a public value reproduces it
         for candidate in (np.random.default_rng(seed).standard_normal(3),
@@ -111,6 +118,9 @@ def test_release_is_normalised_by_the_expected_not_the_realised_batch_size(tmp_p
         def normal(self, n):
             return np.zeros(n)
 
+        def discrete_gaussian(self, n, sigma_squared):
+            return np.zeros(n, dtype=np.int64)
+
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     values = private_release(torch.full((7, 2), 0.5, dtype=torch.float64), clip_bound=10.0, noise_multiplier=1.0,
                              sample_rate=0.1, population=100, randomness=NoNoise(), ledger=ledger, round=0).values
@@ -126,13 +136,13 @@ def test_every_release_is_recorded_durably_before_it_leaves(tmp_path):
     ledger.close()  # a restart
     reopened = PrivacyLedger(path, epsilon=10, delta=1e-5)
     assert reopened.releases == 3
-    assert reopened.events() == [release_event(0.1, 1.0)] * 3
-    assert reopened.spent() == pytest.approx(epsilon_for(1.0, 0.1, 3, 1e-5))
+    assert reopened.events() == [release_event(0.1, 1.0, "discrete")] * 3
+    assert reopened.spent() == pytest.approx(epsilon_for(1.0, 0.1, 3, 1e-5, noise="discrete"))
 
 
 def test_a_release_past_the_budget_is_refused_and_nothing_is_released(tmp_path):
-    event = release_event(0.1, 1.0)
-    budget = epsilon_for(1.0, 0.1, 5, 1e-5) * 1.0001  # room for exactly five
+    event = release_event(0.1, 1.0, "discrete")
+    budget = epsilon_for(1.0, 0.1, 5, 1e-5, noise="discrete") * 1.0001  # room for exactly five
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=budget, delta=1e-5)
     assert ledger.capacity(event) == 5
     for _ in range(5):
@@ -197,8 +207,9 @@ def test_epsilon_of_grouped_events_equals_dp_accounting_composition():
 
 
 def test_event_codec_round_trips_and_refuses_what_it_does_not_know():
-    event = dp_accounting.SelfComposedDpEvent(release_event(0.01, 1.3), 4)
-    assert codec.loads(codec.dumps(event)) == event
+    for noise in ("gaussian", "discrete"):
+        event = dp_accounting.SelfComposedDpEvent(release_event(0.01, 1.3, noise), 4)
+        assert codec.loads(codec.dumps(event)) == event
     for bad in ('{"type": "os.system", "command": "rm"}', '{"type": "GaussianDpEvent"}',
                 '{"type": "GaussianDpEvent", "noise_multiplier": "1"}',
                 '{"type": "GaussianDpEvent", "noise_multiplier": NaN}', "not json"):

@@ -13,11 +13,13 @@ from typing import Any
 
 import attr
 import dp_accounting
+from seedtune.common.privacy.accounting import DiscreteGaussianDpEvent
 
 _ALLOWED: dict[str, type[dp_accounting.DpEvent]] = {
     cls.__name__: cls
     for cls in (
         dp_accounting.GaussianDpEvent,
+        DiscreteGaussianDpEvent,
         dp_accounting.PoissonSampledDpEvent,
         dp_accounting.SelfComposedDpEvent,
         dp_accounting.ComposedDpEvent,
