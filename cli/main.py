@@ -119,6 +119,21 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--noise", choices=("discrete", "gaussian"), default="discrete",
                         help="the noise a release draws (privacy.noise; 'pld' needs 'gaussian')")
     budget.set_defaults(run=_budget)
+
+    audit = commands.add_parser(
+        "audit", help="empirical privacy audit of one release: a lower bound on epsilon beside the accountant's")
+    _settings(audit, "whose mechanism to audit (default, tiny)", "privacy.noise=gaussian")
+    audit.add_argument("--epsilon", type=float,
+                       help="calibrate sigma so that the one audited release spends this epsilon "
+                            "(default: the sigma of the config's run)")
+    audit.add_argument("--trials", type=int, default=10_000, help="releases per dataset, D and D' (default 10000)")
+    audit.add_argument("--sample-rate", type=float, default=1.0,
+                       help="Poisson rate q of the audited release (default 1: the sharpest test)")
+    audit.add_argument("--noise-off", action="store_true", help="release the clipped sum without noise")
+    audit.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    audit.set_defaults(run=_audit)
     return parser
 
 
@@ -332,6 +347,22 @@ def _budget(args) -> int:
         need(args.sigma > 0, f"--sigma {args.sigma} must be > 0")
         print(f"{epsilon_for(args.sigma, args.sample_rate, args.steps, args.delta, args.accountant, args.noise):.4f}")
     return 0
+
+
+def _audit(args) -> int:
+    from seedtune.cli.audit import print_report, run_audit, validate
+    from seedtune.common.config import load_config
+
+    validate(epsilon=args.epsilon, trials=args.trials, sample_rate=args.sample_rate, noise_off=args.noise_off,
+             confidence=args.confidence)
+    config = load_config(args.preset, args.config, args.overrides)
+    result = run_audit(config, epsilon=args.epsilon, trials=args.trials, sample_rate=args.sample_rate,
+                       noise_off=args.noise_off, confidence=args.confidence, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_report(result, config, args.epsilon)
+    return 0 if result.consistent else 1
 
 
 def _number(value: float) -> str:
