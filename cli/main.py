@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         "scale": "simulated federations of 2, 4 and 8 silos (tiny preset): framework time against forward passes, "
                  "memory per silo",
         "sweep": "step time and memory against batch size for ZO, inference, backpropagation and DP-SGD, with a plot",
+        "noise": "what the default discrete Gaussian costs against floating-point noise: time per release, extra "
+                 "noise, extra sigma for a budget",
     }
     for name, text in costs.items():
         command = benches.add_parser(name, help=text, description=text)

@@ -1,4 +1,4 @@
-"""``seedtune bench step|memory|comm|server|scale|sweep``: run one, print its figures and targets.
+"""``seedtune bench step|memory|comm|server|scale|sweep|noise``: run one, print its figures and targets.
 
 Each bench returns a report: ``setup`` (what was measured, on what), ``rows`` (the figures) and
 ``targets`` (each claim of ``docs/performance.md`` with its measured value, its limit and
@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from seedtune.cli.bench_cost import SWEEP_BATCHES, bench_memory, bench_step, bench_sweep
+from seedtune.cli.bench_noise import bench_noise
 from seedtune.cli.bench_traffic import bench_comm, bench_scale, bench_server
 
 # The columns each bench prints: (heading, key, format).
@@ -40,6 +41,9 @@ COLUMNS = {
               ("forward s", "forward_s_per_round", "{:>10.3f}"), ("framework s", "framework_s_per_round", "{:>12.3f}"),
               ("framework/compute", "framework_over_compute", "{:>18.2f}"),
               ("tree MiB", "peak_tree_mib", "{:>9.0f}"), ("MiB/silo", "peak_mib_per_client", "{:>9.0f}")],
+    "noise": [("K", "probes", "{:>3}"), ("discrete ms", "discrete_ms", "{:>12.3f}"),
+              ("gaussian ms", "gaussian_ms", "{:>12.3f}"), ("ratio", "ratio", "{:>7.1f}"),
+              ("extra noise %", "noise_inflation_pct", "{:>14.3f}")],
 }
 MILLISECONDS = {("step", "step_s"), ("step", "baseline_s"), ("server", "server_round_s"),
                 ("server", "client_step_s")}  # stored in seconds, printed in ms
@@ -63,6 +67,8 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
                               profile=profile)
     elif name == "scale":
         report = bench_scale(rounds=4 if quick else 12, progress=progress)
+    elif name == "noise":
+        report = bench_noise(repeats=30 if quick else 300, progress=progress)
     elif name == "sweep":
         out = out or Path("runs") / f"bench-sweep-{datetime.now():%Y%m%d-%H%M%S}"
         report = bench_sweep(out, batches=(1, 4) if quick else SWEEP_BATCHES, progress=progress)
@@ -98,6 +104,10 @@ def print_report(report: dict, file=None) -> None:
         setup = report["setup"]
         print(f"model download at 100 Mbit/s: {setup['model_download_s_at_100_mbit']:.2f} s "
               f"({setup['model_bytes']:,} B)", file=file)
+    for row in report.get("presets", []):
+        print(f"preset {row['preset']} (epsilon {row['epsilon']:g}, q {row['sample_rate']:g}, {row['steps']} steps): "
+              f"sigma {row['sigma_gaussian']:.4f} gaussian -> {row['sigma_discrete']:.4f} discrete "
+              f"(+{row['sigma_increase_pct']:.2f}%)", file=file)
     for row in report["rows"]:
         if "replay_profile" in row:
             print(f"\nwhere replay time goes ({row['trainable_set']}, torch profiler):\n{row['replay_profile']}", file=file)

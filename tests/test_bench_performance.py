@@ -89,6 +89,20 @@ def test_server_replays_through_the_silos_own_catch_up(tmp_path, capsys):
     assert "model download at 100 Mbit/s" in capsys.readouterr().out
 
 
+def test_noise_prices_the_discrete_gaussian_in_time_noise_and_sigma(tmp_path, capsys):
+    assert main(["bench", "noise", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "noise.json").read_text())
+    rows = {row["probes"]: row for row in report["rows"]}
+    assert set(rows) == {1, 4, 8, 16}
+    for probes, row in rows.items():
+        assert row["discrete_ms"] > 0 and row["gaussian_ms"] > 0
+        assert 0 < row["noise_inflation_pct"] <= 100 * (probes**0.5 + 2) / 2**12
+    assert rows[16]["noise_inflation_pct"] > rows[1]["noise_inflation_pct"]
+    for preset in report["presets"]:  # integer orders only: never less noise for the same budget
+        assert preset["sigma_discrete"] >= preset["sigma_gaussian"]
+    assert "gaussian ->" in capsys.readouterr().out
+
+
 def test_scale_reads_every_silos_own_timings():
     from seedtune.cli.bench_traffic import bench_scale
 
@@ -124,6 +138,7 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
                    "apply_all_rounds_per_s": 1.0},
         "scale": {"clients": 2, "round_s": 0.2, "forward_s_per_round": 0.1, "framework_s_per_round": 0.1,
                   "framework_over_compute": 1.0, "peak_tree_mib": 10.0, "peak_mib_per_client": 5.0},
+        "noise": {"probes": 4, "discrete_ms": 0.2, "gaussian_ms": 0.01, "ratio": 20.0, "noise_inflation_pct": 0.07},
     }
     assert set(rows) == set(COLUMNS)
     for name, row in rows.items():
