@@ -14,7 +14,7 @@ Node configuration (``--node-config`` of a SuperNode, or set by the simulation e
 * ``name`` — how the coordinator's reports call this silo;
 * ``audit-log`` — a JSON-lines file of every message in and out (``client/audit.py``);
 * ``min-noise-multiplier``, ``max-probes``, ``max-sample-rate``, ``max-rounds``,
-  ``allow-nonprivate`` — limits no request can exceed (``client/limits.py``).
+  ``allow-nonprivate``, ``allow-float-noise`` — limits no request can exceed (``client/limits.py``).
 """
 
 from __future__ import annotations

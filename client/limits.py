@@ -15,10 +15,13 @@ node config key           refuses a request ...                                 
 ``max-rounds``            for a round >= it (rounds count from 0)                  unlimited
 ``allow-nonprivate``      of a run whose setup disables privacy, or an exact       false
                           (non-private) evaluation, unless true
+``allow-float-noise``     of a run whose setup asks for floating-point Gaussian    false
+                          noise (``privacy.noise = "gaussian"``), unless true
 ========================  =======================================================  ==========
 
 ``seedtune simulate`` runs every silo for the one user who started it, so there non-private
-runs are allowed; a deployed SuperNode refuses them unless its operator says otherwise.
+runs and floating-point noise are allowed; a deployed SuperNode refuses them unless its operator
+says otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Limits:
     max_sample_rate: float = 1.0
     max_rounds: int | None = None
     allow_nonprivate: bool = False
+    allow_float_noise: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping, *, allow_nonprivate: bool = False) -> Limits:
@@ -60,11 +64,14 @@ class Limits:
                 raise SeedtuneError(f"node config {key}={raw!r} must be {rule}")
             return value
 
-        allow = node_config.get("allow-nonprivate", allow_nonprivate)
-        if isinstance(allow, str):
-            if allow.lower() not in ("true", "false"):
-                raise SeedtuneError(f"node config allow-nonprivate={allow!r} must be true or false")
-            allow = allow.lower() == "true"
+        def flag(key: str) -> bool:
+            value = node_config.get(key, allow_nonprivate)
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise SeedtuneError(f"node config {key}={value!r} must be true or false")
+                value = value.lower() == "true"
+            return bool(value)
+
         return cls(
             min_noise_multiplier=number("min-noise-multiplier", 0.0, float, lambda v: math.isfinite(v) and v >= 0,
                                         "a number >= 0"),
@@ -72,12 +79,14 @@ class Limits:
                               f"an integer in [1, {MAX_PROBES}]"),
             max_sample_rate=number("max-sample-rate", 1.0, float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
             max_rounds=number("max-rounds", None, int, lambda v: v >= 1, "an integer >= 1"),
-            allow_nonprivate=bool(allow),
+            allow_nonprivate=flag("allow-nonprivate"),
+            allow_float_noise=flag("allow-float-noise"),
         )
 
-    def check_training(self, request: TrainRequest, *, private: bool) -> None:
+    def check_training(self, request: TrainRequest, *, private: bool, noise: str = "discrete") -> None:
         """Refuse a training request outside the limits, saying which."""
         self.check_privacy(private, "a run with privacy disabled")
+        self.check_noise(private, noise)
         if private and request.noise_multiplier < self.min_noise_multiplier:
             self._refuse(f"noise multiplier {request.noise_multiplier:g} is below this silo's floor "
                          f"{self.min_noise_multiplier:g} (min-noise-multiplier)")
@@ -89,8 +98,9 @@ class Limits:
         if self.max_rounds is not None and request.round >= self.max_rounds:
             self._refuse(f"round {request.round} is past this silo's last round {self.max_rounds - 1} (max-rounds)")
 
-    def check_evaluation(self, *, private: bool, noise_multiplier: float) -> None:
+    def check_evaluation(self, *, private: bool, noise_multiplier: float, noise: str = "discrete") -> None:
         self.check_privacy(private, "an exact (non-private) evaluation")
+        self.check_noise(private, noise)
         if private and noise_multiplier < self.min_noise_multiplier:
             self._refuse(f"evaluation noise multiplier {noise_multiplier:g} is below this silo's floor "
                          f"{self.min_noise_multiplier:g} (min-noise-multiplier)")
@@ -99,6 +109,11 @@ class Limits:
         if not private and not self.allow_nonprivate:
             self._refuse(f"{what} would release values without noise; this silo allows that only "
                          "with allow-nonprivate=true")
+
+    def check_noise(self, private: bool, noise: str) -> None:
+        if private and noise != "discrete" and not self.allow_float_noise:
+            self._refuse(f"privacy.noise={noise!r} would release floating-point noise, whose low-order bits can "
+                         "leak; this silo allows that only with allow-float-noise=true")
 
     @staticmethod
     def _refuse(reason: str) -> None:

@@ -183,7 +183,8 @@ class SiloNode:
         """Catch up, then sample -> estimate -> clip -> sum -> record -> noise -> scale."""
         start = time.perf_counter()
         run = self.run(request.run_id, sync.setup)
-        self.limits.check_training(request, private=run.config.privacy.enabled)  # before anything is drawn
+        self.limits.check_training(request, private=run.config.privacy.enabled,  # before anything is drawn
+                                   noise=run.config.privacy.noise)
         run.catch_up(sync)
         caught_up = time.perf_counter()
         if run.version != request.model_version:
@@ -207,6 +208,7 @@ class SiloNode:
         """Accuracy counts on this silo's own held-out examples: noised and charged when private."""
         self.limits.check_evaluation(private=private, noise_multiplier=noise_multiplier)
         run = self.run(request.run_id, sync.setup)
+        self.limits.check_noise(private, run.config.privacy.noise)
         run.catch_up(sync)
         if run.version != request.model_version:
             raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")

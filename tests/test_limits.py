@@ -34,11 +34,13 @@ def _with(request: TrainRequest, **changes) -> TrainRequest:
 def test_node_config_sets_the_limits_and_a_bad_value_names_its_key():
     limits = Limits.from_node_config({"min-noise-multiplier": 0.8, "max-probes": 16, "max-sample-rate": 0.05,
                                       "max-rounds": 500, "allow-nonprivate": "true"})
-    assert limits == Limits(0.8, 16, 0.05, 500, True)
+    assert limits == Limits(0.8, 16, 0.05, 500, True, False)
+    assert Limits.from_node_config({"allow-float-noise": "true"}).allow_float_noise
     assert Limits.from_node_config({}) == Limits()  # no floor, K <= 1024, q <= 1, no round limit, private only
     assert Limits.from_node_config({}, allow_nonprivate=True).allow_nonprivate
     for key, value in (("min-noise-multiplier", -1.0), ("max-probes", 0), ("max-sample-rate", 1.5),
-                       ("max-rounds", "many"), ("allow-nonprivate", "sometimes"), ("max-probes", True)):
+                       ("max-rounds", "many"), ("allow-nonprivate", "sometimes"), ("max-probes", True),
+                       ("allow-float-noise", "maybe")):
         with pytest.raises(SeedtuneError, match=f"node config {key}="):
             Limits.from_node_config({key: value})
 
@@ -90,3 +92,17 @@ def test_a_coordinator_asking_for_less_noise_than_the_floor_gets_no_release(tmp_
     assert reasons and all("min-noise-multiplier" in reason for reason in reasons)
     assert run.coordinator.step == 0  # no round was applied
     assert node.ledger is None or node.ledger.releases == 0
+
+
+def test_a_run_asking_for_floating_point_noise_is_refused_unless_the_silo_allows_it(tmp_path):
+    run = open_run(_config("privacy.noise=gaussian"), tmp_path / "run", resume=False)
+    request, first = run.coordinator.request(), Sync(0, tuple(run.log.steps()), run.setup())
+    strict = SiloNode(tmp_path / "strict", _shard, partition=0)
+    with pytest.raises(RequestRefused, match="allow-float-noise"):
+        strict.answer(request, first)
+    with pytest.raises(RequestRefused, match="allow-float-noise"):
+        strict.evaluate(request, first, private=True, noise_multiplier=5.0)
+    assert strict.ledger is None or strict.ledger.releases == 0
+    willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_float_noise=True))
+    reply, _ = willing.answer(request, first)
+    assert [event["event"]["type"] for event in reply.events] == ["GaussianDpEvent"]
