@@ -33,7 +33,6 @@ def apply_update(
         raise ValueError("need one projected gradient per probe seed, and at least one probe")
     if prox > 0 and anchor is None:
         raise ValueError("a proximal step needs its anchor")
-    coefficients = [-lr * float(g) / len(probe_seeds) for g in projected_grads]
     for position, entry in enumerate(trainable):
         # Piece by piece, so the working memory is one chunk of z whatever the tensor's size;
         # every operation is elementwise, so the result does not depend on the chunking.
@@ -43,11 +42,30 @@ def apply_update(
             else:
                 index = entry.index[offset : offset + length]
                 target = entry.flat[index]  # a copy, written back below
-            drift = target - anchor[position][offset : offset + length] if prox > 0 else None  # at theta_t
-            z = directions.buffer(entry, length)
-            for seed, coefficient in zip(probe_seeds, coefficients):
-                target.add_(directions.fill(entry, seed, z, offset), alpha=coefficient)
-            if drift is not None:
-                target.add_(drift, alpha=-lr * prox)
+            piece_anchor = anchor[position][offset : offset + length] if prox > 0 else None
+            step_piece(target, directions, entry, offset, directions.buffer(entry, length),
+                       probe_seeds, projected_grads, lr, prox, piece_anchor)
             if entry.index is not None:
                 entry.flat[index] = target
+
+
+def step_piece(
+    target: torch.Tensor,
+    directions: DirectionField,
+    entry,
+    offset: int,
+    z: torch.Tensor,
+    probe_seeds: Sequence[int],
+    projected_grads: Sequence[float],
+    lr: float,
+    prox: float,
+    anchor: torch.Tensor | None,
+) -> None:
+    """One step on one piece of one trainable tensor, in place: the arithmetic every update path
+    shares (the live step, replay one step at a time, and replay of many steps piece by piece),
+    so that they agree bit for bit. ``z`` is a workspace of the piece's length."""
+    drift = target - anchor if prox > 0 else None  # at theta_t
+    for seed, g in zip(probe_seeds, projected_grads):
+        target.add_(directions.fill(entry, seed, z, offset), alpha=-lr * float(g) / len(probe_seeds))
+    if drift is not None:
+        target.add_(drift, alpha=-lr * prox)

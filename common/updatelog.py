@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from seedtune.common.errors import RunDirError
 from seedtune.common.trainable import DirectionField, TrainableSet
-from seedtune.common.update import apply_update
+from seedtune.common.update import apply_update, step_piece
 
 FORMAT_VERSION = 1
 
@@ -285,18 +285,12 @@ class UpdateApplier:
                 target = entry.flat[piece] if index is None else entry.flat[index]  # a view, or a copy
                 anchor = None if self._anchor is None else self._anchor[position][piece]
                 z = self.directions.buffer(entry, length)
-                for record in records:  # the arithmetic of apply_update, in its order
-                    drift = None
-                    if record.prox > 0:
-                        if record.anchor_step == record.step:
-                            anchor = new_anchor[position][piece]
-                            anchor.copy_(target)  # theta at the stage start
-                        drift = target - anchor
-                    for seed, g in zip(record.probe_seeds, record.projected_grads):
-                        coefficient = -record.lr * float(g) / len(record.probe_seeds)
-                        target.add_(self.directions.fill(entry, seed, z, offset), alpha=coefficient)
-                    if drift is not None:
-                        target.add_(drift, alpha=-record.lr * record.prox)
+                for record in records:
+                    if record.prox > 0 and record.anchor_step == record.step:
+                        anchor = new_anchor[position][piece]
+                        anchor.copy_(target)  # theta at the stage start
+                    step_piece(target, self.directions, entry, offset, z, record.probe_seeds,
+                               record.projected_grads, record.lr, record.prox, anchor)
                 if index is not None:
                     entry.flat[index] = target
         if resets:
