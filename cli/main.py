@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         "sweep": "step time and memory against batch size for ZO, inference, backpropagation and DP-SGD, with a plot",
         "noise": "what the default discrete Gaussian costs against floating-point noise: time per release, extra "
                  "noise, extra sigma for a budget",
+        "robust": "one silo of 5 sends the largest finite, sign-flipped or NaN scalars: final test accuracy under "
+                  "the mean, the median and the trimmed mean (tiny preset)",
     }
     for name, text in costs.items():
         command = benches.add_parser(name, help=text, description=text)
@@ -108,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "server":
             command.add_argument("--profile", action="store_true",
                                  help="also print torch's profile of the every-parameter replay")
+        if name == "robust":
+            command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                                 help="override a setting of every run, e.g. --set data.synthetic_size=1500")
         command.set_defaults(run=_bench_cost)
 
     budget = commands.add_parser("budget", help="sigma for a privacy budget, or epsilon for a sigma")
@@ -169,7 +174,7 @@ def _bench_cost(args) -> int:
     from seedtune.cli.performance import print_report, run_bench
 
     report = run_bench(args.bench, quick=args.quick, out=args.out, progress=not args.no_progress,
-                       profile=getattr(args, "profile", False))
+                       profile=getattr(args, "profile", False), overrides=tuple(getattr(args, "overrides", ())))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -219,6 +224,8 @@ def _simulate(args) -> int:
     federation = result.federation
     print(f"run directory: {result.run_dir}")
     print(f"rounds: {federation.steps}   rejected replies: {len(federation.rejections)}")
+    if federation.aggregation is not None:
+        print(federation.aggregation.summary())
     for name in ("accuracy", "loss"):
         if name in federation.before:
             print(f"test {name}: {federation.before[name]:.4f} before -> {federation.after[name]:.4f} after")

@@ -1,4 +1,4 @@
-"""``seedtune bench step|memory|comm|server|scale|sweep|noise``: run one, print its figures and targets.
+"""``seedtune bench step|memory|comm|server|scale|sweep|noise|robust``: run one, print its figures and targets.
 
 Each bench returns a report: ``setup`` (what was measured, on what), ``rows`` (the figures) and
 ``targets`` (each claim of ``docs/performance.md`` with its measured value, its limit and
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from seedtune.cli.bench_cost import SWEEP_BATCHES, bench_memory, bench_step, bench_sweep
 from seedtune.cli.bench_noise import bench_noise
+from seedtune.cli.bench_robust import bench_robust
 from seedtune.cli.bench_traffic import bench_comm, bench_scale, bench_server
 
 # The columns each bench prints: (heading, key, format).
@@ -44,13 +45,15 @@ COLUMNS = {
     "noise": [("K", "probes", "{:>3}"), ("discrete ms", "discrete_ms", "{:>12.3f}"),
               ("gaussian ms", "gaussian_ms", "{:>12.3f}"), ("ratio", "ratio", "{:>7.1f}"),
               ("extra noise %", "noise_inflation_pct", "{:>14.3f}")],
+    "robust": [("attack", "attack", "{:<10}"), ("rule", "rule", "{:<13}"), ("accuracy", "accuracy", "{:>9.3f}"),
+               ("vs honest", "change", "{:>10.3f}"), ("rounds", "rounds", "{:>7}"), ("refused", "refused", "{:>8}")],
 }
 MILLISECONDS = {("step", "step_s"), ("step", "baseline_s"), ("server", "server_round_s"),
                 ("server", "client_step_s")}  # stored in seconds, printed in ms
 
 
 def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progress: bool = True,
-              profile: bool = False) -> dict:
+              profile: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     import torch
 
     from seedtune.cli.bench_cost import _threads
@@ -69,6 +72,8 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
         report = bench_scale(rounds=4 if quick else 12, progress=progress)
     elif name == "noise":
         report = bench_noise(repeats=30 if quick else 300, progress=progress)
+    elif name == "robust":
+        report = bench_robust(quick=quick, progress=progress, overrides=overrides)
     elif name == "sweep":
         out = out or Path("runs") / f"bench-sweep-{datetime.now():%Y%m%d-%H%M%S}"
         report = bench_sweep(out, batches=(1, 4) if quick else SWEEP_BATCHES, progress=progress)
@@ -108,6 +113,11 @@ def print_report(report: dict, file=None) -> None:
         print(f"preset {row['preset']} (epsilon {row['epsilon']:g}, q {row['sample_rate']:g}, {row['steps']} steps): "
               f"sigma {row['sigma_gaussian']:.4f} gaussian -> {row['sigma_discrete']:.4f} discrete "
               f"(+{row['sigma_increase_pct']:.2f}%)", file=file)
+    if report["bench"] == "robust":
+        print(f"test accuracy before training: {report['rows'][0]['before']:.3f}", file=file)
+        for row in report["rows"]:
+            if row["attack"] == "honest":
+                print(row["cost"], file=file)
     for row in report["rows"]:
         if "replay_profile" in row:
             print(f"\nwhere replay time goes ({row['trainable_set']}, torch profiler):\n{row['replay_profile']}", file=file)

@@ -21,6 +21,7 @@ from seedtune.common.privacy.accounting import ACCOUNTANTS, NOISES
 from seedtune.common.tasks import TASKS
 
 PRESETS = ("default", "tiny")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")  # server/aggregation.py (common cannot import it)
 
 
 def _check(key: str, value: Any, ok: bool, expectation: str) -> None:
@@ -161,6 +162,8 @@ class FederationConfig:
     max_replay: int = 2000  # a silo further behind than this gets a checkpoint instead of replay
     client_eval: str = "off"  # "off", "private" (noised, charged) or "nonprivate" (warns)
     client_eval_sigma: float = 5.0  # noise multiplier of a private client evaluation
+    aggregation: str = "mean"  # how replies combine: "mean" (weighted by q n), "median", "trimmed-mean"
+    trim: float = 0.2  # trimmed-mean: drop floor(trim * N) of the N values at each end of every coordinate
     fault_partition: int = -1  # TESTS: this partition's client fails ...
     fault_round: int = -1  # ... from this round on, after releasing (a killed node)
 
@@ -177,6 +180,10 @@ class FederationConfig:
         _check("federation.client_eval", self.client_eval, self.client_eval in ("off", "private", "nonprivate"),
                "'off', 'private' or 'nonprivate'")
         _check("federation.client_eval_sigma", self.client_eval_sigma, self.client_eval_sigma > 0, "> 0")
+        _check("federation.aggregation", self.aggregation, self.aggregation in AGGREGATIONS,
+               "'mean', 'median' or 'trimmed-mean'")
+        _check("federation.trim", self.trim, 0 <= self.trim < 0.5,
+               "in [0, 0.5), the share of silos dropped at each end (0.2 drops 1 of 5)")
 
 
 @dataclass(frozen=True)

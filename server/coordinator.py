@@ -1,17 +1,25 @@
 """The coordinator of a run: plans each step, aggregates the replies, logs and applies the update.
 
 It never sees data: it picks the public direction seeds and the schedule's values, combines the
-silos' released scalars (mean weighted by expected batch size), commits the step to the update
+silos' released scalars (``federation.aggregation``: the mean weighted by expected batch size,
+the median or the trimmed mean; see ``server/aggregation.py``), commits the step to the update
 log and only then applies it to its model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+from seedtune.common.errors import SeedtuneError
 from seedtune.common.protocol import TrainReply, TrainRequest, probe_seeds
 from seedtune.common.schedule import Schedule
 from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
+from seedtune.server.aggregation import RULES, RuleCost, aggregate, describe
+
+
+class NonFiniteStep(SeedtuneError):
+    """Finite replies whose aggregate is not finite (a mean of values near the float64 limit)."""
 
 
 class Coordinator:
@@ -27,7 +35,11 @@ class Coordinator:
         sample_rate: float,
         log: UpdateLog,
         applier: UpdateApplier,
+        aggregation: str = "mean",
+        trim: float = 0.2,
     ):
+        if aggregation not in RULES:
+            raise ValueError(f"unknown aggregation rule {aggregation!r}; use one of {', '.join(RULES)}")
         self.run_id = run_id
         self.run_seed = run_seed
         self.probes = probes
@@ -37,6 +49,8 @@ class Coordinator:
         self.sample_rate = sample_rate
         self.log = log
         self.applier = applier
+        self.aggregation = aggregation
+        self.trim = trim
 
     @property
     def step(self) -> int:
@@ -64,11 +78,13 @@ class Coordinator:
         """Aggregate, commit the step to the log, then update the model."""
         if not replies:
             raise ValueError(f"round {request.round}: no replies to aggregate")
-        weight = sum(reply.expected_batch_size for reply in replies)
-        grads = tuple(
-            sum(reply.expected_batch_size * reply.projected_grads[k] for reply in replies) / weight
-            for k in range(len(request.probe_seeds))
-        )
+        grads = aggregate(self.aggregation, [reply.projected_grads for reply in replies],
+                          [reply.expected_batch_size for reply in replies], self.trim)
+        if not all(math.isfinite(g) for g in grads):  # refused before the log: nothing half-applied
+            raise NonFiniteStep(
+                f"round {request.round}: the {self.aggregation} of the replies is not finite (a silo sent "
+                "scalars near the float64 limit); the step was not logged or applied. "
+                "federation.aggregation='trimmed-mean' or 'median' bounds what one silo can do")
         plan = self.schedule.plan(request.round)
         record = StepRecord(
             step=request.round,
@@ -83,3 +99,8 @@ class Coordinator:
         self.log.append(record)  # durable first: the step counts once it is in the log
         self.applier.apply(record)
         return record
+
+    def cost(self, replies: Sequence[TrainReply]) -> RuleCost:
+        """The sensitivity and noise of this round's aggregate, for these replies' silos."""
+        return describe(self.aggregation, [reply.expected_batch_size for reply in replies],
+                        clip_bound=self.clip_bound, noise_multiplier=self.noise_multiplier, trim=self.trim)

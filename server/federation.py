@@ -32,6 +32,7 @@ from seedtune.common.wire import (
     encode_evaluation,
     encode_request,
 )
+from seedtune.server.aggregation import RuleCost
 from seedtune.server.runs import Run
 from seedtune.server.store import FederationStore
 from tqdm.auto import tqdm
@@ -79,6 +80,7 @@ class FederationResult:
     traffic: dict[int, dict[str, int]]
     rejections: list[dict] = field(default_factory=list)
     client_evaluation: dict | None = None
+    aggregation: RuleCost | None = None  # the rule's sensitivity and noise, over the last round's silos
 
 
 class Federation:
@@ -91,6 +93,7 @@ class Federation:
         self.config = run.config
         self.store = FederationStore(run.run_dir / STORE_FILE)
         self.versions: dict[int, int | None] = {}  # what each silo's model holds, as last reported
+        self.aggregation: RuleCost | None = None
 
     # -- one round -----------------------------------------------------------------------------
     def sync_for(self, node: int) -> Sync:
@@ -168,7 +171,9 @@ class Federation:
             responses = self.transport.exchange(asked, round=request.round, timeout=federation.round_timeout)
             valid = self.collect(request, responses, asked, attempt)
             if len(valid) >= federation.min_clients:
-                coordinator.apply(request, [valid[node] for node in sorted(valid)])
+                replies = [valid[node] for node in sorted(valid)]
+                coordinator.apply(request, replies)
+                self._note_cost(request.round, replies)
                 return len(valid)
             log.warning("round %d attempt %d: %d valid replies of %d asked, need %d",
                         request.round, attempt, len(valid), len(asked), federation.min_clients)
@@ -177,6 +182,13 @@ class Federation:
             f"replies in {federation.round_retries + 1} attempts; every earlier round is in the log "
             f"({self.run.run_dir}), so the run can resume once enough silos are back"
         )
+
+    def _note_cost(self, round: int, replies: list[TrainReply]) -> None:
+        """Log what the aggregation rule costs whenever the silos that answered change it."""
+        cost = self.run.coordinator.cost(replies)
+        if cost != self.aggregation:
+            log.info("round %d: %s", round, cost.summary())
+            self.aggregation = cost
 
     # -- the whole run -------------------------------------------------------------------------
     def epsilons(self) -> dict[int, float]:
@@ -242,7 +254,7 @@ class Federation:
             client_evaluation = log_.meta("client_evaluation") or self.evaluate_on_silos()
             log_.set_meta("client_evaluation", client_evaluation)
         return FederationResult(coordinator.step, before, after, self.epsilons(), self.store.traffic(),
-                                self.store.rejections(), client_evaluation)
+                                self.store.rejections(), client_evaluation, self.aggregation)
 
     def evaluate_on_silos(self) -> dict:
         """Accuracy of the final model on the silos' own held-out data: noised and charged to

@@ -112,6 +112,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
         run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
         clip_bound=config.privacy.clip_bound, noise_multiplier=sigma,
         sample_rate=config.privacy.sample_rate, log=log, applier=applier,
+        aggregation=config.federation.aggregation, trim=config.federation.trim,
     )
     return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)
 

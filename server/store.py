@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from seedtune.common.privacy import events as event_codec
@@ -79,9 +79,18 @@ class FederationStore:
         return dict(events)
 
     def epsilons(self, delta: float, accountant: str) -> dict[int, float]:
-        """ε per silo, recomputed from its reported events."""
+        """ε per silo, recomputed from its reported events (once per distinct multiset of events:
+        silos asked the same rounds spent the same, and each computation takes a fraction of a second)."""
         reported = self.reported_events()
-        return {node: epsilon_of(reported.get(node, []), delta, accountant) for node in self.nodes()}
+        computed: dict[frozenset, float] = {}
+        epsilons = {}
+        for node in self.nodes():
+            events = reported.get(node, [])
+            key = frozenset(Counter(events).items())
+            if key not in computed:
+                computed[key] = epsilon_of(events, delta, accountant)
+            epsilons[node] = computed[key]
+        return epsilons
 
     def traffic(self) -> dict[int, dict[str, int]]:
         totals = {}

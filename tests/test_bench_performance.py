@@ -139,6 +139,8 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
         "scale": {"clients": 2, "round_s": 0.2, "forward_s_per_round": 0.1, "framework_s_per_round": 0.1,
                   "framework_over_compute": 1.0, "peak_tree_mib": 10.0, "peak_mib_per_client": 5.0},
         "noise": {"probes": 4, "discrete_ms": 0.2, "gaussian_ms": 0.01, "ratio": 20.0, "noise_inflation_pct": 0.07},
+        "robust": {"attack": "honest", "rule": "mean", "accuracy": 0.9, "change": 0.0, "rounds": 40, "refused": 0,
+                   "before": 0.55, "cost": "aggregation=mean: ..."},
     }
     assert set(rows) == set(COLUMNS)
     for name, row in rows.items():
