@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from seedtune.common.config import load_config
 from seedtune.common.errors import ConfigError
-from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.protocol import TrainReply
 from seedtune.common.schedule import ConstantSchedule
 from seedtune.server.aggregation import RULES, aggregate, describe, sensitivities, trimmed_count
 from seedtune.server.coordinator import Coordinator, NonFiniteStep
