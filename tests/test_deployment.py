@@ -116,6 +116,7 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_the_others(tmp_path):
         assert _releases(deployment, 2) >= 2, "silo-2 never answered"
         deployment.supernodes[2].kill()  # the SuperNode itself, mid-run: no goodbye to the SuperLink
         output, _ = run.communicate(timeout=900)
+        assert (run_dir / "metrics.json").exists(), output[-3000:]  # the run finished: show why not
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["steps"] == 6, output[-3000:]
         assert _releases(deployment, 0) == _releases(deployment, 1) == 6
