@@ -8,7 +8,9 @@ neighbours' load) cancels out:
   forward passes on the same batch, in the same process, measured alternately. Two forwards per
   probe are what a two-point estimate cannot avoid (the limit 1.0). Variants: every parameter,
   the 1% SynFlow mask, LoRA, K = 4 (divided by 4 x two forwards), and the naive MeZO step
-  (in-place perturbation with torch's Gaussian generator, z drawn four times) for comparison.
+  (in-place perturbation with torch's Gaussian generator, z drawn four times) for comparison;
+  and the silo's own path, whose shapes depend on no other example (each example alone, or
+  fixed micro-batches of 8): what the privacy argument needs costs more than one batch.
 * ``memory`` — the resident memory above the loaded model at the peak of a step, each method in
   a fresh process: inference, the ZO step, plain backpropagation (SGD) and DP-SGD through Opacus.
   The peak is the kernel's high-water mark (``VmHWM``), reset after loading
@@ -100,9 +102,14 @@ def paired(step: Callable[[], None], baseline: Callable[[], None], repeats: int)
 
 
 # -- the ZO step ---------------------------------------------------------------------------
-def zo_step(work: Workload, mask: dict, probes: int, *, cache_prefix: bool = True) -> Callable[[], None]:
+def zo_step(work: Workload, mask: dict, probes: int, *, cache_prefix: bool = True,
+            micro_batch: int | None = None) -> Callable[[], None]:
     """One private step as a silo and the coordinator run it: estimate, clip, sum, noise (secret
-    randomness), normalise, update. The durable ledger and log writes are timed in ``server``."""
+    randomness), normalise, update. The durable ledger and log writes are timed in ``server``.
+
+    ``micro_batch``: None estimates on the workload's batch in one piece (the mechanism's cost
+    against forwards of the same batch); a number runs the silo's own path,
+    ``estimate_examples``, in shapes that depend on no other example (1: each example alone)."""
     import numpy as np
     from seedtune.common import components
     from seedtune.common.estimator import ZerothOrderEstimator
@@ -112,14 +119,19 @@ def zo_step(work: Workload, mask: dict, probes: int, *, cache_prefix: bool = Tru
 
     parts = components.model_parts(work.config, work.task, mask)
     estimator = ZerothOrderEstimator(work.task.module, work.task.per_example_loss, parts.trainable,
-                                     parts.directions, cache_prefix=cache_prefix)
+                                     parts.directions, cache_prefix=cache_prefix, micro_batch=micro_batch or 1)
     randomness = SecretRandomness()
     clip, sigma, beta, lr = 2.0, 1.0, 1e-3, 1e-6
     counter = iter(range(1 << 62))
 
+    def estimate_step(seeds):
+        if micro_batch is None:
+            return estimator.estimate(work.batch, work.size, seeds, beta)
+        return estimator.estimate_examples(work.task, work.texts, work.labels, seeds, beta)
+
     def run() -> None:
         seeds = [next(counter) for _ in range(probes)]
-        estimate = estimator.estimate(work.batch, work.size, seeds, beta)
+        estimate = estimate_step(seeds)
         total = clip_per_example(estimate.differences, clip).sum(dim=0).numpy()
         values = (total + randomness.normal(probes) * sigma * clip) / work.size
         apply_update(parts.trainable, parts.directions, seeds, [float(v) for v in np.asarray(values)], lr)
@@ -186,14 +198,18 @@ def bench_step(repeats: int = 10, progress: bool = True) -> dict:
     work = workload()
     masks = step_masks(work)
     variants = [
-        ("every parameter, K=1", masks["full"], 1, True),
-        ("every parameter, K=4", masks["full"], 4, True),
-        ("1% SynFlow mask, K=1", masks["mask1"], 1, True),
-        ("1% SynFlow mask, K=1, no prefix cache", masks["mask1"], 1, False),
+        ("every parameter, K=1", masks["full"], 1, True, None),
+        ("every parameter, K=4", masks["full"], 4, True, None),
+        ("1% SynFlow mask, K=1", masks["mask1"], 1, True, None),
+        ("1% SynFlow mask, K=1, no prefix cache", masks["mask1"], 1, False, None),
+        # The silo's path: shapes that depend on no other example (the privacy argument needs them).
+        ("every parameter, K=1, each example alone", masks["full"], 1, True, 1),
+        ("every parameter, K=1, micro-batches of 8", masks["full"], 1, True, 8),
+        ("1% SynFlow mask, K=1, each example alone", masks["mask1"], 1, True, 1),
     ]
     baseline = two_forwards(work)
-    for label, mask, probes, cache in _progress(variants, progress, "step"):
-        step = zo_step(work, mask, probes, cache_prefix=cache)
+    for label, mask, probes, cache, micro_batch in _progress(variants, progress, "step"):
+        step = zo_step(work, mask, probes, cache_prefix=cache, micro_batch=micro_batch)
         figures = paired(step, baseline, repeats)
         figures["ratio"] /= probes  # per probe: against K x two forwards
         rows.append({"variant": label, "probes": probes, "trainable": step.dimension, **figures})

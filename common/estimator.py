@@ -9,10 +9,42 @@ E_z[s_ik z_k] -> grad l_i(theta) as beta -> 0 (MeZO, Malladi et al. 2023; DPZero
 2024). Each example keeps its own row: privacy clips per example, so a loss averaged over the
 batch before clipping would lose the per-example sensitivity the accountant assumes.
 
-Cost: 2K forward passes over the batch and no backward pass; the weights are bit-identical after.
-When the first layers hold no trainable coordinate (a head, a pruning mask in the top layers,
-adapters), one pass computes them and the 2K perturbed passes start after them
-(:mod:`seedtune.common.prefix`).
+Shapes that do not depend on the sample. The privacy argument bounds the change one added or
+removed example makes to the clipped sum by the clip bound C, which holds only if every OTHER
+example's row stays exactly the same. Rows computed in one padded batch do not: the padded width
+(the longest example sampled) and the batch size change the shapes of the matrix products,
+reductions and softmaxes, hence the last bits of the losses, and the difference divides that
+change by 2 beta (at beta = 1e-7 one added example moved the released sum by 2.2 C). The private
+entry point, :meth:`ZerothOrderEstimator.estimate_examples`, takes raw rows and encodes them
+itself (``Task.encode_fixed``), in one of two ways:
+
+* ``micro_batch = 1`` (the default): each example alone, a batch of one at its own length. Every
+  tensor its losses pass through has a shape fixed by that example, so its row is the same bits
+  whichever other examples were sampled, by construction (same weights, machine and thread
+  count; kernels are deterministic for a given shape).
+* ``micro_batch = m > 1``: micro-batches of exactly m rows, each example padded to its own
+  length bucket, filler rows completing the last micro-batch of a bucket. The shapes are fixed,
+  but an example's position in its micro-batch varies with the sample, so its bits stay the same
+  only if every kernel computes a row the same way at every position. That held on the CPUs the
+  tests run on (tests/test_estimator.py adds and removes examples at varied positions), but no
+  library promises it: check it on any new hardware before relying on it.
+
+Measured on a 2-core CPU, against one dynamically padded batch (ratios within one run, one
+thread). MiniLM, the default preset's head-only training (34 reviews, K = 8): alone 1.4-1.5x (a
+batch-one matrix product is less efficient than the padding it saves, and a second thread
+barely helps it: 2.4x against a batch on two), m = 8 0.8x, m = 16 1.3x. MiniLM, every parameter
+(16 reviews, K = 1 / 2): alone 2.1x / 1.75x (each example's passes regenerate z), m = 8 1.7x /
+1.4x. A tiny model, every parameter (80 examples, K = 4): alone 30-50x (its passes are all fixed
+overhead, paid per example), m = 64 1.7-1.9x, m = 8 6x. On a GPU a batch-one pass is bound by
+kernel-launch latency, not arithmetic: n examples alone cost about n latency-bound passes where
+a batch cost about one (CUDA graphs captured per length would cut that and keep the guarantee);
+micro-batches keep a GPU busy, but split-K and stream-K matrix products can make a row's bits
+depend on its tile, i.e. on its position, so check them there first.
+
+Cost: 2K forward passes over the examples and no backward pass; the weights are bit-identical
+after. When the first layers hold no trainable coordinate (a head, a pruning mask in the top
+layers, adapters), one pass per batch computes them and the 2K perturbed passes start after
+them (:mod:`seedtune.common.prefix`).
 """
 
 from __future__ import annotations
@@ -20,14 +52,32 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from seedtune.common.perturb import Perturbation
-from seedtune.common.prefix import PrefixCache
+from seedtune.common.prefix import PrefixCache, Recording
 from seedtune.common.trainable import DirectionField, TrainableSet
 from torch import nn
 
 PerExampleLoss = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def micro_batch_for(expected_batch: float) -> int:
+    """A micro-batch size from public values only (the expected batch q N): the power of two at
+    or below half of it, in [1, 64]. Measured on the 2-core CPU against one dynamically padded
+    batch: the default preset (q N = 34, m = 16) 0.9x; the tiny preset (q N = 80, m = 32) about
+    2x, where alone (m = 1) costs 55x, its passes being all fixed overhead."""
+    size = 1
+    while size * 2 <= min(expected_batch / 2, 64):
+        size *= 2
+    return size
+
+
+class ExampleEncoder(Protocol):
+    """What turns raw examples into batches whose shapes depend on no other example (``Task``)."""
+
+    def encode_fixed(self, texts: list[str], labels: list[int], micro_batch: int) -> list[tuple[dict, list[int]]]: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +90,10 @@ class Estimate:
 
 
 class ZerothOrderEstimator:
-    """Two-point per-example differences of ``loss_fn`` along seed-keyed directions."""
+    """Two-point per-example differences of ``loss_fn`` along seed-keyed directions.
+
+    ``micro_batch``: how :meth:`estimate_examples` groups examples (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -50,40 +103,68 @@ class ZerothOrderEstimator:
         directions: DirectionField,
         *,
         cache_prefix: bool = True,
+        micro_batch: int = 1,
     ):
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch} must be at least 1")
         self.model = model
         self.loss_fn = loss_fn
+        self.micro_batch = micro_batch
         self.perturbation = Perturbation(model, trainable, directions)
         self.prefix = PrefixCache(model, trainable) if cache_prefix else None
 
     @torch.no_grad()
+    def estimate_examples(
+        self, task: ExampleEncoder, texts: Sequence[str], labels: Sequence[int], probe_seeds: Sequence[int],
+        beta: float, micro_batch: int | None = None,
+    ) -> Estimate:
+        """s_ik for every example (text_i, label_i) and every probe seed, row i in the order given;
+        each row's bits do not depend on which other examples are given. The estimate whose rows a
+        silo clips and releases. ``micro_batch``: this call's grouping (default: the estimator's);
+        it must come from public values only, never from the sample."""
+        batches = task.encode_fixed(list(texts), list(labels), micro_batch or self.micro_batch)
+        return self._estimate(batches, len(texts), probe_seeds, beta)
+
+    @torch.no_grad()
     def estimate(self, batch: dict, batch_size: int, probe_seeds: Sequence[int], beta: float) -> Estimate:
-        """s_ik for every example of ``batch`` (``batch_size`` rows) and every probe seed."""
-        differences = torch.zeros(batch_size, len(probe_seeds), dtype=torch.float64)
-        if batch_size == 0:
+        """s_ik for every example of one encoded ``batch`` (``batch_size`` rows). The rows depend
+        on the batch's padding and size, so they are not fit for release: a silo calls
+        :meth:`estimate_examples`."""
+        return self._estimate([(batch, list(range(batch_size)))] if batch_size else [], batch_size, probe_seeds, beta)
+
+    def _estimate(self, batches: list[tuple[dict, list[int]]], size: int, probe_seeds: Sequence[int],
+                  beta: float) -> Estimate:
+        """``batches``: each with the rows of the result its first rows go to (the rest: filler)."""
+        differences = torch.zeros(size, len(probe_seeds), dtype=torch.float64)
+        if size == 0:
             return Estimate(differences, float("nan"))
-        prefix = self.prefix
-        if prefix is not None and prefix.modules is None:
-            prefix.trace(lambda: self.loss_fn(self.model, batch))
-        if prefix is None or not prefix.modules:
-            prefix = None
-        else:
-            prefix.record(lambda: self.loss_fn(self.model, batch))
+        recordings = [self._record(batch) for batch, _ in batches]
         loss_sum = 0.0
-        try:
-            for k, seed in enumerate(probe_seeds):
-                losses = []
-                for shift in (beta, -beta):
-                    with self._replaying(prefix), self.perturbation.shifted(seed, shift):
-                        losses.append(self.loss_fn(self.model, batch).to(torch.float64))
-                plus, minus = losses
-                differences[:, k] = (plus - minus).cpu() / (2.0 * beta)
-                loss_sum += float((plus + minus).mean()) / 2.0
-        finally:
-            if prefix is not None:
-                prefix.clear()
+        for k, seed in enumerate(probe_seeds):
+            losses = []
+            for shift in (beta, -beta):
+                loss = torch.empty(size, dtype=torch.float64)
+                with self.perturbation.shifted(seed, shift):
+                    for (batch, rows), recording in zip(batches, recordings):
+                        loss[rows] = self._loss(batch, recording)[: len(rows)].to(torch.float64).cpu()
+                losses.append(loss)
+            plus, minus = losses
+            differences[:, k] = (plus - minus) / (2.0 * beta)
+            loss_sum += float((plus + minus).mean()) / 2.0
         return Estimate(differences, loss_sum / len(probe_seeds))
 
-    @staticmethod
-    def _replaying(prefix: PrefixCache | None):
-        return prefix.replaying() if prefix is not None else contextlib.nullcontext()
+    def _record(self, batch: dict) -> Recording | None:
+        """The frozen prefix's outputs on ``batch``, computed once at theta (None: no prefix)."""
+        prefix = self.prefix
+        if prefix is None:
+            return None
+        if prefix.modules is None:
+            prefix.trace(lambda: self.loss_fn(self.model, batch))
+        if not prefix.modules:
+            return None
+        return prefix.record(lambda: self.loss_fn(self.model, batch))
+
+    def _loss(self, batch: dict, recording: Recording | None) -> torch.Tensor:
+        replay = contextlib.nullcontext() if recording is None else self.prefix.replaying(recording)
+        with replay:
+            return self.loss_fn(self.model, batch)

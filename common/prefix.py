@@ -9,7 +9,8 @@ most of the network in that prefix, so the perturbed passes run only what follow
 The plan (which modules form the prefix) is traced once on a real forward; per batch, a pass
 that stops as soon as the prefix has returned records their outputs (the rest of the network is
 left to the perturbed passes, so the cache costs the prefix once, never a whole extra forward),
-and the perturbed passes return them in call order. The outputs
+and the perturbed passes return them in call order. A recording is a value the caller keeps, so
+one can be held per example while the perturbed passes run over several. The outputs
 are reused as they are, so a model that edits activations in place after the prefix would break
 this; the estimator's oracle tests compare cached and uncached estimates bit for bit.
 """
@@ -21,6 +22,9 @@ from contextlib import contextmanager
 
 from seedtune.common.trainable import TrainableSet
 from torch import nn
+
+
+Recording = dict[nn.Module, list]  # each prefix module's outputs, in call order
 
 
 class _PrefixRecorded(Exception):
@@ -41,7 +45,6 @@ class PrefixCache:
         }
         self.modules: list[nn.Module] | None = None  # the plan, once traced
         self._last: tuple[nn.Module, int] | None = None  # the prefix module returning last, its calls
-        self._outputs: dict[nn.Module, list] = {}
 
     def trace(self, forward: Callable[[], object]) -> list[nn.Module]:
         """Find the prefix: maximal frozen modules that return before trainable ones start."""
@@ -84,14 +87,14 @@ class PrefixCache:
             self._last = (last, len(calls[last]))
         return self.modules
 
-    def record(self, forward: Callable[[], object]) -> None:
-        """Run ``forward`` until every prefix module has returned, keeping their outputs."""
-        self._outputs = {module: [] for module in self.modules or ()}
+    def record(self, forward: Callable[[], object]) -> Recording:
+        """Run ``forward`` until every prefix module has returned; their outputs, in call order."""
+        outputs: Recording = {module: [] for module in self.modules or ()}
         last, calls = self._last or (None, 0)
 
         def keep(module: nn.Module, args, output) -> None:
-            self._outputs[module].append(output)
-            if module is last and len(self._outputs[module]) == calls:
+            outputs[module].append(output)
+            if module is last and len(outputs[module]) == calls:
                 raise _PrefixRecorded
 
         handles = [module.register_forward_hook(keep) for module in self.modules or ()]
@@ -102,13 +105,14 @@ class PrefixCache:
         finally:
             for handle in handles:
                 handle.remove()
+        return outputs
 
     @contextmanager
-    def replaying(self) -> Iterator[None]:
-        """Prefix modules return what they returned in the recorded pass, without computing."""
+    def replaying(self, recording: Recording) -> Iterator[None]:
+        """Prefix modules return what they returned in ``recording``, without computing."""
         patched = []
         for module in self.modules or ():
-            outputs = iter(self._outputs[module])
+            outputs = iter(recording[module])
             module.forward = lambda *args, _outputs=outputs, **kwargs: next(_outputs)
             patched.append(module)
         try:
@@ -116,6 +120,3 @@ class PrefixCache:
         finally:
             for module in patched:
                 del module.forward
-
-    def clear(self) -> None:
-        self._outputs = {}

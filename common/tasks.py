@@ -18,6 +18,7 @@ per-example sensitivity that clipping needs):
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -75,6 +76,41 @@ class Task:
         if labels is not None:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
         return batch
+
+    def encode_example(self, text: str, label: int | None = None) -> dict:
+        """One example alone: a batch of one at its own length, without padding. Its shapes, and
+        so the bits of its logits and loss, depend on this example only, never on which others
+        were sampled with it (a padded batch takes its width from its longest row)."""
+        return self.encode([text], None if label is None else [label])
+
+    def encode_fixed(self, texts: list[str], labels: list[int], micro_batch: int = 1) -> list[tuple[dict, list[int]]]:
+        """The examples in batches whose shapes depend on no other example, each with the
+        positions in ``texts`` of its first rows (the examples it holds, in order).
+
+        ``micro_batch`` = 1: each example alone (:meth:`encode_example`). m > 1: micro-batches of
+        exactly m rows, an example padded on the right to its own length bucket
+        (:func:`length_bucket`), the last micro-batch of a bucket filled with a filler row (the
+        first label word) whose results the caller discards. An example's tokens are the same
+        either way. What private per-example quantities need: see :mod:`seedtune.common.estimator`."""
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch} must be at least 1")
+        examples = [self.encode_example(text, label) for text, label in zip(texts, labels, strict=True)]
+        if micro_batch == 1:
+            return [(example, [i]) for i, example in enumerate(examples)]
+        buckets: dict[int, list[int]] = {}
+        for i, example in enumerate(examples):
+            buckets.setdefault(length_bucket(example["input_ids"].shape[1], self.max_length), []).append(i)
+        filler = self.encode_example(self.label_names[0], 0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batches = []
+        for width, members in sorted(buckets.items()):
+            for start in range(0, len(members), micro_batch):
+                chosen = members[start : start + micro_batch]
+                rows = [examples[i] for i in chosen] + [filler] * (micro_batch - len(chosen))
+                batch = {key: torch.cat([_pad_right(row[key], width, pad if key == "input_ids" else 0) for row in rows])
+                         for key in rows[0]}
+                batches.append((batch, chosen))
+        return batches
 
     def _encode_answers(self, texts: list[str], labels: list[int]) -> dict:
         """prompt + answer + end of turn, right-padded; ``loss_mask`` marks the answer tokens."""
@@ -156,11 +192,20 @@ class Task:
         """Write a Hugging Face directory that AutoModel*.from_pretrained loads (and, for a LoRA
         run, the adapters in peft's format under ``adapter/``)."""
         directory.mkdir(parents=True, exist_ok=True)
+        # A fast tokenizer keeps the truncation and padding of its last call in its backend, and
+        # tokenizer.json records them: a saved tokenizer would then depend on what was encoded
+        # last (training's max_length, or none after a replay), and its copy would truncate
+        # differently. transformers sets both on every call anyway, so save a copy without them.
+        tokenizer = copy.deepcopy(self.tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_truncation()
+            backend.no_padding()
         with quiet_transformers():
             self.hf_model().save_pretrained(directory)
             if find_adapted(self.module) is not None:
                 save_adapter(self.module, directory)
-            self.tokenizer.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
         if self.kind == "sequence-classification":
             shutil.copy(modeling_seedtune.__file__, directory / "modeling_seedtune.py")
         (directory / TASK_FILE).write_text(
@@ -175,6 +220,20 @@ class Task:
                 indent=2,
             )
         )
+
+
+def length_bucket(length: int, max_length: int) -> int:
+    """The width an example of ``length`` tokens is padded to in a fixed-shape micro-batch: the
+    next power of two from 8, at most ``max_length`` (a function of the example alone)."""
+    return min(max(8, 1 << (length - 1).bit_length()), max(max_length, length))
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """A row of token-aligned values (ids, masks) padded on the right to ``width`` (a longer one,
+    only ever the filler, is cut to it); labels as they are."""
+    if tensor.dim() < 2:
+        return tensor
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -280,19 +339,32 @@ def load_task(model_name: str, kind: str, label_names, *, max_length, template=N
 
 
 @torch.no_grad()
-def evaluate(task: Task, dataset, *, batch_size: int = 64, max_examples: int = 0) -> dict[str, float]:
-    """Mean loss, and accuracy for classification, on a public held-out dataset."""
+def evaluate(task: Task, dataset, *, batch_size: int = 64, max_examples: int = 0,
+             micro_batch: int | None = None) -> dict[str, float]:
+    """Mean loss, and accuracy for classification.
+
+    By default in batches of ``batch_size`` padded to their longest example, so the last bits of
+    an example's logits depend on its neighbours: fine for public data. With ``micro_batch``, in
+    shapes that depend on no other example (:meth:`Task.encode_fixed`; 1: each example alone), so
+    whether example j counts as correct does not depend on which other examples are evaluated:
+    what counts of private examples released with noise need (their sensitivity of 1 assumes the
+    other examples' results stay as they are)."""
     count = len(dataset) if not max_examples else min(max_examples, len(dataset))
+    rows = dataset[:count]
+    texts, labels = rows["text"], rows["label"]
+    if micro_batch is None:
+        batches = ((task.encode(texts[i : i + batch_size], labels[i : i + batch_size]), min(batch_size, count - i))
+                   for i in range(0, count, batch_size))
+    else:
+        batches = ((batch, len(held)) for batch, held in task.encode_fixed(texts, labels, micro_batch))
     total_loss, correct = 0.0, 0
-    for start in range(0, count, batch_size):
-        rows = dataset[start : min(start + batch_size, count)]
-        batch = task.encode(rows["text"], rows["label"])
+    for batch, real in batches:  # the first ``real`` rows are examples; the rest, filler
         if task.classifies:
-            logits = _at_least_float32(task.logits(task.module, batch))
-            total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            logits, truth = _at_least_float32(task.logits(task.module, batch))[:real], batch["labels"][:real]
+            total_loss += float(F.cross_entropy(logits, truth, reduction="sum"))
+            correct += int((logits.argmax(-1) == truth).sum())
         else:
-            total_loss += float(task.per_example_loss(task.module, batch).sum())
+            total_loss += float(task.per_example_loss(task.module, batch)[:real].sum())
     metrics = {"loss": total_loss / max(count, 1)}
     if task.classifies:
         metrics["accuracy"] = correct / max(count, 1)

@@ -12,6 +12,7 @@ from torch import nn
 from conftest import batch_of, make_task
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.perturb import Perturbation, unreached_parameters
+from seedtune.common.tasks import evaluate
 from seedtune.common.trainable import DirectionField, TrainableSet
 
 TASKS = ["sequence-classification", "prompt-classification", "causal-lm"]
@@ -96,8 +97,130 @@ def test_batched_differences_equal_a_loop_over_single_examples(kind, synthetic):
         estimator.estimate(task.encode([text], [label]), 1, [7, 8], 1e-3).differences
         for text, label in zip(rows["text"], rows["label"])
     ])
-    assert batched.shape == (5, 2)
+    alone = estimator.estimate_examples(task, rows["text"], rows["label"], [7, 8], 1e-3).differences
+    assert batched.shape == alone.shape == (5, 2)
     assert torch.allclose(batched, single, rtol=1e-7, atol=1e-9)
+    assert torch.equal(alone, single)  # each example alone, whatever path runs the loop
+
+
+# -- one example more or less leaves every other row bit for bit -------------------------------
+# The sensitivity the accountant charges assumes it: a row that moved by one ulp of a loss moves
+# by ulp / (2 beta) in the difference, which at small beta exceeds the clip bound.
+
+def neighbours(texts, labels, long, short):
+    """Samples one example away from (texts, labels): the longest or the shortest example added,
+    and one of the sample's own removed, at the start, in the middle and at the end. Each comes
+    with ``shared``: (position in the sample, position in the neighbour) of the examples both hold."""
+    n = len(texts)
+    for extra_text, extra_label in (long, short):
+        for at in (0, n // 2, n):
+            yield (texts[:at] + [extra_text] + texts[at:], labels[:at] + [extra_label] + labels[at:],
+                   [(i, i if i < at else i + 1) for i in range(n)])
+    for at in (0, n // 2, n - 1):  # the examples after it move up one position
+        yield (texts[:at] + texts[at + 1 :], labels[:at] + labels[at + 1 :],
+               [(i, i if i < at else i - 1) for i in range(n) if i != at])
+
+
+def slots(task, texts, labels, micro_batch):
+    """Each example's row within its micro-batch."""
+    row_of = {i: row for _, held in task.encode_fixed(texts, labels, micro_batch) for row, i in enumerate(held)}
+    return [row_of[i] for i in range(len(texts))]
+
+
+def assert_rows_independent_of_neighbours(task, estimator, texts, labels, long, short, probe_seeds):
+    before, moved = slots(task, texts, labels, estimator.micro_batch), 0
+    for beta in (1e-3, 1e-7):
+        rows = estimator.estimate_examples(task, texts, labels, probe_seeds, beta).differences
+        assert torch.isfinite(rows).all() and rows.abs().max() > 0
+        for other_texts, other_labels, shared in neighbours(texts, labels, long, short):
+            other = estimator.estimate_examples(task, other_texts, other_labels, probe_seeds, beta).differences
+            mine, theirs = zip(*shared)
+            assert torch.equal(other[list(theirs)], rows[list(mine)]), (beta, other_texts)
+            after = slots(task, other_texts, other_labels, estimator.micro_batch)
+            moved += sum(before[i] != after[j] for i, j in shared)
+    assert moved > 0 or estimator.micro_batch == 1  # micro-batches: rows moved to other positions
+
+
+def lengths(task, texts):
+    return [task.encode_example(text)["input_ids"].shape[1] for text in texts]
+
+
+MICRO_BATCHES = [1, 4]  # each example alone; fixed-shape micro-batches of 4 rows, positions varying
+
+
+@pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
+@pytest.mark.parametrize("kind", TASKS)
+def test_an_added_or_removed_example_leaves_every_other_row_bit_for_bit(kind, micro_batch, synthetic):
+    task = make_task(kind)  # causal-lm: instruction tuning (the answer after the prompt is scored)
+    trainable = TrainableSet.everything(task.module)
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
+                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch)
+    texts, labels = list(synthetic.train[10:16]["text"]), list(synthetic.train[10:16]["label"])
+    long = (" ".join(synthetic.train[16:20]["text"]), 1)  # truncated to max_length: the widest there is
+    short = ("great", 1)
+    assert min(lengths(task, texts)) > lengths(task, [short[0]])[0]
+    assert max(lengths(task, texts)) < lengths(task, [long[0]])[0] == task.max_length
+    assert_rows_independent_of_neighbours(task, estimator, texts, labels, long, short, [3, 4])
+
+
+@pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
+def test_language_modelling_rows_with_a_frozen_prefix_are_independent_of_neighbours(micro_batch, synthetic):
+    task = make_task("causal-lm")
+    task.template = "{text}"  # plain language modelling: every token counts
+    trainable = TrainableSet(task.module, top_layer_mask(task.module))  # a frozen prefix, recorded per batch
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
+                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch)
+    texts, labels = list(synthetic.train[:5]["text"]), list(synthetic.train[:5]["label"])
+    assert_rows_independent_of_neighbours(task, estimator, texts, labels,
+                                          (" ".join(synthetic.train[5:9]["text"]), 0), ("w1 w2", 0), [3])
+
+
+REVIEWS = [
+    "a gripping, beautiful film that earns every one of its quiet moments",
+    "dull and far too long",
+    "the cast is wonderful, but the script never decides what kind of movie it wants to be",
+    "an utterly charming comedy",
+    "a mess of a thriller, with twists you can see coming from the opening credits and a finale "
+    "that mistakes noise for tension",
+]
+LONG_REVIEW = ("for all its ambition and the evident care lavished on its production design, costumes and score, "
+               "this sprawling historical epic never finds a pulse: its characters speak in speeches, its battles "
+               "blur together, and by the third hour even its most committed admirers will be checking their watches, "
+               "wondering why nobody in the editing room had the courage to cut it by half")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from seedtune.common.tasks import load_task
+
+    return load_task("minilm", "sequence-classification", ("negative", "positive"), max_length=64, head_scale=20.0)
+
+
+@pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
+def test_minilm_default_rows_are_independent_of_neighbours(minilm, micro_batch):
+    """The default preset's model and trainable set (the cosine head, the encoder a recorded prefix)."""
+    task = minilm
+    trainable = TrainableSet(task.module, {"classifier.weight": None, "classifier.bias": None})
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
+                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch)
+    labels = [1, 0, 0, 1, 0]
+    assert lengths(task, [LONG_REVIEW]) == [64] and lengths(task, ["bad."])[0] < min(lengths(task, REVIEWS))
+    assert_rows_independent_of_neighbours(task, estimator, REVIEWS, labels, (LONG_REVIEW, 0), ("bad.", 0),
+                                          [1, 2, 3, 4, 5, 6, 7, 8])
+    assert estimator.prefix.modules  # the encoder ran once per batch, the head 2K times
+
+
+@pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
+@pytest.mark.parametrize("kind", TASKS)
+def test_private_evaluation_counts_a_set_as_the_sum_of_its_examples_on_their_own(kind, micro_batch, synthetic):
+    """A released count's sensitivity of 1 needs each example's result to ignore the others."""
+    task = make_task(kind)
+    examples = synthetic.validation.select(range(9))
+    whole = evaluate(task, examples, micro_batch=micro_batch)
+    each = [evaluate(task, examples.select([j]), micro_batch=micro_batch) for j in range(9)]
+    assert whole["loss"] == pytest.approx(sum(m["loss"] for m in each) / 9, rel=1e-6)
+    if task.classifies:
+        assert round(whole["accuracy"] * 9) == sum(round(m["accuracy"]) for m in each)
 
 
 def top_layer_mask(module: nn.Module) -> dict:
@@ -122,6 +245,10 @@ def test_computing_the_frozen_prefix_once_changes_no_bit(kind, layout, synthetic
     reference = plain.estimate(batch, 6, [1, 2, 3], 1e-2)
     assert torch.equal(first.differences, reference.differences)
     assert first.loss == reference.loss  # the mean of the same perturbed losses
+    rows = synthetic.train[:6]  # one recording per example, replayed in every perturbed pass
+    first, reference = (estimator.estimate_examples(task, rows["text"], rows["label"], [1, 2], 1e-2)
+                        for estimator in (cached, plain))
+    assert torch.equal(first.differences, reference.differences)
     if layout == "top":
         assert cached.prefix.modules  # the embeddings and the first block(s) were skipped
         other = batch_of(task, synthetic, size=4, offset=10)  # a new batch: nothing stale is reused
@@ -158,6 +285,8 @@ def test_empty_batch_gives_zero_differences():
     trainable = TrainableSet.everything(task.module)
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, DirectionField(trainable, "rademacher"))
     assert torch.equal(estimator.estimate({}, 0, [1, 2], 0.1).differences, torch.zeros(0, 2, dtype=torch.float64))
+    assert torch.equal(estimator.estimate_examples(task, [], [], [1, 2], 0.1).differences,
+                       torch.zeros(0, 2, dtype=torch.float64))
 
 
 class Quadratic(nn.Module):
