@@ -11,6 +11,7 @@ from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import RunDirError
 from seedtune.common.models import fingerprint
+from seedtune.common.paths import check_creatable
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from tqdm.auto import tqdm
@@ -31,10 +32,11 @@ def _open_run(run_dir: Path) -> tuple[UpdateLog, Config]:
 
 def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     """Replay the log on the base model and save the result to ``out``; returns the step count."""
-    log, config = _open_run(Path(run_dir))
     out = Path(out)
+    check_creatable(out)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"--out {out} already exists and is not empty; choose a new directory")
+    log, config = _open_run(Path(run_dir))
     base = log.base
     task = components.load_model(config, tuple(base["label_names"]), base)
     if fingerprint(task.module) != base["fingerprint"]:
@@ -51,11 +53,16 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
             bar.update(len(records[start : start + REPLAY_BATCH]))
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    task.save(staging)
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
-    log.close()
+    try:
+        task.save(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except OSError as error:  # a full disk, or --out changed under us: leave nothing half-written
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunDirError(f"cannot write --out {out}: {error}; choose another --out") from None
+    finally:
+        log.close()
     return len(records)
 
 

@@ -10,6 +10,7 @@ on the same device and dtype, whether to resume, to export, or to bring a silo u
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import zlib
@@ -109,7 +110,11 @@ class UpdateLog:
             db = _connect(path)
             version = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         except sqlite3.DatabaseError as error:
-            raise RunDirError(f"cannot read update log {path}: {error}") from None
+            hint = ""
+            if not os.access(path.parent, os.W_OK):  # WAL mode: every reader needs the -shm file beside it
+                hint = (f"; SQLite must create {path.name}-wal and {path.name}-shm beside it, and {path.parent} is "
+                        "read-only: make it writable, or copy the run directory somewhere writable")
+            raise RunDirError(f"cannot read update log {path}: {error}{hint}") from None
         if version is None or json.loads(version[0]) != FORMAT_VERSION:
             raise RunDirError(f"{path} is not a seedtune update log of format {FORMAT_VERSION}")
         return cls(path, db)

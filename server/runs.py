@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from seedtune.common.config import Config
 from seedtune.common.data import TextData
 from seedtune.common.errors import ConfigError, RunDirError
 from seedtune.common.models import fingerprint
+from seedtune.common.paths import check_creatable, check_resumable
 from seedtune.common.schedule import Schedule
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
@@ -70,8 +72,12 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
         config = Config.from_dict(log.config)
         if log.meta("status") == "finished":
             raise RunDirError(f"{run_dir} is a finished run; nothing to resume")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"--out {run_dir} already exists and is not empty; choose a new directory or pass --resume")
+        check_resumable(run_dir)
+    else:
+        check_creatable(run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunDirError(f"--out {run_dir} already exists and is not empty; choose a new directory or pass "
+                              "--resume")
 
     data = components.load_data(config)
     task = components.load_model(config, data.label_names, log.base if log else None)
@@ -94,6 +100,24 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
     schedule = components.make_schedule(config)
 
     if log is None:
+        log = _create_log(run_dir, config, reference, parts, sigma, command)
+    applier = UpdateApplier(parts.trainable, parts.directions)
+    applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
+    coordinator = Coordinator(
+        run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
+        clip_bound=config.privacy.clip_bound, noise_multiplier=sigma,
+        sample_rate=config.privacy.sample_rate, log=log, applier=applier,
+        aggregation=config.federation.aggregation, trim=config.federation.trim,
+    )
+    return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)
+
+
+def _create_log(run_dir: Path, config: Config, reference: dict, parts: ModelParts, sigma: float,
+                command: str) -> UpdateLog:
+    """The new run's directory and log, or nothing at all: a failed write removes what it made."""
+    made = not run_dir.exists()
+    log = None
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = UpdateLog.create(
             run_dir / LOG_FILE,
@@ -106,15 +130,17 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
         log.set_meta("run_id", uuid.uuid4().hex)
         log.set_meta("trainable_coordinates", parts.trainable.dimension)
         log.set_meta("command", command)
-    applier = UpdateApplier(parts.trainable, parts.directions)
-    applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
-    coordinator = Coordinator(
-        run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
-        clip_bound=config.privacy.clip_bound, noise_multiplier=sigma,
-        sample_rate=config.privacy.sample_rate, log=log, applier=applier,
-        aggregation=config.federation.aggregation, trim=config.federation.trim,
-    )
-    return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)
+    except (OSError, sqlite3.Error) as error:
+        if log is not None:
+            log.close()
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            for leftover in run_dir.glob(LOG_FILE + "*"):
+                leftover.unlink(missing_ok=True)
+        raise RunDirError(f"cannot create the run in --out {run_dir}: {error}; make it writable or choose another "
+                          "--out") from None
+    return log
 
 
 def finish_run(run: Run, before: dict, after: dict, epsilon: float | dict, extra: dict | None = None,

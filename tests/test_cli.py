@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -12,8 +17,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from seedtune.cli.main import main
+from seedtune.cli.main import EXIT_CLOSED_PIPE, _parser, main
 from seedtune.common import models
+
+# The installed console script (`pip install` puts it beside the interpreter).
+SCRIPT = shutil.which("seedtune", path=os.path.dirname(sys.executable)) or shutil.which("seedtune")
 
 
 def seedtune(*args, cwd=None):
@@ -37,9 +45,22 @@ def test_tiny_training_lowers_the_loss_and_spends_its_budget(tiny_run):
     assert (tiny_run / "training.png").stat().st_size > 10_000
 
 
+def files(directory):
+    """Every file under ``directory``, by relative path, with its bytes."""
+    return {path.relative_to(directory).as_posix(): path.read_bytes()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def assert_same_files(a, b):
+    left, right = files(a), files(b)
+    assert left.keys() == right.keys()
+    assert [name for name in left if left[name] != right[name]] == []
+
+
 def test_export_rebuilds_final_bit_for_bit(tiny_run, tmp_path):
     result = seedtune("export", tiny_run, "--out", tmp_path / "exported")
     assert result.returncode == 0, result.stderr
+    assert_same_files(tiny_run / "final", tmp_path / "exported")  # every file, the tokenizer's too
     final = load_file(tiny_run / "final" / "model.safetensors")
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
@@ -143,3 +164,173 @@ def test_partition_writes_each_silo_its_share_by_label_name_and_never_overwrites
     again = seedtune("partition", "--preset", "tiny", "--out", tmp_path)
     assert again.returncode == 2 and again.stderr.strip().startswith("seedtune: error:")
     assert "silo-0.jsonl already exists" in again.stderr
+
+
+SHORT = ("--set", "schedule.steps=6", "--set", "schedule.stages=1", "--set", "eval.every=0")
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished six-step run of the tiny preset: for what needs a run, not a trained model."""
+    run_dir = tmp_path_factory.mktemp("runs") / "short"
+    result = seedtune("train", "--preset", "tiny", "--out", run_dir, "--no-progress", *SHORT)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_export_of_a_short_run_is_its_final_file_for_file(lora, short_run, tmp_path):
+    run_dir = short_run
+    if lora:  # adapters, and the merged model
+        run_dir = tmp_path / "lora"
+        result = seedtune("train", "--preset", "tiny", "--out", run_dir, "--no-progress", *SHORT,
+                          "--set", "lora.enabled=true")
+        assert result.returncode == 0, result.stderr
+    assert seedtune("export", run_dir, "--out", tmp_path / "exported").returncode == 0
+    assert (tmp_path / "exported" / "adapter").is_dir() == lora
+    assert_same_files(run_dir / "final", tmp_path / "exported")
+
+
+def _commands(parser, prefix=()):
+    """Every command and subcommand under ``parser``: its words, and the help its parent lists."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, command in action.choices.items():
+                yield (*prefix, name), listed.get(name)
+                yield from _commands(command, (*prefix, name))
+
+
+COMMANDS = list(_commands(_parser()))
+
+
+@pytest.mark.parametrize("words, summary", [((), _parser().description), *COMMANDS],
+                         ids=["seedtune", *(" ".join(words) for words, _ in COMMANDS)])
+def test_every_command_has_help_and_a_one_line_summary(words, summary, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([*words, "--help"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {' '.join(('seedtune', *words))}")
+    assert summary and "\n" not in summary
+
+
+def test_help_through_the_installed_script():
+    assert len(COMMANDS) >= 17 and SCRIPT is not None
+    for words in [(), ("bench",), ("bench", "step")]:
+        result = subprocess.run([SCRIPT, *words, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "1% mask" in result.stdout
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` unwritable, to root as well: the immutable attribute where this machine allows it
+    (root ignores permission bits), else permission bits for a user that is not root."""
+    try:
+        immutable = subprocess.run(["chattr", "+i", path], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        immutable = False
+    if immutable:
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", path], check=True)
+    elif os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+    else:
+        pytest.skip("root without CAP_LINUX_IMMUTABLE: nothing here makes a path read-only to root")
+
+
+def _one_line_error(capsys, *fragments):
+    error = capsys.readouterr().err
+    assert error.startswith("seedtune: error:") and error.count("\n") == 1, error
+    assert all(fragment in error for fragment in fragments), error
+
+
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny", "--no-progress"],
+                                     ["simulate", "--preset", "tiny", "--no-progress"],
+                                     ["partition", "--preset", "tiny"], ["export", "RUN"], ["bench", "scale", "--quick"]],
+                         ids=lambda c: c[0] if c[0] != "bench" else "bench")
+def test_an_out_under_a_file_is_a_one_line_error_before_any_work(command, short_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    command = [str(short_run) if word == "RUN" else word for word in command]
+    for out in (tmp_path / "file" / "run", tmp_path / "file"):
+        assert main([*command, "--out", str(out)]) == 2
+        _one_line_error(capsys, str(out), "not a directory", "choose another --out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_the_library_edges_refuse_an_unwritable_out_too(short_run, tmp_path):
+    from seedtune.cli.export import export
+    from seedtune.cli.train import train
+    from seedtune.common.config import load_config
+    from seedtune.common.errors import RunDirError
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        train(load_config("tiny"), tmp_path / "file" / "run", progress=False)
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        export(short_run, tmp_path / "file" / "run", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_out_in_a_read_only_directory_is_a_one_line_error_and_leaves_nothing(short_run, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with read_only(locked):
+        for command in (["train", "--preset", "tiny", "--no-progress"], ["export", str(short_run)]):
+            assert main([*command, "--out", str(locked / "run")]) == 2
+            _one_line_error(capsys, str(locked), "not writable", "choose another --out")
+    assert list(locked.iterdir()) == []
+
+
+def _unfinished_copy(run_dir, destination):
+    from seedtune.common.updatelog import UpdateLog
+
+    shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("*-wal", "*-shm"))  # as a closed run leaves it
+    log = UpdateLog.open(destination / "log.sqlite")
+    log.set_meta("status", "running")
+    log.close()
+    return destination
+
+
+def test_a_read_only_run_is_refused_by_resume_and_still_shown(short_run, tmp_path, capsys):
+    run_dir = _unfinished_copy(short_run, tmp_path / "run")
+    log = run_dir / "log.sqlite"
+    before = log.read_bytes()
+    with read_only(log):
+        assert main(["train", "--resume", "--out", str(run_dir), "--no-progress"]) == 2
+        _one_line_error(capsys, str(log), "read-only", "writable")
+        assert main(["show", str(run_dir), "--json"]) == 0  # reading needs no write access
+        assert json.loads(capsys.readouterr().out)["steps"] == 6
+    assert log.read_bytes() == before
+
+
+def test_a_run_in_a_read_only_directory_is_a_one_line_error(short_run, tmp_path, capsys):
+    run_dir = _unfinished_copy(short_run, tmp_path / "run")
+    with read_only(run_dir):
+        for command in (["show", str(run_dir)], ["export", str(run_dir), "--out", str(tmp_path / "out")],
+                        ["train", "--resume", "--out", str(run_dir), "--no-progress"]):
+            assert main(command) == 2
+            _one_line_error(capsys, str(run_dir), "read-only", "writable")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(short_run):
+    head = subprocess.run(f"{shlex.quote(SCRIPT)} show {shlex.quote(str(short_run))} --steps -1 | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert head.stdout.startswith(f"run {short_run}") and head.stdout.count("\n") == 1
+    assert head.stderr == ""  # no BrokenPipeError traceback
+    # The reader gone before the first write: every write fails, deterministically. (argparse
+    # itself ignores a failed write of --help, and exits 0.)
+    for words, codes in ((["show", short_run, "--steps", "-1"], {EXIT_CLOSED_PIPE}),
+                         (["show", short_run, "--json"], {EXIT_CLOSED_PIPE}), (["--help"], {0, EXIT_CLOSED_PIPE})):
+        process = subprocess.Popen([SCRIPT, *map(str, words)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.close()
+        error = process.stderr.read().decode()
+        assert process.wait(timeout=120) in codes and error == "", error

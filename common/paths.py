@@ -1,0 +1,50 @@
+"""Where a command may write, checked before it does any work.
+
+A bad ``--out`` or a read-only run found after minutes of training would end in a traceback
+and a half-made directory; found first, it is one line that names the path and the fix.
+``os.access`` asks the kernel, so the answer holds for root too: a read-only file system
+(EROFS) and the immutable attribute (EPERM) refuse root as they refuse everyone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from seedtune.common.errors import RunDirError
+
+
+def check_creatable(directory: Path, flag: str = "--out") -> None:
+    """Raise :class:`RunDirError` unless ``directory`` is a directory that can be written, or
+    one that can be created (its nearest existing ancestor is a writable directory)."""
+    directory = Path(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise RunDirError(f"{flag} {directory} is a file, not a directory; choose another {flag}")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise RunDirError(f"{flag} {directory} is not writable (permissions, a read-only file system or the "
+                              f"immutable attribute); make it writable or choose another {flag}")
+        return
+    ancestor = directory.parent
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RunDirError(f"{flag} {directory} cannot be created: {ancestor} is a file, not a directory; "
+                          f"choose another {flag}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RunDirError(f"{flag} {directory} cannot be created: {ancestor} is not writable (permissions, a "
+                          f"read-only file system or the immutable attribute); make it writable or choose another "
+                          f"{flag}")
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Raise :class:`RunDirError` unless a run can continue in ``run_dir``: the directory (where
+    SQLite keeps its ``-wal`` and ``-shm`` files, and ``final/`` is written) and every database
+    in it must be writable."""
+    run_dir = Path(run_dir)
+    for path in (run_dir, *sorted(run_dir.glob("*.sqlite*"))):
+        if not os.access(path, os.W_OK):
+            raise RunDirError(f"{path} is read-only (permissions, a read-only file system or the immutable "
+                              f"attribute) and --resume must write to it; make the run directory and its files "
+                              f"writable (chmod -R u+w {run_dir}), or copy the run somewhere writable and resume the "
+                              f"copy")
