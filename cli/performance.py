@@ -113,6 +113,13 @@ def print_report(report: dict, file=None) -> None:
         print(f"preset {row['preset']} (epsilon {row['epsilon']:g}, q {row['sample_rate']:g}, {row['steps']} steps): "
               f"sigma {row['sigma_gaussian']:.4f} gaussian -> {row['sigma_discrete']:.4f} discrete "
               f"(+{row['sigma_increase_pct']:.2f}%)", file=file)
+    if "timing" in report:
+        timing = report["timing"]
+        print(f"timing of one exact draw at the default preset's sigma ({timing['sigma_lattice_units']:.0f} lattice "
+              f"units, {timing['draws']} draws): median {timing['median_us']:.1f} us; rank correlation with |z| "
+              f"{timing['spearman_time_vs_magnitude']:.2f}; median by |z|/sigma: " + ", ".join(
+                  f"[{band['low']:g}, {band['high']:g}) {band['median_us']:.1f} us" for band in timing["bands"]),
+              file=file)
     if report["bench"] == "robust":
         print(f"test accuracy before training: {report['rows'][0]['before']:.3f}", file=file)
         for row in report["rows"]:

@@ -21,7 +21,6 @@ from seedtune.common.errors import BudgetExhausted, RunDirError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
-from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.server.runs import LOG_FILE, finish_run, open_run
 from tqdm.auto import tqdm
 
@@ -44,14 +43,21 @@ class TrainResult:
 
 
 def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
-          baseline: dict | None = None) -> TrainResult:
+          baseline: dict | None = None, public_size: int | None = None,
+          randomness: SecretRandomness | None = None) -> TrainResult:
     """Train one silo privately; everything lands in ``run_dir`` (see the README for its layout).
 
     ``baseline``: the starting model's test metrics, when the caller already has them (a
     benchmark running many methods from the same start); otherwise they are measured.
+    ``public_size``: N of the releases' q N (default: the training set's size, which the log and
+    the model then reveal; give a published number to keep the exact size private).
+    ``randomness``: tests only, a seeded source for sampling and noise (default: the OS's CSPRNG).
     """
     run = open_run(config, run_dir, resume=resume)
     config, data, log, coordinator, sigma = run.config, run.data, run.log, run.coordinator, run.sigma
+    if log.meta("public_size") is None:  # public: it scales every logged step
+        log.set_meta("public_size", int(public_size or len(data.train)))
+    public_size = log.meta("public_size")
     task, parts, schedule, run_dir = run.task, run.parts, run.schedule, run.run_dir
     ledger = None
     if config.privacy.enabled:
@@ -59,9 +65,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
             run_dir / LEDGER_FILE, epsilon=config.privacy.epsilon, delta=config.privacy.delta,
             accountant=config.privacy.accountant,
         )
-    randomness = _randomness(config)
+    randomness = randomness or _randomness(config)
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
-    silo = Silo(task, estimator, data.train, randomness, ledger, config.privacy.noise)
+    silo = Silo(task, estimator, data.train, randomness, ledger, config.privacy.noise, public_size=public_size)
 
     def evaluation(split, limit):
         return run.evaluate(split, limit)
@@ -84,11 +90,8 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     try:
         while not coordinator.done:
             request = coordinator.request()
-            reply = _recovered_reply(ledger, request, len(data.train))
-            metrics = {}
-            if reply is None:
-                reply = silo.answer(request)
-                metrics["train_loss"] = silo.last_loss
+            reply = silo.answer(request)  # a release made before a crash is answered again, not charged again
+            metrics = {}  # the batch's loss is private (a function of the secret sample): only on the bar
             coordinator.apply(request, [reply])
             step = coordinator.step
             now = time.monotonic()
@@ -100,6 +103,8 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 metrics.update({f"val_{k}": v for k, v in evaluation("validation", None).items()})
             log.record_metrics(step, metrics)
             postfix = {"loss": f"{silo.last_loss:.4f}", "eps": f"{spent:.3f}" if ledger else "off"}
+            if silo.last_reused:
+                postfix["loss"] = "reused"
             if "val_accuracy" in metrics:
                 postfix["val_acc"] = f"{metrics['val_accuracy']:.3f}"
             bar.set_postfix(postfix, refresh=False)
@@ -125,20 +130,6 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         ledger.close()
     log.close()
     return TrainResult(run_dir, coordinator.step, epsilon, before, after)
-
-
-def _recovered_reply(ledger: PrivacyLedger | None, request: TrainRequest, population: int) -> TrainReply | None:
-    """After a crash between a release and its log row, the release made for this round.
-
-    It was charged and its values recorded, so using it again spends nothing new; asking the
-    silo again would charge the round twice.
-    """
-    if ledger is None:
-        return None
-    values = ledger.released(request.round)
-    if values is None or len(values) != len(request.probe_seeds):
-        return None
-    return TrainReply(request.round, tuple(values), request.sample_rate * population, ())
 
 
 def _randomness(config: Config) -> SecretRandomness:

@@ -8,18 +8,25 @@ Node configuration (``--node-config`` of a SuperNode, or set by the simulation e
 
 * ``partition-id`` / ``num-partitions`` — which share of the configured dataset is this silo's
   (simulation); ``data-path`` — a CSV/JSONL file that *is* this silo's data (deployment);
-* ``state-dir`` — where the ledger and the model replica live (default
-  ``~/.seedtune/silos/<partition>``);
-* ``epsilon`` / ``delta`` — this silo's own budget, which no request can raise;
+* ``state-dir`` — where the ledger and the model replica live (or ``SEEDTUNE_STATE_DIR``/<name>);
+  a deployed silo without one refuses every request;
+* ``epsilon`` / ``delta`` — this silo's own budget, which no request can raise (or
+  ``SEEDTUNE_EPSILON``/``SEEDTUNE_DELTA``); a deployed silo without one refuses private runs;
+* ``public-size`` — with ``data-path``, the size the silo publishes: releases are divided by
+  q x public-size, never by the exact count (required in a deployment);
 * ``name`` — how the coordinator's reports call this silo;
 * ``audit-log`` — a JSON-lines file of every message in and out (``client/audit.py``);
-* ``min-noise-multiplier``, ``max-probes``, ``max-sample-rate``, ``max-rounds``,
+* ``micro-batch`` — examples per fixed-shape forward pass (default: from the public q x size; 1
+  computes each example alone, the by-construction guarantee that one example cannot change
+  another's row, for hardware where the fixed-shape batches have not been checked);
+* ``min-noise-multiplier``, ``max-probes``, ``max-sample-rate``, ``max-releases``, ``min-beta``,
   ``allow-nonprivate``, ``allow-float-noise`` — limits no request can exceed (``client/limits.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -74,44 +81,98 @@ def handle_evaluate(content: RecordDict, node: SiloNode) -> RecordDict:
 def own_data(path: Path, config: Config, label_names: tuple[str, ...], split: str):
     """The silo's own file, split reproducibly, its labels numbered as the run's ``label_names``
     (a file's labels are names: "positive", not 1, so no silo can silently flip them)."""
-    data = load_text_data(str(path), split_seed=config.data.split_seed, validation_fraction=0.1, test_fraction=0.01)
-    unknown = sorted(set(data.label_names) - set(label_names))
-    if unknown:
-        raise SeedtuneError(f"data-path {str(path)!r} has label {unknown[0]!r}, which this run does not know; "
-                            f"its labels are {list(label_names)}")
-    ids = [label_names.index(name) for name in data.label_names]
-    return getattr(data, split).map(lambda row: {"label": ids[row["label"]]})
+    # Declared labels: a label the run does not know is an error naming its row, and ids follow
+    # the run's order.
+    data = load_text_data(str(path), split_seed=config.data.split_seed, validation_fraction=0.1, test_fraction=0.01,
+                          labels=tuple(label_names))
+    return getattr(data, split)
+
+
+class NodeConfigError(SeedtuneError):
+    """A SuperNode's node configuration that a silo cannot run with."""
 
 
 def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode, int | None]:
-    """This process's SiloNode for the node described by ``context.node_config``."""
+    """This process's SiloNode for the node described by ``context.node_config``.
+
+    In a deployment (no ``state_root``) everything that binds the silo comes from its operator,
+    never from the coordinator: the state directory that holds its ledger (node config
+    ``state-dir``, or ``SEEDTUNE_STATE_DIR``/<name>), its budget (``epsilon``/``delta``, or
+    ``SEEDTUNE_EPSILON``/``SEEDTUNE_DELTA``; without one it refuses private runs) and, for its own
+    file (``data-path``), the public size its releases are normalised by (``public-size``). A silo
+    given a share of the run's public corpus instead (``partition-id``) publishes that share's size.
+    """
     node_config = context.node_config
     partition = node_config.get("partition-id")
     partition = int(partition) if partition is not None else None
-    label = f"partition-{partition}" if partition is not None else f"node-{context.node_id}"
+    name = str(node_config["name"]) if "name" in node_config else (
+        f"partition-{partition}" if partition is not None else None)
     if "state-dir" in node_config:
         state_dir = Path(str(node_config["state-dir"]))
     elif state_root is not None:
-        state_dir = Path(state_root) / label
+        state_dir = Path(state_root) / f"partition-{partition}"
+    elif os.environ.get("SEEDTUNE_STATE_DIR") and name is not None:
+        state_dir = Path(os.environ["SEEDTUNE_STATE_DIR"]) / name
     else:
-        state_dir = Path(os.environ.get("SEEDTUNE_STATE_DIR", Path.home() / ".seedtune" / "silos")) / label
+        raise NodeConfigError(
+            "this silo has no state directory: its ledger must live where its operator says, or a restart would "
+            "start a new, empty one; set node config state-dir (or SEEDTUNE_STATE_DIR and node config name)")
     key = str(state_dir.resolve())
     if key not in _NODES:
-        budget = None
-        if "epsilon" in node_config:
-            budget = (float(node_config["epsilon"]), float(node_config.get("delta", 1e-5)),
-                      str(node_config.get("accountant", "rdp")))
+        deployed = state_root is None
+        budget = _own_budget(node_config)
+        public_size = _public_size(node_config)
 
         def shard(config: Config, label_names: tuple[str, ...], split: str):
             if "data-path" in node_config:
                 return own_data(Path(str(node_config["data-path"])), config, label_names, split)
             return components.silo_shard(config, split, partition, int(node_config.get("num-partitions", 1)))
 
+        if deployed and "data-path" in node_config and public_size is None:
+            raise NodeConfigError(
+                "node config public-size is not set: a silo with its own data-path divides its releases by "
+                "q x public-size, a number you are willing to publish (e.g. your record count rounded), so that "
+                "the exact count never leaves; add public-size=N")
         # seedtune simulate (state_root given) runs every silo for the one user who started it.
-        limits = Limits.from_node_config(node_config, allow_nonprivate=state_root is not None)
-        _NODES[key] = SiloNode(state_dir, shard, budget=budget, partition=partition,
-                               name=str(node_config.get("name", label)), limits=limits)
+        limits = Limits.from_node_config(node_config, allow_nonprivate=not deployed)
+        _NODES[key] = SiloNode(state_dir, shard, budget=budget, partition=partition, name=name or state_dir.name,
+                               limits=limits, public_size=public_size, budget_required=deployed,
+                               micro_batch=_positive_int(node_config, "micro-batch"))
     return _NODES[key], partition
+
+
+def _own_budget(node_config) -> tuple[float, float, str] | None:
+    """(epsilon, delta, accountant) from the node config, else the environment, else None."""
+    raw_epsilon = node_config.get("epsilon", os.environ.get("SEEDTUNE_EPSILON"))
+    if raw_epsilon is None:
+        return None
+    raw_delta = node_config.get("delta", os.environ.get("SEEDTUNE_DELTA", 1e-5))
+    try:
+        epsilon, delta = float(raw_epsilon), float(raw_delta)
+    except (TypeError, ValueError):
+        epsilon = delta = math.nan
+    if not (0 < epsilon < math.inf):
+        raise NodeConfigError(f"node config epsilon={raw_epsilon!r} must be a finite number > 0, e.g. epsilon=6.0")
+    if not 0 < delta < 1:
+        raise NodeConfigError(f"node config delta={raw_delta!r} must be in (0, 1), e.g. delta=1e-5")
+    return epsilon, delta, str(node_config.get("accountant", "rdp"))
+
+
+def _public_size(node_config) -> int | None:
+    return _positive_int(node_config, "public-size", "e.g. public-size=1000")
+
+
+def _positive_int(node_config, key: str, example: str = "") -> int | None:
+    if key not in node_config:
+        return None
+    raw = node_config[key]
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(raw, bool) or value < 1 or str(value) != str(raw).strip():
+        raise NodeConfigError(f"node config {key}={raw!r} must be a whole number >= 1{', ' + example if example else ''}")
+    return value
 
 
 def make_client_app(state_root: Path | None = None) -> ClientApp:
@@ -119,18 +180,18 @@ def make_client_app(state_root: Path | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        node, partition = node_for(context, state_root)
         try:
+            node, partition = node_for(context, state_root)
             content = handle_train(message.content, node, partition=partition)
         except (SeedtuneError, WireError, InjectedFault) as error:
-            log.warning("silo %s refused a request: %s", node.name, error)
+            log.warning("silo refused a request: %s", error)
             return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
         return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        node, partition = node_for(context, state_root)
         try:
+            node, partition = node_for(context, state_root)
             content = handle_evaluate(message.content, node)
         except (SeedtuneError, WireError) as error:
             return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)

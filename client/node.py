@@ -22,7 +22,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from seedtune.client.limits import Limits
+from seedtune.client.limits import Limits, RequestRefused
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -30,10 +30,11 @@ from seedtune.common.errors import SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.models import fingerprint
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.privacy.accounting import evaluation_event
+from seedtune.common.privacy.accounting import evaluation_event, release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import private_counts
-from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.privacy.randomness import SecretRandomness
+from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from seedtune.common.wire import Setup, Sync
@@ -146,7 +147,15 @@ class _Run:
 
 
 class SiloNode:
-    """Answers a coordinator's requests for one silo, from its state directory."""
+    """Answers a coordinator's requests for one silo, from its state directory.
+
+    ``budget``: (epsilon, delta, accountant), the silo's own; without it a private run takes the
+    budget from the run's setup, which only a silo whose operator runs the coordinator too may do
+    (``budget_required=False``: ``seedtune simulate``). ``public_size``: N of the release's q N,
+    the operator's declared size (default: the shard's size). ``randomness``: for tests only, a
+    factory of the sampling and noise source (default: the OS's CSPRNG, or public sampling for a
+    non-private run); nothing a coordinator sends can choose it. ``micro_batch``: examples per
+    fixed-shape forward pass (:class:`~seedtune.client.silo.Silo`)."""
 
     def __init__(
         self,
@@ -157,13 +166,21 @@ class SiloNode:
         partition: int | None = None,
         name: str | None = None,
         limits: Limits | None = None,
+        public_size: int | None = None,
+        budget_required: bool = False,
+        randomness: Callable[[], SecretRandomness] | None = None,
+        micro_batch: int | None = None,
     ):
         self.state_dir = Path(state_dir)
         self.limits = limits or Limits()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._shard_loader = shard
         self._budget = budget
-        self.partition = partition  # offsets seeded test randomness, so silos draw differently
+        self._budget_required = budget_required
+        self._public_size = public_size
+        self._randomness = randomness
+        self._micro_batch = micro_batch  # None: from the public q N; 1: each example alone
+        self.partition = partition
         self.name = name or (f"partition-{partition}" if partition is not None else self.state_dir.name)
         self._runs: dict[str, _Run] = {}
         self._silos: dict[str, Silo] = {}
@@ -190,10 +207,13 @@ class SiloNode:
         if run.version != request.model_version:
             raise SyncError(f"asked to answer at version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
+        if silo.ledger is not None:  # refused here costs nothing; the ledger checks again as it charges
+            self.limits.admit(release_event(request.sample_rate, request.noise_multiplier, silo.noise), 0)
         reply = silo.answer(request)
         self._record_timing(request.round, {
             "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,
-            "total_s": time.perf_counter() - start, "replayed": len(sync.records)})
+            "total_s": time.perf_counter() - start, "replayed": len(sync.records), "zeroed": silo.last_zeroed,
+            "reused": silo.last_reused})
         return reply, run.version
 
     def _record_timing(self, round: int, timing: dict) -> None:
@@ -206,38 +226,52 @@ class SiloNode:
     def evaluate(self, request: TrainRequest, sync: Sync, *, private: bool, noise_multiplier: float
                  ) -> tuple[float, float, tuple[dict, ...]]:
         """Accuracy counts on this silo's own held-out examples: noised and charged when private."""
-        self.limits.check_evaluation(private=private, noise_multiplier=noise_multiplier)
         run = self.run(request.run_id, sync.setup)
-        self.limits.check_noise(private, run.config.privacy.noise)
+        self.limits.check_evaluation(private=private, noise=run.config.privacy.noise)
         run.catch_up(sync)
         if run.version != request.model_version:
             raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
+        event = evaluation_event(noise_multiplier, silo.noise)
+        if private:
+            if silo.ledger is None:
+                raise SyncError("a private evaluation in a non-private run")
+            self.limits.admit(event, 0)  # against the sigma it is charged at: s / sqrt 2 per count
+            digest = request_digest(request, kind=f"evaluate/{noise_multiplier!r}")
+            previous = silo.ledger.answered(request.run_id, request.round, "evaluation")
+            if previous is not None and previous.request == digest and previous.values is not None:
+                return previous.values[0], previous.values[1], (event_codec.event_to_dict(previous.event),)
         shard = self._shard_loader(run.config, run.label_names, "validation")
-        metrics = evaluate(run.task, shard, batch_size=run.config.eval.batch_size)
+        # Fixed shapes: whether one example counts as correct must not depend on which others are here.
+        metrics = evaluate(run.task, shard, micro_batch=self._micro_batch or run.config.eval.batch_size)
         correct, count = metrics["accuracy"] * len(shard), float(len(shard))
         if not private:
             return correct, count, ()
-        if silo.ledger is None:
-            raise SyncError("a private evaluation in a non-private run")
         noisy = private_counts(round(correct), int(count), noise_multiplier=noise_multiplier,
-                               randomness=silo.randomness, ledger=silo.ledger, round=request.round, noise=silo.noise)
-        return noisy[0], noisy[1], (event_codec.event_to_dict(evaluation_event(noise_multiplier, silo.noise)),)
+                               randomness=silo.randomness, ledger=silo.ledger, round=request.round, noise=silo.noise,
+                               run_id=request.run_id, request=digest)
+        return noisy[0], noisy[1], (event_codec.event_to_dict(event),)
 
     def _silo(self, run_id: str, run: _Run) -> Silo:
         if run_id not in self._silos:
             config = run.config
             ledger = None
             if config.privacy.enabled:
+                if self._budget is None and self._budget_required:
+                    raise RequestRefused(
+                        "request refused: this silo has no privacy budget of its own, and a budget the "
+                        "coordinator sends binds nothing; its operator sets node config epsilon (and delta), "
+                        "or SEEDTUNE_EPSILON in its environment")
                 epsilon, delta, accountant = self._budget or (
                     config.privacy.epsilon, config.privacy.delta, config.privacy.accountant)
                 if self.ledger is None:
                     self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", epsilon=epsilon, delta=delta,
-                                                accountant=accountant)
+                                                accountant=accountant, admit=self.limits.admit)
                 ledger = self.ledger
-            randomness = components.randomness(config, self.partition or 0)
+            randomness = self._randomness() if self._randomness else components.randomness(config, self.partition or 0)
             shard = self._shard_loader(config, run.label_names, "train")
-            self._silos[run_id] = Silo(run.task, run.estimator, shard, randomness, ledger, config.privacy.noise)
+            self._silos[run_id] = Silo(run.task, run.estimator, shard, randomness, ledger, config.privacy.noise,
+                                       public_size=self._public_size, micro_batch=self._micro_batch)
         return self._silos[run_id]
 
     def close(self) -> None:

@@ -2,6 +2,10 @@
 
 The private step reads top to bottom: sample -> estimate -> clip -> sum -> record -> noise ->
 scale. Only the released scalars leave; the batch loss stays with the silo (``last_loss``).
+
+A request the silo has already answered (same run, round and request digest; the values are in its
+ledger) is answered again with the same values: a coordinator that crashed before logging the
+round learns nothing new, and the silo is not charged twice.
 """
 
 from __future__ import annotations
@@ -9,18 +13,26 @@ from __future__ import annotations
 import time
 
 import datasets
-from seedtune.common.estimator import ZerothOrderEstimator
+from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import nonprivate_release, private_release
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.privacy.sampling import poisson_sample
-from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import Task
 
 
 class Silo:
-    """Answers training requests over a private shard, charging every release to its ledger."""
+    """Answers training requests over a private shard, charging every release to its ledger.
+
+    ``public_size`` is N, the number the release is normalised by (q N): declared by the silo's
+    operator, so that the exact number of records never leaves (default: the shard's size, for a
+    shard of a public corpus or a local run whose size is not secret).
+
+    ``micro_batch``: how many examples share one forward pass (in fixed shapes: see
+    :mod:`seedtune.common.estimator`); 1 computes each example alone, which keeps every other
+    example's row the same bits by construction; None picks a size from the public q N."""
 
     def __init__(
         self,
@@ -30,6 +42,8 @@ class Silo:
         randomness: SecretRandomness,
         ledger: PrivacyLedger | None,
         noise: str = "discrete",
+        public_size: int | None = None,
+        micro_batch: int | None = None,
     ):
         self.task = task
         self.estimator = estimator
@@ -37,21 +51,31 @@ class Silo:
         self.randomness = randomness
         self.ledger = ledger  # None: a non-private run, which releases without clipping or noise
         self.noise = noise  # "discrete" (exact lattice noise) or "gaussian" (floating point)
+        self.public_size = len(shard) if public_size is None else int(public_size)
+        self.micro_batch = micro_batch
         self.last_loss = float("nan")
         self.last_batch_size = 0
         self.last_compute_s = 0.0  # the forward passes of the last answer
+        self.last_zeroed = 0  # rows of the last answer that were not finite and counted as zero
+        self.last_reused = False  # the last answer repeated a release already made
 
     def answer(self, request: TrainRequest) -> TrainReply:
-        population = len(self.shard)
-        chosen = poisson_sample(population, request.sample_rate, self.randomness)
+        digest = request_digest(request)
+        reused = self._answered(request, digest)
+        self.last_reused = reused is not None
+        if reused is not None:
+            self.last_loss, self.last_batch_size, self.last_compute_s, self.last_zeroed = float("nan"), 0, 0.0, 0
+            return reused
+        chosen = poisson_sample(len(self.shard), request.sample_rate, self.randomness)
         rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
-        batch = self.task.encode(rows["text"], rows["label"]) if len(chosen) else {}
+        micro_batch = self.micro_batch or micro_batch_for(request.sample_rate * self.public_size)
         start = time.perf_counter()
-        estimate = self.estimator.estimate(batch, len(chosen), request.probe_seeds, request.beta)
+        estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
+                                                    request.beta, micro_batch)
         self.last_compute_s = time.perf_counter() - start
         if self.ledger is None:
             release = nonprivate_release(
-                estimate.differences, sample_rate=request.sample_rate, population=population
+                estimate.differences, sample_rate=request.sample_rate, population=self.public_size
             )
         else:
             release = private_release(
@@ -59,17 +83,33 @@ class Silo:
                 clip_bound=request.clip_bound,
                 noise_multiplier=request.noise_multiplier,
                 sample_rate=request.sample_rate,
-                population=population,
+                population=self.public_size,
                 randomness=self.randomness,
                 ledger=self.ledger,
                 round=request.round,
                 noise=self.noise,
+                run_id=request.run_id,
+                request=digest,
             )
-        self.last_loss, self.last_batch_size = estimate.loss, len(chosen)
+        self.last_loss, self.last_batch_size, self.last_zeroed = estimate.loss, len(chosen), release.zeroed
         events = () if release.event is None else (event_codec.event_to_dict(release.event),)
         return TrainReply(
             round=request.round,
             projected_grads=tuple(float(v) for v in release.values),
-            expected_batch_size=request.sample_rate * population,
+            expected_batch_size=request.sample_rate * self.public_size,
             events=events,
+        )
+
+    def _answered(self, request: TrainRequest, digest: str) -> TrainReply | None:
+        """The reply already released for this very request, if its values are in the ledger."""
+        if self.ledger is None:
+            return None
+        previous = self.ledger.answered(request.run_id, request.round)
+        if previous is None or previous.request != digest or previous.values is None:
+            return None
+        return TrainReply(
+            round=request.round,
+            projected_grads=tuple(previous.values),
+            expected_batch_size=request.sample_rate * self.public_size,
+            events=(event_codec.event_to_dict(previous.event),),
         )

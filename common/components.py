@@ -23,11 +23,7 @@ from seedtune.common.privacy.accounting import (
     evaluation_event,
     release_event,
 )
-from seedtune.common.privacy.randomness import (
-    PublicRandomness,
-    SecretRandomness,
-    SeededRandomness,
-)
+from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness
 from seedtune.common.pruning import synflow_mask
 from seedtune.common.schedule import ConstantSchedule, Schedule, StagewiseSchedule
 from seedtune.common.tasks import Task, load_task
@@ -62,7 +58,7 @@ def silo_shard(config: Config, split: str, partition: int | None, partitions: in
     if partition is None or partitions == 1:
         return examples
     federation = config.federation
-    parts = partition_indices(examples["label"], partitions, scheme=federation.partition,
+    parts = partition_indices(examples["text"], examples["label"], partitions, scheme=federation.partition,
                               alpha=federation.alpha, seed=config.data.split_seed)
     return examples.select(parts[partition])
 
@@ -180,11 +176,11 @@ def planned_epsilon(config: Config, sigma: float) -> float:
 
 
 def randomness(config: Config, silo: int = 0) -> SecretRandomness:
-    """The silo's sampling and noise source: secret by default; seeded for non-private runs
-    (public sampling) and tests (privacy.noise_seed). Silo k uses seed + k, so silo 0 of a
-    federation draws exactly as ``seedtune train``."""
+    """The silo's sampling and noise source: the operating system's CSPRNG for every private run,
+    whatever the config says; for a non-private run (nothing to protect) sampling is keyed by the
+    run's public seed, silo k by seed + 1000003 k, so runs repeat. Nothing that travels in a
+    config can seed a private silo's randomness (tests that need it build a
+    :class:`~seedtune.common.privacy.randomness.SeededRandomness` themselves)."""
     if not config.privacy.enabled:
         return PublicRandomness(config.seed + 1_000_003 * silo)
-    if config.privacy.noise_seed is not None:
-        return SeededRandomness(config.privacy.noise_seed + silo)
     return SecretRandomness()

@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from seedtune.common.directions import DISTRIBUTIONS
 from seedtune.common.errors import ConfigError
 from seedtune.common.privacy.accounting import ACCOUNTANTS, NOISES
+from seedtune.common.protocol import MIN_BETA
 from seedtune.common.tasks import TASKS
 
 PRESETS = ("default", "tiny")
@@ -73,7 +74,6 @@ class PrivacyConfig:
     noise_multiplier: float | None = None  # sigma; None = calibrate from (epsilon, delta, steps)
     accountant: str = "rdp"
     noise: str = "discrete"  # "discrete": exact integer noise on a lattice; "gaussian": floating-point
-    noise_seed: int | None = None  # TESTS ONLY: makes sampling and noise reproducible
 
     def validate(self) -> None:
         _check("privacy.epsilon", self.epsilon, self.epsilon > 0 and math.isfinite(self.epsilon), "a finite number > 0")
@@ -116,9 +116,11 @@ class ScheduleConfig:
         _check("schedule.kind", self.kind, self.kind in ("constant", "stagewise"), "'constant' or 'stagewise'")
         _check("schedule.steps", self.steps, self.steps >= 1, "an integer >= 1")
         _check("schedule.lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "> 0")
-        _check("schedule.beta", self.beta, self.beta > 0 and math.isfinite(self.beta), "> 0")
+        floor = f">= {MIN_BETA:g}, the smallest ZO scale a silo accepts by default (node config min-beta)"
+        _check("schedule.beta", self.beta, self.beta >= MIN_BETA and math.isfinite(self.beta), floor)
         if self.beta_end is not None:
-            _check("schedule.beta_end", self.beta_end, self.beta_end > 0, "> 0")
+            _check("schedule.beta_end", self.beta_end, self.beta_end >= MIN_BETA and math.isfinite(self.beta_end),
+                   floor)
         _check("schedule.stages", self.stages, 1 <= self.stages <= 16, "an integer in [1, 16]")
         _check("schedule.stages", self.stages, (1 << self.stages) - 1 <= self.steps,
                f"small enough that every stage has a step (2^stages - 1 <= steps={self.steps})")
@@ -251,6 +253,13 @@ class Config:
         return cls.from_dict(data)
 
 
+# Keys that once existed and must never be read from a config again, with the reason.
+REMOVED = {
+    "privacy.noise_seed": "a silo draws its sampling and noise from the operating system's secure source only, "
+                          "never from a value in a config that travels (tests build seeded randomness themselves)",
+}
+
+
 def _build(cls: type, data: Any, prefix: str):
     """Build dataclass ``cls`` from nested ``data``, checking keys and types."""
     if not isinstance(data, dict):
@@ -260,6 +269,10 @@ def _build(cls: type, data: Any, prefix: str):
     values = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in REMOVED:
+            if value is None:  # written unset by an older seedtune: it asked for nothing
+                continue
+            raise ConfigError(f"{dotted} is not a setting: {REMOVED[dotted]}")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"

@@ -6,9 +6,15 @@ privacy events they cost. No weights, no gradients, no per-example values, no lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 
 from seedtune.common.directions import mix_int
+
+# The smallest ZO scale a silo accepts unless its operator lowers it (node config min-beta): below
+# it, a float32 finite difference is mostly rounding (client/limits.py says why it is a floor).
+MIN_BETA = 1e-4
 
 
 @dataclass(frozen=True)
@@ -35,3 +41,10 @@ def probe_seeds(run_seed: int, step: int, probes: int) -> tuple[int, ...]:
     """The public direction seeds of a step: a pure function of the run seed and the step."""
     root = mix_int(mix_int(run_seed) ^ mix_int(step + 1))
     return tuple(mix_int(root ^ mix_int(k + 1)) >> 1 for k in range(probes))  # 63 bits: JSON/SQLite-safe
+
+
+def request_digest(request: TrainRequest, kind: str = "train") -> str:
+    """A digest of everything a request asks: the same digest means the same question, which a
+    silo may answer again with the same release instead of a new one."""
+    text = json.dumps({"kind": kind, **asdict(request)}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -79,9 +79,9 @@ class Loopback:
                         extra: str = "", max_retries: int | None = None) -> subprocess.Popen:
         state = self.root / f"silo-{silo}"
         config = (f'name="silo-{silo}" state-dir="{state}" audit-log="{state / "audit.jsonl"}" '
-                  f'partition-id={silo} {extra}')
+                  f'partition-id={silo} epsilon=8.0 {extra}')
         if data is not None:
-            config += f' data-path="{data}"'
+            config += f' data-path="{data}" public-size=500'
         command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                    "--auth-supernode-private-key", str(self.credentials / f"silo-{silo}"),
                    "--node-config", config, "--port", str(free_port())]

@@ -15,7 +15,7 @@ from seedtune.client.limits import Limits
 from seedtune.client.node import SiloNode, SyncError
 from seedtune.common import components
 from seedtune.common.config import load_config
-from seedtune.common.errors import BudgetExhausted
+from seedtune.common.errors import BudgetExhausted, ConfigError
 from seedtune.common.partition import partition_indices
 from seedtune.common.privacy.accounting import epsilon_for
 from seedtune.common.protocol import TrainReply, TrainRequest
@@ -89,35 +89,62 @@ def test_malformed_requests_are_refused_before_anything_runs():
 
 
 # -- partitions --------------------------------------------------------------------------------
+def _pool(size, classes, seed=0):
+    labels = np.random.default_rng(seed).integers(0, classes, size=size)
+    return [f"record {i} says {label}" for i, label in enumerate(labels)], labels
+
+
 @pytest.mark.parametrize("scheme", ["iid", "label-skew", "quantity-skew"])
-def test_partitions_keep_every_example_exactly_once(scheme):
-    labels = np.random.default_rng(0).integers(0, 3, size=1001)
-    parts = partition_indices(labels, 4, scheme=scheme, alpha=0.3, seed=7)
+def test_partitions_keep_every_example_exactly_once_deterministically_by_seed(scheme):
+    texts, labels = _pool(1001, 3)
+    parts = partition_indices(texts, labels, 4, scheme=scheme, alpha=0.3, seed=4)
     together = np.concatenate(parts)
     assert len(together) == 1001 and set(together.tolist()) == set(range(1001))
-    assert [p.tolist() for p in parts] == [p.tolist() for p in partition_indices(labels, 4, scheme=scheme, alpha=0.3, seed=7)]
+    again = partition_indices(texts, labels, 4, scheme=scheme, alpha=0.3, seed=4)
+    assert [p.tolist() for p in parts] == [p.tolist() for p in again]
+    other = partition_indices(texts, labels, 4, scheme=scheme, alpha=0.3, seed=9)
+    assert [p.tolist() for p in parts] != [p.tolist() for p in other]
 
 
-def test_quantity_skew_skews_sizes_but_not_labels_and_leaves_no_silo_empty():
-    labels = np.random.default_rng(0).integers(0, 2, 4000)
-    parts = partition_indices(labels, 5, scheme="quantity-skew", alpha=0.3, seed=1)
+@pytest.mark.parametrize("scheme", ["iid", "label-skew", "quantity-skew"])
+def test_adding_or_removing_one_record_moves_no_other_record_between_silos(scheme):
+    # Add/remove-one adjacency: a record's presence may change only its own silo.
+    texts, labels = _pool(1000, 3)
+    def silos(texts, labels):
+        parts = partition_indices(texts, labels, 4, scheme=scheme, alpha=0.5, seed=4)
+        return {(texts[i], int(labels[i])): silo for silo, part in enumerate(parts) for i in part}
+    before = silos(texts, labels)
+    added = silos(texts[:500] + ["one more record"] + texts[500:], np.insert(labels, 500, 2))
+    assert len(added) == 1001 and {k: v for k, v in added.items() if k[0] != "one more record"} == before
+    removed = silos(texts[:-1], labels[:-1])
+    assert removed == {k: v for k, v in before.items() if k[0] != texts[-1]}
+    new_class = silos(texts + ["a record of a new class"], np.append(labels, 3))  # shares are per class
+    assert {k: v for k, v in new_class.items() if k[1] != 3} == before
+
+
+def test_quantity_skew_skews_sizes_but_not_labels_and_an_empty_silo_is_an_error():
+    texts, labels = _pool(4000, 2)
+    parts = partition_indices(texts, labels, 5, scheme="quantity-skew", alpha=0.3, seed=2)
     sizes = sorted(len(p) for p in parts)
     assert sizes[-1] > 4 * sizes[0] and sizes[0] >= 1
     big = [p for p in parts if len(p) >= 200]
     assert all(abs(labels[p].mean() - labels.mean()) < 0.08 for p in big)  # label mix stays IID
-    assert [len(p) for p in partition_indices(labels, 5, scheme="iid")] == [800] * 5
-    tiny = partition_indices(labels[:6], 6, scheme="quantity-skew", alpha=0.01, seed=3)
-    assert sorted(len(p) for p in tiny) == [1] * 6
-    with pytest.raises(ValueError, match="cannot give each"):
-        partition_indices(labels[:3], 4, scheme="quantity-skew")
+    # iid sizes are Binomial(4000, 1/5): 800 +- 25 standard deviations; within 5 of them.
+    iid = [len(p) for p in partition_indices(texts, labels, 5, scheme="iid")]
+    assert sum(iid) == 4000 and all(abs(size - 800) < 5 * math.sqrt(4000 * 0.2 * 0.8) for size in iid)
+    with pytest.raises(ConfigError, match=r"leaves silo \d of 6 with none of the 6 examples; use a larger "
+                                          r"federation.alpha or fewer federation.clients"):
+        partition_indices(texts[:6], labels[:6], 6, scheme="quantity-skew", alpha=0.01, seed=3)
+    with pytest.raises(ConfigError, match="leaves silo"):
+        partition_indices(texts[:3], labels[:3], 4, scheme="quantity-skew")
 
 
 def test_label_skew_skews_and_iid_does_not():
-    labels = np.repeat([0, 1], 2000)
+    texts, labels = [f"record {i}" for i in range(4000)], np.repeat([0, 1], 2000)
     def spread(parts):  # mean distance of each partition's positive share from the global 0.5
         return np.mean([abs(labels[p].mean() - 0.5) for p in parts if len(p)])
-    assert spread(partition_indices(labels, 5, scheme="iid")) < 0.05
-    assert spread(partition_indices(labels, 5, scheme="label-skew", alpha=0.1)) > 0.2
+    assert spread(partition_indices(texts, labels, 5, scheme="iid")) < 0.05
+    assert spread(partition_indices(texts, labels, 5, scheme="label-skew", alpha=0.1)) > 0.2
 
 
 # -- silo nodes --------------------------------------------------------------------------------
@@ -137,15 +164,24 @@ def test_a_restarted_silo_keeps_its_budget_and_refuses_past_it(tmp_path):
     budget = epsilon_for(run.sigma, config.privacy.sample_rate, 3, config.privacy.delta) * 1.0001
     node = SiloNode(tmp_path / "silo", _shard(0, 1), budget=(budget, config.privacy.delta, "rdp"), partition=0)
     request = run.coordinator.request()
-    node.answer(request, _first_contact(run))
-    node.answer(request, Sync(0, ()))  # the same round again: answered, so charged
+
+    def other(k):  # the same round asked with other directions: another question, another release
+        return TrainRequest(request.run_id, request.round, request.model_version, (k, k + 1), request.beta,
+                            request.clip_bound, request.noise_multiplier, request.sample_rate)
+
+    first, _ = node.answer(request, _first_contact(run))
+    again, _ = node.answer(request, Sync(0, ()))  # the very same request: the same release, not charged again
+    assert again == first and node.ledger.releases == 1
+    node.answer(other(10), Sync(0, ()))
     assert node.ledger.releases == 2
     node.close()
     restarted = SiloNode(tmp_path / "silo", _shard(0, 1), budget=(budget, config.privacy.delta, "rdp"), partition=0)
-    restarted.answer(request, Sync(0, ()))
+    assert restarted.answer(other(10), _first_contact(run))[0].projected_grads  # kept across the restart
+    assert restarted.ledger.releases == 2
+    restarted.answer(other(20), Sync(0, ()))
     assert restarted.ledger.releases == 3
     with pytest.raises(BudgetExhausted, match="past its budget"):
-        restarted.answer(request, Sync(0, ()))
+        restarted.answer(other(30), Sync(0, ()))
     assert restarted.ledger.releases == 3  # refused: nothing released, nothing charged
 
 
@@ -366,3 +402,24 @@ def test_grid_replies_are_attributed_to_the_silo_asked_even_when_the_superlink_w
     assert "node unavailable" in by_node[7].error
     assert by_node[8].error is None and by_node[8].content is not None
     assert "from node 99" in by_node[9].error and by_node[9].content is None
+
+
+def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path):
+    """The same estimator, privacy path and update: with the same (seeded, test-only) sampling and
+    noise, one silo federated and ``seedtune train`` end bit for bit at the same model."""
+    from safetensors.torch import load_file
+
+    from seedtune.cli.train import train
+    from seedtune.common.privacy.randomness import SeededRandomness
+
+    overrides = ["schedule.steps=12", "schedule.stages=2", "eval.every=0", "federation.clients=1",
+                 "prune.enabled=true", "prune.ratio=0.2"]
+    config = load_config("tiny", overrides=overrides)
+    train(config, tmp_path / "local", progress=False, randomness=SeededRandomness(11, quiet=True))
+    run = open_run(config, tmp_path / "federated", resume=False)
+    node = SiloNode(tmp_path / "silo", lambda c, labels, split: components.silo_shard(c, split, 0, 1), partition=0,
+                    randomness=lambda: SeededRandomness(11, quiet=True))
+    Federation(run, DirectTransport({0: lambda content: handle_train(content, node)}), progress=False).run_all()
+    local = load_file(tmp_path / "local" / "final" / "model.safetensors")
+    federated = run.task.hf_model().state_dict()
+    assert local.keys() <= federated.keys() and all(torch.equal(local[k], federated[k]) for k in local)

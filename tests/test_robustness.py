@@ -9,9 +9,6 @@ import pytest
 
 from seedtune.cli.bench_robust import Silos, federate, robust_config
 
-# privacy.noise_seed makes every run draw the same batches and noise: on purpose, and it warns.
-pytestmark = pytest.mark.filterwarnings("ignore::seedtune.common.privacy.randomness.InsecureRandomnessWarning")
-
 # The runs of ``seedtune bench robust`` (docs/robustness.md) that the claims need, with its settings:
 # 40 rounds, about 20 s each on 2 cores. The honest run of the mean is left out: the mean's
 # attacked runs are compared with the honest trimmed-mean run (the bench has both: 0.905, 0.903).

@@ -71,19 +71,13 @@ def test_simulated_runs_export_and_leave_no_process_behind(killed_silo_run, tmp_
     assert seedtune("export", run_dir, "--out", tmp_path / "exported").returncode == 0
     final, exported = load_file(run_dir / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(final[k], exported[k]) for k in final)
+    # every file, byte for byte: the tokenizer's too (the server's tokenizer has truncated and
+    # padded evaluation batches; the export's has not)
+    files = {path.relative_to(run_dir / "final") for path in (run_dir / "final").rglob("*") if path.is_file()}
+    assert files == {path.relative_to(tmp_path / "exported") for path in (tmp_path / "exported").rglob("*")
+                     if path.is_file()}
+    assert [f for f in sorted(files) if (run_dir / "final" / f).read_bytes() != (tmp_path / "exported" / f).read_bytes()] == []
     assert wait_gone(marker) == []
-
-
-def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path):
-    overrides = ["schedule.steps=12", "schedule.stages=2", "eval.every=0", "privacy.noise_seed=11",
-                 "federation.clients=1", "prune.enabled=true", "prune.ratio=0.2"]
-    config = load_config("tiny", overrides=overrides)
-    with pytest.warns(UserWarning, match="noise_seed"):
-        train(config, tmp_path / "local", progress=False)
-        simulate(config, tmp_path / "federated", progress=False)
-    local = load_file(tmp_path / "local" / "final" / "model.safetensors")
-    federated = load_file(tmp_path / "federated" / "final" / "model.safetensors")
-    assert local.keys() == federated.keys() and all(torch.equal(local[k], federated[k]) for k in local)
 
 
 def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path):
@@ -120,7 +114,7 @@ def test_flwr_run_drives_the_same_apps_against_a_local_simulation_federation(tmp
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39391", "FLWR_LOCAL_CONTROL_API_PORT": "39393",
-           "SEEDTUNE_STATE_DIR": str(tmp_path / "silos"), "SEEDTUNE_TEST_MARKER": marker}
+           "SEEDTUNE_STATE_DIR": str(tmp_path / "silos"), "SEEDTUNE_EPSILON": "6.0", "SEEDTUNE_TEST_MARKER": marker}
     run_dir = tmp_path / "out"
     settings = (f'run-dir="{run_dir}" model.name="tiny" data.name="synthetic" schedule.steps=4 schedule.stages=1 '
                 'federation.clients=2 eval.every=0 privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01')

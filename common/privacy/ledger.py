@@ -1,11 +1,17 @@
 """A silo's privacy ledger: every release it made, durable in SQLite, and the budget it enforces.
 
 The ledger belongs to the party whose data is protected. Before a release it checks that the
-release keeps the total within the budget (epsilon, delta) and refuses otherwise; the event is
-committed to disk *before* the released values leave the function that noised them, so a crash
-can over-count a release but never under-count one. The budget is written into the ledger when it
-is created and binds every later opening: a restarted process, or a caller that asks for more,
-cannot raise it.
+release keeps the total within the budget (epsilon, delta) and within the silo's own limits
+(``admit``), and refuses otherwise; the event is committed to disk *before* the released values
+leave the function that noised them, so a crash can over-count a release but never under-count
+one. The budget is written into the ledger when it is created and binds every later opening: a
+restarted process, or a caller that asks for more, cannot raise it.
+
+Each release is keyed by its run, round and a digest of the request it answered, and keeps the
+values that left: the same request asked again (a coordinator that crashed before it logged the
+round) is answered with the same values, which releases nothing new and is not charged again
+(:meth:`PrivacyLedger.answered`). How many per-example rows were zeroed because they were not
+finite is kept with each release, for the silo's operator only.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import dp_accounting
 from seedtune.common.errors import BudgetExhausted, RunDirError
@@ -33,7 +42,10 @@ CREATE TABLE IF NOT EXISTS releases (
     event TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    released TEXT  -- the values that left, once they have: lets a crashed run reuse them
+    released TEXT,  -- the values that left, once they have: lets a crashed run reuse them
+    run_id TEXT NOT NULL DEFAULT '',
+    request TEXT NOT NULL DEFAULT '',  -- digest of the request answered (common/protocol.py)
+    zeroed INTEGER NOT NULL DEFAULT 0  -- per-example rows that were not finite and counted as zero
 );
 -- How many releases of one event fit a budget: a pure function of public values that costs the
 -- accountant ~1.5 s, kept so that every new process serving this silo does not pay it again.
@@ -45,10 +57,34 @@ CREATE TABLE IF NOT EXISTS capacities (
 """
 
 
-class PrivacyLedger:
-    """Every release a silo makes, and the (epsilon, delta) budget none may exceed."""
+# Added after the first ledgers were written: a ledger without them gains them when opened.
+_LATER_COLUMNS = (
+    ("run_id", "TEXT NOT NULL DEFAULT ''"),
+    ("request", "TEXT NOT NULL DEFAULT ''"),
+    ("zeroed", "INTEGER NOT NULL DEFAULT 0"),
+)
 
-    def __init__(self, path: str | Path, *, epsilon: float, delta: float, accountant: str = "rdp"):
+Admission = Callable[[dp_accounting.DpEvent, int], None]  # (event, releases so far) -> None, or raises
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A release made for a run's round: the request it answered, and the values, if they left."""
+
+    request: str
+    values: list[float] | None
+    event: dp_accounting.DpEvent
+
+
+class PrivacyLedger:
+    """Every release a silo makes, and the (epsilon, delta) budget none may exceed.
+
+    ``admit(event, releases)``, if given, is the silo's own limits: it is called inside the same
+    write transaction as the charge, with the number of releases already recorded, and refuses by
+    raising."""
+
+    def __init__(self, path: str | Path, *, epsilon: float, delta: float, accountant: str = "rdp",
+                 admit: Admission | None = None):
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
         self.path = Path(path)
@@ -57,6 +93,10 @@ class PrivacyLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(releases)")}
+            for name, kind in _LATER_COLUMNS:
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE releases ADD COLUMN {name} {kind}")
         except sqlite3.Error as error:
             raise RunDirError(f"cannot open privacy ledger {self.path}: {error}") from None
         row = self._db.execute("SELECT epsilon, delta, accountant FROM budget").fetchone()
@@ -74,6 +114,7 @@ class PrivacyLedger:
                 f"(asked for epsilon={epsilon}, delta={delta}, accountant={accountant})"
             )
         self.epsilon, self.delta, self.accountant = float(row[0]), float(row[1]), str(row[2])
+        self._admit = admit
         self._counts: Counter[dp_accounting.DpEvent] = Counter()
         self._last_id = 0
         self._capacity: dict[dp_accounting.DpEvent, int] = {}
@@ -110,12 +151,22 @@ class PrivacyLedger:
         return epsilon_of(self._counts.elements(), self.delta, self.accountant)
 
     def history(self) -> list[dict]:
-        rows = self._db.execute("SELECT id, round, event, note, created, released FROM releases ORDER BY id")
+        rows = self._db.execute("SELECT id, round, event, note, created, released, run_id, request, zeroed "
+                                "FROM releases ORDER BY id")
         return [
             {"id": i, "round": r, "event": json.loads(e), "note": n, "created": c,
-             "released": None if v is None else json.loads(v)}
-            for i, r, e, n, c, v in rows
+             "released": None if v is None else json.loads(v), "run_id": run, "request": q, "zeroed": z}
+            for i, r, e, n, c, v, run, q, z in rows
         ]
+
+    def answered(self, run_id: str, round: int, note: str = "") -> Answered | None:
+        """The last release made for ``run_id``'s ``round`` (of kind ``note``), if any."""
+        row = self._db.execute(
+            "SELECT request, released, event FROM releases WHERE run_id = ? AND round = ? AND note = ? "
+            "ORDER BY id DESC LIMIT 1", (run_id, round, note)).fetchone()
+        if row is None:
+            return None
+        return Answered(row[0], None if row[1] is None else json.loads(row[1]), event_codec.loads(row[2]))
 
     # -- charging ----------------------------------------------------------------------------
     def would_exceed(self, event: dp_accounting.DpEvent) -> bool:
@@ -140,16 +191,20 @@ class PrivacyLedger:
             self._capacity[event] = count
         return self._capacity[event]
 
-    def charge(self, event: dp_accounting.DpEvent, *, round: int, note: str = "") -> int:
+    def charge(self, event: dp_accounting.DpEvent, *, round: int, note: str = "", run_id: str = "",
+               request: str = "", zeroed: int = 0) -> int:
         """Record one release, durably, and return its id; refuse it if it would exceed the budget.
 
-        Raises :class:`BudgetExhausted` (and records nothing) when the budget does not allow it.
+        Raises :class:`BudgetExhausted` (and records nothing) when the budget does not allow it, and
+        whatever ``admit`` raises when the silo's limits do not.
         """
         # Check and insert in one write transaction: another process serving the same silo
         # cannot slip a release in between.
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._refresh()
+            if self._admit is not None:
+                self._admit(event, sum(self._counts.values()))
             if self.would_exceed(event):
                 raise BudgetExhausted(
                     f"release refused: it would take the ledger {self.path} past its budget "
@@ -157,8 +212,9 @@ class PrivacyLedger:
                     f"made, {epsilon_of(self._counts.elements(), self.delta, self.accountant):.4g} spent)"
                 )
             cursor = self._db.execute(
-                "INSERT INTO releases (round, event, note, created) VALUES (?, ?, ?, ?)",
-                (round, event_codec.dumps(event), note, time.time()),
+                "INSERT INTO releases (round, event, note, created, run_id, request, zeroed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (round, event_codec.dumps(event), note, time.time(), run_id, request, int(zeroed)),
             )
         self._counts[event] += 1
         self._last_id = int(cursor.lastrowid)
@@ -169,13 +225,6 @@ class PrivacyLedger:
         with self._db:
             self._db.execute("UPDATE releases SET released = ? WHERE id = ?", (json.dumps(values), release_id))
 
-    def released(self, round: int) -> list[float] | None:
-        """The values of the last release made for ``round``, if one completed."""
-        row = self._db.execute(
-            "SELECT released FROM releases WHERE round = ? AND released IS NOT NULL ORDER BY id DESC LIMIT 1",
-            (round,),
-        ).fetchone()
-        return None if row is None else json.loads(row[0])
 
 
 def _largest_count_within(fits) -> int:

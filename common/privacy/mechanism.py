@@ -1,11 +1,18 @@
-"""The private release of one round, as named steps: clip -> sum -> record -> noise -> scale.
+"""The private release of one round, as named steps: zero non-finite rows -> clip -> sum ->
+record -> noise -> scale.
 
 Given the per-example differences S (B x K) of a Poisson-sampled batch:
 
-    release = ( sum_i clip_C(S_i) + noise ) / (q n)
+    release = ( sum_i clip_C(S_i) + noise ) / (q N)
 
+A row with a NaN or infinite entry contributes zero (a coordinator that controls the model can
+make one example's loss overflow; left in, its NaN would poison the sum whatever the noise, and
+whether it does would tell whether that example was sampled). Zero is within the sensitivity
+bound, and how many rows were zeroed is recorded in the silo's ledger, never released.
 clip_C scales each example's K-vector to L2 norm at most C, so adding or removing one example
-changes the sum by at most C in L2. The noise is, by default (``privacy.noise = "discrete"``),
+changes the sum by at most C in L2. N is the silo's *public size*, a number its operator declares
+(``public-size``), never the count of its records: dividing by the exact count would release it,
+and it changes when one record is added or removed (docs/threat-model.md). The noise is, by default (``privacy.noise = "discrete"``),
 the discrete Gaussian on a lattice: the sum is rounded to g Z^K, with g a power of two near
 C / 2^12, and integer noise N_Z(0, (sigma D)^2) is added per coordinate, where D = C / g +
 ceil(sqrt K) + 1 bounds in lattice units how far rounding lets one example move the sum (sqrt K
@@ -40,10 +47,30 @@ class Release:
 
     values: np.ndarray  # float64, shape (K,)
     event: dp_accounting.DpEvent | None  # None for a non-private run
+    zeroed: int = 0  # rows with a non-finite entry that contributed zero (not released)
+
+
+class ReleaseError(RuntimeError):
+    """A release that would not be finite: refused before anything leaves (a bug, never data)."""
+
+
+def check_finite(values: np.ndarray, round: int) -> None:
+    """Refuse to let a release out unless every value is finite (with finite rows, C and N it
+    always is; a silo never lets one out if it is not)."""
+    if not np.all(np.isfinite(values)):
+        raise ReleaseError(f"round {round}: the release is not finite; nothing was sent")
+
+
+def finite_rows(differences: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """S with every row that holds a NaN or an infinity set to zero, and how many were."""
+    finite = torch.isfinite(differences).all(dim=1, keepdim=True)
+    zeroed = int(differences.shape[0] - finite.sum())
+    return torch.where(finite, differences, torch.zeros_like(differences)), zeroed
 
 
 def clip_per_example(differences: torch.Tensor, clip_bound: float) -> torch.Tensor:
-    """Scale each row to L2 norm at most ``clip_bound``: S_i * min(1, C / ||S_i||)."""
+    """Scale each (finite) row to L2 norm at most ``clip_bound``: S_i * min(1, C / ||S_i||). A row
+    whose norm overflows to infinity becomes zero, which is within the bound too."""
     norms = torch.linalg.vector_norm(differences, dim=1, keepdim=True)
     factors = torch.clamp(clip_bound / norms.clamp(min=1e-300), max=1.0)
     return differences * factors
@@ -60,17 +87,25 @@ def private_release(
     ledger: PrivacyLedger,
     round: int,
     noise: str = "discrete",
+    run_id: str = "",
+    request: str = "",
 ) -> Release:
-    """Clip, sum, charge the ledger, add secret noise, divide by q n."""
-    clipped = clip_per_example(differences.to(torch.float64), clip_bound)
-    total = clipped.sum(dim=0).numpy()
+    """Zero non-finite rows, clip, sum, charge the ledger, add secret noise, divide by q N.
+
+    ``population`` is N, the silo's public size; ``run_id`` and ``request`` (a digest of what was
+    asked) key the release in the ledger, so that the same request can be answered again with the
+    same values instead of a second charge."""
+    rows, zeroed = finite_rows(differences.to(torch.float64))
+    total = clip_per_example(rows, clip_bound).sum(dim=0).numpy()
     event = release_event(sample_rate, noise_multiplier, noise)
-    release_id = ledger.charge(event, round=round)  # durable before anything leaves; refuses past budget
+    # durable before anything leaves; refuses past the budget or the silo's limits
+    release_id = ledger.charge(event, round=round, run_id=run_id, request=request, zeroed=zeroed)
     noised = add_noise(total, clip_bound=clip_bound, noise_multiplier=noise_multiplier, randomness=randomness,
                        noise=noise)
     values = noised / (sample_rate * population)
+    check_finite(values, round)
     ledger.attach(release_id, [float(v) for v in values])
-    return Release(values, event)
+    return Release(values, event, zeroed)
 
 
 LATTICE_BITS = 12  # the lattice step g is C / 2^12 to C / 2^13
@@ -117,11 +152,14 @@ def private_counts(
     ledger: PrivacyLedger,
     round: int,
     noise: str = "discrete",
+    run_id: str = "",
+    request: str = "",
 ) -> tuple[float, float]:
     """A silo's evaluation, released privately: (correct, count) plus noise of std s per count
     (integer N_Z(0, s^2) by default: the counts are already on the lattice Z^2), charged first
     as :func:`~seedtune.common.privacy.accounting.evaluation_event`."""
-    release_id = ledger.charge(evaluation_event(noise_multiplier, noise), round=round, note="evaluation")
+    release_id = ledger.charge(evaluation_event(noise_multiplier, noise), round=round, note="evaluation",
+                               run_id=run_id, request=request)
     if noise == "discrete":
         drawn = randomness.discrete_gaussian(2, Fraction(noise_multiplier) ** 2).astype(np.float64)
     else:

@@ -5,7 +5,8 @@ noise. DPZero's public code drew its noise from the global RNG right after re-se
 with the step's perturbation seed, so anyone who knows the (public) seed can subtract the noise.
 Here the directions come from :mod:`seedtune.common.directions` (public, seed-keyed) and this
 module draws only from the operating system's CSPRNG (``os.urandom``), never from a seed of the
-run. A fixed seed exists for tests alone, and says so loudly.
+run. A fixed seed exists for tests alone, built by the test itself (no config key or message
+can ask a silo for one), and it says so loudly.
 
 The default noise is the discrete Gaussian, sampled exactly with integer and rational arithmetic
 (Canonne, Kamath, Steinke 2020, Algorithms 1-3): floating-point Gaussian samplers release values
@@ -72,9 +73,9 @@ class SeededRandomness(SecretRandomness):
     def __init__(self, seed: int, *, quiet: bool = False):
         if not quiet:
             warnings.warn(
-                f"privacy.noise_seed={seed}: Poisson sampling and DP noise are reproducible from "
-                "this seed, so the released values carry NO privacy guarantee. Use it only in "
-                "tests; remove privacy.noise_seed to draw them from the OS's secure source.",
+                f"SeededRandomness({seed}): Poisson sampling and DP noise are reproducible from "
+                "this seed, so the released values carry NO privacy guarantee. Only tests build one; "
+                "a silo's own randomness is SecretRandomness, from the OS's secure source.",
                 InsecureRandomnessWarning,
                 stacklevel=2,
             )
