@@ -1,127 +1,170 @@
-"""``seedtune audit``: an empirical lower bound on the epsilon of one release, set beside the accountant's.
+"""``seedtune audit``: an empirical lower bound on what one silo's release leaks, beside what its
+ledger charges.
 
-The accountant *claims* an upper bound on what a release can leak. An audit runs the exact
-mechanism many times on two neighbouring datasets and measures how well a test tells them apart;
-any (epsilon, delta)-DP mechanism limits that, so a test that does too well refutes the claim.
+The ledger *claims* an upper bound: a release at noise multiplier sigma and sampling rate q spends
+at most epsilon at delta. An audit tests the claim from the other side. It plays an adversarial
+coordinator against **real silos** (:class:`~seedtune.client.node.SiloNode`, answering through the
+ClientApp's own handler), runs one round's release many times on two neighbouring datasets, and
+measures how well a test tells them apart. Any (epsilon, delta)-DP release limits that, so a test
+that does too well refutes the claim or the code.
 
-The neighbours (Nasr et al. 2021, "Adversary Instantiation: Lower Bounds for Differentially
-Private Machine Learning", IEEE S&P: the strongest adversary crafts the gradient itself):
+What runs is what a deployed silo runs: the setup is decoded and checked by the silo, its limits
+are its defaults, it Poisson-samples its shard, computes the model's per-example losses with its
+own estimator, clips, charges the event to its own SQLite ledger and adds its own noise. The
+audit reads epsilon from the event the silo charged, not from a formula of its own.
 
-* D: the per-example differences S (n x K) of a real batch, the first ``AUDIT_EXAMPLES`` training
-  examples of the config's data, under the real model, round 0's probe seeds and the schedule's
-  beta, computed once with the config's estimator.
-* D' = D plus one canary row 10 C u, u = e_0 (probe 0's axis). Clipping scales it to exactly C u.
+**The neighbours** (Nasr et al. 2021, "Adversary Instantiation", IEEE S&P). D is the first
+``AUDIT_EXAMPLES`` training examples of the config's data. D' is D plus one canary, a real
+example (text and label): among ``CANDIDATES`` further training examples with their labels
+flipped, the one whose per-example difference vector s (round 0's probes, the request's beta, the
+starting model) is longest. Clipped, it moves the sum by min(|s|, C) along u = s / |s|; the report
+gives |s| / C (>= 1: the canary sits at the clip bound, as far as any example can move the sum).
 
-Why that canary is the worst case. Clipping maps every row to norm <= C, so one example moves the
-clipped sum by at most C in L2; the canary moves it by exactly C u, as far as any example can. Its
-raw norm is 10 C, so the audit also checks that clipping happens: unclipped, it would move the sum
-by 10 C and the audit would report a violation.
+**The adversary** sees each release R and, to catch a silo whose noise is predictable from public
+values, also a *shadow* release S: a second silo built from the same public setup and request
+over D alone, as anyone could build one. Four scores per trial, each a test statistic:
 
-* Gaussian noise, N(0, sigma^2 C^2 I_K): the pair is N(s, sigma^2 C^2 I) against N(s + C u, ...).
-  The privacy loss depends on ||C u|| = C alone, so every unit u is equally bad, and the
-  likelihood ratio is increasing in <release, u>: by Neyman-Pearson, thresholding the score
-  <release, u> is the most powerful test of the pair.
-* Discrete noise: the sum is rounded to the lattice g Z^K and each coordinate gets independent
-  integer noise N_Z(0, (sigma D)^2) (see :mod:`seedtune.common.privacy.mechanism`). With u = e_0
-  the canary moves coordinate 0 alone, by C / g lattice units (up to one unit of rounding); the
-  other coordinates have the same distribution in both worlds, so coordinate 0 = <release, e_0>
-  is a sufficient statistic, and the discrete Gaussian's likelihood ratio exp((2 z m - m^2) /
-  (2 s^2)) is increasing in z, so the threshold test is again Neyman-Pearson's. The accountant
-  charges D = C / g + ceil(sqrt K) + 1 units; the axis shift C / g falls short of it by at most
-  (ceil(sqrt K) + 1) / 2^12 (C / g >= 2^12), 0.12% for K <= 16. A diagonal u could gain at most
-  ~sqrt K units from rounding, the same fraction, far below what any feasible number of trials
-  resolves.
+* ``canary``: <R, u>; with Gaussian noise N(0, (sigma C)^2 I) the two worlds differ by a shift
+  along u, and by Neyman-Pearson a threshold on this score is the most powerful test;
+* ``shift``: <R, d>, d the direction of the mean difference between the worlds' releases as
+  measured on the first half of the trials: catches a release that moves by more than the canary
+  (one example changing the others' rows);
+* ``canary-paired`` and ``shift-paired``: the same on R - S. With secret noise this only adds
+  noise; with noise the adversary can reproduce, R - S is the sum's difference exactly.
 
-The population n is public (docs/threat-model.md: the reply carries q n), so
-both worlds divide by the same q n, that of D.
+A release that is not finite scores +inf: whether a silo releases NaN must not depend on its data.
 
-The test (Jagielski, Ullman, Oprea 2020, "Auditing Differentially Private Machine Learning: How
-Private is Private SGD?", NeurIPS). Any test between M(D) and M(D') with false-positive rate
-alpha (D' declared when D was run) and false-negative rate beta satisfies, if M is
-(epsilon, delta)-DP (Kairouz, Oh, Viswanath 2015, the hypothesis-testing view of DP):
+**Two bounds**, both from the half of the trials not used to choose the statistic and threshold:
 
-    alpha + e^epsilon beta >= 1 - delta    and    e^epsilon alpha + beta >= 1 - delta,
-    so  epsilon >= max( log((1 - delta - beta) / alpha), log((1 - delta - alpha) / beta) ).
+* *assumption-free* (Jagielski, Ullman, Oprea 2020, NeurIPS): the test "D' when score >= t" has
+  false-positive rate alpha and false-negative rate beta; any (epsilon, delta)-DP release has
+  alpha + e^eps beta >= 1 - delta and e^eps alpha + beta >= 1 - delta (Kairouz, Oh, Viswanath
+  2015), so with Clopper-Pearson upper bounds on both rates (each at 1 - (1 - c)/2, together at
+  confidence c) epsilon >= max(log((1 - delta - beta_ub) / alpha_ub), log((1 - delta - alpha_ub) /
+  beta_ub), 0). It tops out near log(m / 3.7) for m test trials and is loose below that.
+* *Gaussian* (the parametric audit of Nasr et al. 2023, "Tight Auditing of Differentially Private
+  Machine Learning", USENIX Security): the claimed mechanism adds Gaussian (or discrete Gaussian)
+  noise, so the two worlds' scores are N(0, s^2) and N(mu s, s^2). The lower confidence bound on
+  mu = (mean' - mean) / s (normal approximation, standard error sqrt(2/m + mu^2/(4m))) gives a
+  pair of releases that is mu-GDP, whose epsilon at delta (Dong, Roth, Su 2022) is a lower bound
+  on the release's. Far more powerful than the first at the same number of trials; it assumes the
+  noise is the Gaussian the mechanism claims to add.
 
-The test declares D' when <release, u> >= t. The first half of the trials of each world picks t
-(the one whose bound, computed on that half, is largest); the second half, independent of the
-choice, counts the false positives k_0 of m_0 and false negatives k_1 of m_1. Clopper-Pearson
-(1934) upper bounds at level 1 - a each,
+The verdict is a violation if either bound exceeds the charged epsilon, or if a silo released a
+value that is not finite. An attack the silo refuses (before it samples, computes, charges or
+releases anything) is consistent: the report names the refusal.
 
-    alpha_ub = Beta^{-1}(1 - a; k_0 + 1, m_0 - k_0),   beta_ub likewise (1 when k = m),
+**Attacks** (``--attack``), each the way a coordinator could get more out of a silo than its ledger
+charges (issue 13; ``docs/threat-model.md``):
 
-hold together with probability >= 1 - 2a = ``confidence`` (a union bound), and then
+* ``noise-seed``: the run's setup carries ``privacy.noise_seed``, asking the silo to draw its
+  sample and noise from a seed the coordinator knows;
+* ``nonfinite``: the coordinator sends a checkpoint whose classification head overflows the
+  canary's loss, and only the canary's, to infinity;
+* ``padding``: the canary is a long text and beta is 1e-7, so that if the batch's padded width (set
+  by its longest example) changed the other examples' float32 losses, the change would count;
+* ``none``: an honest request.
 
-    epsilon_lower = max( log((1 - delta - beta_ub) / alpha_ub), log((1 - delta - alpha_ub) / beta_ub), 0 )
-
-is a lower bound on the true epsilon at that confidence. It is at most about log((1 - delta) m / c)
-for m test trials (c = -log a when nothing is misclassified): more trials reach higher.
-
-What it can and cannot show: a lower bound above the accountant's epsilon refutes the accountant
-(or the implementation); one below it proves nothing, and one release at q = 1 tests neither
-composition over rounds nor the amplification by sampling the accountant takes at q < 1.
+``noise_scale`` (a test hook, not on the command line) builds silos whose noise is drawn at
+``noise_scale`` times the charged sigma: the negative control the audit must flag.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
+from collections.abc import Callable
+from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
-from scipy import stats
+from scipy import optimize, stats
+from seedtune.client.app import handle_train
+from seedtune.client.limits import Limits
+from seedtune.client.node import SiloNode
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import ConfigError, SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator
-from seedtune.common.privacy.accounting import calibrate_noise_multiplier, epsilon_for
-from seedtune.common.privacy.mechanism import add_noise, clip_per_example
+from seedtune.common.privacy.accounting import calibrate_noise_multiplier, epsilon_of
+from seedtune.common.privacy.mechanism import lattice_sensitivity, lattice_step
 from seedtune.common.privacy.randomness import SecretRandomness
-from seedtune.common.privacy.sampling import poisson_sample
-from seedtune.common.protocol import probe_seeds
+from seedtune.common.protocol import TrainRequest, probe_seeds
+from seedtune.common.wire import Setup, Sync, WireError, encode_request
 from tqdm.auto import tqdm
 
 AUDIT_EXAMPLES = 64  # D: the first 64 training examples
-CANARY_NORM = 10.0  # the canary's raw difference, in units of C: clipped to C
-DEFAULT_TRIALS = 10_000  # per dataset: ~20 s on 2 CPU cores for the tiny preset (K = 4, discrete noise)
+CANDIDATES = 32  # further training examples, labels flipped, tried as the canary
+DEFAULT_TRIALS = 2_000  # per dataset: flags a release noised at half its sigma (tests/test_audit.py)
+DEFAULT_EPSILON = 2.0  # one release calibrated to this: where the Gaussian bound has most power
 MIN_TRIALS = 100
-ACCOUNTANT = "rdp"  # the only accountant for discrete noise; used for Gaussian noise too, for one scale
+ACCOUNTANT = "rdp"  # the only accountant for discrete noise
+ATTACKS = ("none", "noise-seed", "nonfinite", "padding")
+ATTACK_BETA = {"padding": 1e-7}
+ATTACK_NOISE_SEED = 1234
+STATISTICS = ("canary", "shift", "canary-paired", "shift-paired")
 
 
 @dataclass(frozen=True)
 class AuditResult:
-    """One audit: the release audited, the test's counts on its held-out half, and the two epsilons."""
+    """One audit: the release audited, the test's counts on its held-out half, and the epsilons."""
 
+    attack: str
     noise: str  # "discrete", "gaussian" or "off"
-    noise_multiplier: float  # sigma the accountant is told (0 with noise off)
-    noise_multiplier_used: float  # sigma the release draws with: noise_multiplier * noise_scale
+    noise_multiplier: float  # sigma of the request, which the silo charged (0 with noise off)
+    noise_scale: float  # the silos drew their noise at noise_scale * sigma (1 unless a test says otherwise)
     sample_rate: float  # q of the audited release
     probes: int  # K
     clip_bound: float  # C
+    beta: float
     delta: float
     examples: int  # n, the size of D (D' has n + 1)
-    trials: int  # per dataset; half choose the threshold, half test it
+    trials: int  # per dataset; half choose the statistic and threshold, half test them
     confidence: float
-    threshold: float  # declare D' when <release, u> >= threshold
+    canary: str  # the canary's text (shortened)
+    canary_norm: float  # |s| / C of the canary's difference vector (>= 1: at the clip bound)
+    statistic: str  # the score chosen on the first half
+    threshold: float  # declare D' when score >= threshold
     false_positives: int  # of test_trials releases on D
     false_negatives: int  # of test_trials releases on D'
     test_trials: int
-    fpr_upper: float  # Clopper-Pearson, at 1 - (1 - confidence) / 2
+    fpr_upper: float
     fnr_upper: float
-    epsilon_lower: float
-    epsilon_accountant: float  # of this one release at q, sigma, delta (inf with noise off)
+    epsilon_lower: float  # assumption-free (Clopper-Pearson)
+    mu_lower: float  # Gaussian: lower confidence bound on the shift over the noise's std
+    epsilon_gaussian: float  # epsilon of mu_lower-GDP at delta
+    nonfinite_releases: int  # releases with a NaN or infinite value (any world)
+    epsilon_accountant: float  # of the event the silos charged (inf with noise off)
+    releases_charged: int  # in the two audited silos' ledgers
+    rows_zeroed: int  # per-example rows the audited silos counted as zero for not being finite (their ledgers)
+    flagged_scale: float  # power: in expectation, a release noised at <= this times sigma is flagged
+    epsilon_ceiling: float  # the highest assumption-free bound test_trials can show
+    refused: str  # why the silo refused the attack's request ("" if it answered)
     wall_s: float
 
     @property
     def consistent(self) -> bool:
-        return self.epsilon_lower <= self.epsilon_accountant
+        if self.refused:
+            return True
+        return (self.nonfinite_releases == 0 and self.epsilon_lower <= self.epsilon_accountant
+                and self.epsilon_gaussian <= self.epsilon_accountant)
 
     @property
     def verdict(self) -> str:
+        if self.refused:
+            return "consistent: the silo refused the attack before releasing anything"
         if self.consistent:
-            return "consistent: lower bound ≤ accountant"
-        return "VIOLATION: the mechanism leaks more than it is charged for"
+            return "consistent: both lower bounds <= the charged epsilon"
+        if self.nonfinite_releases:
+            return "VIOLATION: a silo released values that are not finite"
+        return "VIOLATION: the release leaks more than the silo charged for it"
 
     def to_dict(self) -> dict:
         """JSON-ready: an infinite epsilon is written as the string "inf" (float("inf") reads it back)."""
@@ -161,40 +204,163 @@ def error_counts(null: np.ndarray, alternative: np.ndarray, thresholds: np.ndarr
     return false_positives, false_negatives
 
 
-def choose_threshold(null: np.ndarray, alternative: np.ndarray, delta: float, confidence: float) -> float:
+def choose_threshold(null: np.ndarray, alternative: np.ndarray, delta: float, confidence: float) -> tuple[float, float]:
     """The score threshold whose lower bound on these trials is largest (every observed score is a
-    candidate). Choosing by the bound, not the raw ratio, avoids the empty tails where 0/0 looks
-    infinitely good."""
+    candidate), and that bound. Choosing by the bound, not the raw ratio, avoids the empty tails
+    where 0/0 looks infinitely good."""
     candidates = np.unique(np.concatenate([null, alternative]))
     false_positives, false_negatives = error_counts(null, alternative, candidates)
     bounds = epsilon_lower_bound(false_positives, len(null), false_negatives, len(alternative), delta, confidence)
-    return float(candidates[int(np.argmax(bounds))])
+    best = int(np.argmax(bounds))
+    return float(candidates[best]), float(bounds[best])
 
 
-# -- the mechanism under audit -----------------------------------------------------------------
-def audit_batch(config: Config, examples: int = AUDIT_EXAMPLES) -> torch.Tensor:
-    """D: the per-example differences (n x K, float64) of the first ``examples`` training examples,
-    as a silo computes them in round 0 (the config's model, mask, estimator, probe seeds and beta)."""
-    data = components.load_data(config)
-    task = components.load_model(config, data.label_names)
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
-    parts = components.model_parts(config, task, components.choose_mask(config, task, sample))
-    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
-    rows = data.train[: min(examples, len(data.train))]
-    batch = task.encode(rows["text"], rows["label"])
-    seeds = probe_seeds(config.seed, 0, config.zo.probes)
-    beta = components.make_schedule(config).plan(0).beta
-    return estimator.estimate(batch, len(rows["label"]), seeds, beta).differences.to(torch.float64)
+def gdp_delta(mu: float, epsilon: float) -> float:
+    """delta(epsilon) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Dong, Roth, Su
+    2022, Corollary 2.13), the second term in log space so that large epsilon does not overflow."""
+    first = stats.norm.cdf(-epsilon / mu + mu / 2)
+    # e^eps Phi(b) <= Phi(a) <= 1 exactly; clamp the log so that rounding at extreme mu cannot overflow
+    second = math.exp(min(epsilon + float(stats.norm.logcdf(-epsilon / mu - mu / 2)), 0.0))
+    return first - second
 
 
-def with_canary(differences: torch.Tensor, clip_bound: float) -> torch.Tensor:
-    """D' = D plus a row 10 C e_0: far past the clip bound along probe 0's axis."""
-    canary = torch.zeros(1, differences.shape[1], dtype=torch.float64)
-    canary[0, 0] = CANARY_NORM * clip_bound
-    return torch.cat([differences, canary])
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """The smallest epsilon >= 0 at which mu-GDP is (epsilon, delta)-DP."""
+    if not mu > 0:
+        return 0.0
+    if math.isinf(mu):
+        return math.inf
+    if gdp_delta(mu, 0.0) <= delta:
+        return 0.0
+    high = 1.0
+    while gdp_delta(mu, high) > delta:
+        high *= 2
+    return float(optimize.brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, high, xtol=1e-10))
 
 
-def validate(*, epsilon: float | None, trials: int, sample_rate: float, noise_off: bool, confidence: float) -> None:
+def gaussian_shift_lower(null: np.ndarray, alternative: np.ndarray, confidence: float) -> float:
+    """A lower confidence bound on mu = (mean(alternative) - mean(null)) / s for two samples
+    assumed N(0, s^2) and N(mu s, s^2): the estimate minus z_c standard errors, with the standard
+    error of a standardised mean difference, sqrt(1/m0 + 1/m1 + mu^2 / (2 (m0 + m1))). Equal
+    samples with no spread at all (noise the adversary reproduced exactly) give inf."""
+    if not (np.all(np.isfinite(null)) and np.all(np.isfinite(alternative))):
+        return 0.0  # not Gaussian: the assumption-free bound speaks for such releases
+    m0, m1 = len(null), len(alternative)
+    shift = float(np.mean(alternative) - np.mean(null))
+    spread = math.sqrt((np.var(null, ddof=1) * (m0 - 1) + np.var(alternative, ddof=1) * (m1 - 1)) / (m0 + m1 - 2))
+    if spread == 0.0:
+        return math.inf if shift > 0 else 0.0
+    mu = shift / spread
+    error = math.sqrt(1 / m0 + 1 / m1 + mu * mu / (2 * (m0 + m1)))
+    return max(mu - stats.norm.ppf(confidence) * error, 0.0)
+
+
+def expected_flagged_scale(shift_units: float, epsilon_accountant: float, delta: float,
+                           test_trials: int, confidence: float) -> float:
+    """Power: the largest noise scale s for which a release noised at s * sigma would, at the
+    expected values of the test half's statistics, be flagged by the Gaussian bound. The shift is
+    the canary's, ``shift_units`` noise standard deviations at s = 1."""
+
+    def flagged(scale: float) -> bool:
+        mu = shift_units / scale
+        error = math.sqrt(2 / test_trials + mu * mu / (4 * test_trials))
+        return gdp_epsilon(max(mu - stats.norm.ppf(confidence) * error, 0.0), delta) > epsilon_accountant
+
+    if not flagged(1e-6):
+        return 0.0
+    if flagged(1.0):
+        return 1.0
+    return float(optimize.brentq(lambda s: (1.0 if flagged(s) else -1.0), 1e-6, 1.0, xtol=1e-4))
+
+
+# -- the silos under audit ---------------------------------------------------------------------
+class _Remembered:
+    """An estimator that returns a copy of its earlier result for the same inputs.
+
+    The model does not change during an audit and the estimator is deterministic, so a batch it
+    has seen gives the same differences again; at q = 1 every trial's batch is the same, and the
+    audit then costs milliseconds a trial instead of 2K forward passes."""
+
+    def __init__(self, estimator):
+        self._estimator = estimator
+        self._results: dict[str, object] = {}
+
+    def __getattr__(self, name: str):
+        method = getattr(self._estimator, name)
+        if not callable(method):
+            return method
+
+        def remembered(*args, **kwargs):
+            key = _fingerprint((name, args, kwargs))
+            if key not in self._results:
+                self._results[key] = method(*args, **kwargs)
+            return copy.deepcopy(self._results[key])
+
+        return remembered
+
+
+def _fingerprint(value) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+
+    def feed(item) -> None:
+        if isinstance(item, torch.Tensor):
+            digest.update(str((item.dtype, tuple(item.shape))).encode())
+            digest.update(item.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(item, dict):
+            for key in sorted(item, key=str):
+                feed(key)
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"[{len(item)}".encode())
+            for part in item:
+                feed(part)
+        elif isinstance(item, (str, int, float, bool, type(None))):
+            digest.update(repr(item).encode())
+        else:  # a task or model: the same object throughout one audit
+            digest.update(f"<{id(item)}>".encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
+class _ScaledNoise(SecretRandomness):
+    """The operating system's randomness, but noise at ``scale`` times what was asked for: a
+    broken silo, for the audit's negative control."""
+
+    def __init__(self, scale: float):
+        self.scale = Fraction(scale)
+
+    def discrete_gaussian(self, n: int, sigma_squared: Fraction) -> np.ndarray:
+        return super().discrete_gaussian(n, Fraction(sigma_squared) * self.scale * self.scale)
+
+    def normal(self, n: int) -> np.ndarray:
+        return super().normal(n) * float(self.scale)
+
+
+@dataclass
+class _Silo:
+    """One real silo node over one dataset, and what it has been sent."""
+
+    node: SiloNode
+    synced: bool = False
+
+
+def _make_silo(directory: Path, rows: dict, *, budget: tuple[float, float, str], limits: Limits,
+               noise_scale: float, name: str, randomness: Callable[[], SecretRandomness] | None) -> _Silo:
+    shard = datasets.Dataset.from_dict(rows)
+    kwargs = {}
+    if randomness is not None:
+        kwargs["randomness"] = randomness
+    elif noise_scale != 1.0:
+        kwargs["randomness"] = lambda: _ScaledNoise(noise_scale)
+    node = SiloNode(directory, lambda config, label_names, split: shard, budget=budget, limits=limits, name=name,
+                    **kwargs)
+    return _Silo(node)
+
+
+# -- the audit ------------------------------------------------------------------------------------
+def validate(*, epsilon: float | None, trials: int, sample_rate: float, noise_off: bool, confidence: float,
+             attack: str = "none", beta: float | None = None) -> None:
     """The audit's own settings, checked before anything is loaded."""
 
     def need(ok: bool, message: str) -> None:
@@ -204,6 +370,9 @@ def validate(*, epsilon: float | None, trials: int, sample_rate: float, noise_of
     need(trials >= MIN_TRIALS, f"--trials {trials} must be >= {MIN_TRIALS} (default {DEFAULT_TRIALS})")
     need(0 < confidence < 1, f"--confidence {confidence} must be in (0, 1), e.g. 0.95")
     need(0 < sample_rate <= 1, f"--sample-rate {sample_rate} must be in (0, 1]; 1 gives the sharpest test")
+    need(attack in ATTACKS, f"--attack {attack!r} is not an attack; use one of {', '.join(ATTACKS)}")
+    if beta is not None:
+        need(beta > 0 and math.isfinite(beta), f"--beta {beta} must be a finite number > 0")
     if epsilon is not None:
         need(epsilon > 0 and math.isfinite(epsilon), f"--epsilon {epsilon} must be a finite number > 0")
         need(not noise_off, "--noise-off releases without noise: there is no sigma for --epsilon to calibrate; "
@@ -218,111 +387,359 @@ def run_audit(
     sample_rate: float = 1.0,
     noise_off: bool = False,
     confidence: float = 0.95,
-    randomness: SecretRandomness | None = None,
+    attack: str = "none",
+    beta: float | None = None,
     noise_scale: float = 1.0,
-    differences: torch.Tensor | None = None,
+    randomness: Callable[[], SecretRandomness] | None = None,
     progress: bool = False,
+    workdir: str | Path | None = None,
 ) -> AuditResult:
-    """Audit one release of ``config``'s mechanism at sampling rate ``sample_rate``.
+    """Audit one round's release by real silos of ``config`` at sampling rate ``sample_rate``.
 
-    sigma: calibrated so that one release at ``sample_rate`` spends ``epsilon`` at the config's
-    delta, or, without ``epsilon``, the sigma of the config's run. The accountant's epsilon is that
-    of the same single release (RDP; infinite with ``noise_off``).
-
-    ``randomness``: sampling and noise (default: the config's, secret unless privacy.noise_seed).
-    ``differences``: D, when the caller has it (default: :func:`audit_batch`).
-    ``noise_scale``: a test hook, not on the command line: the release draws with
-    sigma * noise_scale while the accountant is told sigma. Below 1 it under-noises, the negative
-    control a sound audit must catch.
+    sigma is calibrated so that one release at ``sample_rate`` spends ``epsilon`` (default
+    ``DEFAULT_EPSILON``) at the config's delta; the silos charge it and the report's charged
+    epsilon is read from their ledgers. ``noise_off`` audits a non-private run (no clipping, no
+    noise), which the silos are told to allow. ``beta``: the request's ZO scale (default: the
+    attack's, else the schedule's first). ``workdir``: where the silos' state directories go
+    (default: a temporary directory, in memory where the system has one), removed afterwards.
+    ``randomness``: a test hook, each silo's sampling and noise source (called once per silo).
     """
-    validate(epsilon=epsilon, trials=trials, sample_rate=sample_rate, noise_off=noise_off, confidence=confidence)
+    validate(epsilon=epsilon, trials=trials, sample_rate=sample_rate, noise_off=noise_off, confidence=confidence,
+             attack=attack, beta=beta)
     if not noise_scale > 0:
         raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
     started = time.perf_counter()
     p = config.privacy
     if noise_off:
         sigma = 0.0
-    elif epsilon is not None:
-        sigma = calibrate_noise_multiplier(epsilon, p.delta, sample_rate, 1, ACCOUNTANT, noise=p.noise)
     else:
-        sigma = components.noise_multiplier(config)
-        if sigma == 0:
+        if not p.enabled:
             raise ConfigError("privacy.enabled=false: the config releases without noise; audit that with "
-                              "--noise-off, or give --epsilon E to audit a release calibrated to E")
-    epsilon_accountant = math.inf if noise_off else epsilon_for(sigma, sample_rate, 1, p.delta, ACCOUNTANT, p.noise)
-    if randomness is None:
-        randomness = components.randomness(config) if p.enabled else SecretRandomness()
-    if differences is None:
-        differences = audit_batch(config)
-    neighbours = (differences.to(torch.float64), with_canary(differences.to(torch.float64), p.clip_bound))
-    population = len(differences)  # public: both worlds divide by the same q n
-    used = sigma * noise_scale
+                              "--noise-off, or remove the setting")
+        sigma = calibrate_noise_multiplier(epsilon or DEFAULT_EPSILON, p.delta, sample_rate, 1, ACCOUNTANT,
+                                           noise=p.noise)
+    beta = beta if beta is not None else ATTACK_BETA.get(attack, components.make_schedule(config).plan(0).beta)
 
-    def release(rows: torch.Tensor) -> np.ndarray:
-        """One round's release, the exact mechanism: sample -> clip -> sum -> noise -> scale."""
-        chosen = torch.from_numpy(poisson_sample(len(rows), sample_rate, randomness))
-        total = clip_per_example(rows[chosen], p.clip_bound).sum(dim=0).numpy()
-        if not noise_off:
-            total = add_noise(total, clip_bound=p.clip_bound, noise_multiplier=used, randomness=randomness,
-                              noise=p.noise)
-        return total / (sample_rate * population)
+    data = components.load_data(config)
+    task = components.load_model(config, data.label_names)
+    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
+    reference = components.base_reference(config, task, data.label_names)
+    mask = components.choose_mask(config, task, sample)
+    parts = components.model_parts(config, task, mask)
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
+    seeds = probe_seeds(config.seed, 0, config.zo.probes)
 
-    scores = np.empty((2, trials))  # row 0: D, row 1: D'; score = <release, e_0>
-    for trial in tqdm(range(trials), disable=not progress, unit="trial", desc="audit", dynamic_ncols=True):
-        for world, rows in enumerate(neighbours):
-            scores[world, trial] = release(rows)[0]
+    base = data.train[: min(AUDIT_EXAMPLES, len(data.train))]
+    pool = data.train[len(base["text"]): len(base["text"]) + CANDIDATES]
+    canary_text, canary_label, canary_row = _choose_canary(
+        task, estimator, pool, len(data.label_names), seeds, beta, long=attack == "padding")
+    if attack == "nonfinite":
+        canary_text = _with_own_token(task, canary_text, list(base["text"]))
+    canary_norm = float(torch.linalg.vector_norm(canary_row)) / p.clip_bound
+    direction = (canary_row / torch.linalg.vector_norm(canary_row)).numpy()
+    worlds = ({"text": list(base["text"]), "label": list(base["label"])},
+              {"text": [*base["text"], canary_text], "label": [*base["label"], canary_label]})
 
+    setup_config = copy.deepcopy(config.to_dict())
+    if noise_off:
+        setup_config["privacy"]["enabled"] = False
+    if attack == "noise-seed":
+        setup_config["privacy"]["noise_seed"] = ATTACK_NOISE_SEED
+    run_id = f"audit-{attack}"
+    setup = Setup(run_id, setup_config, reference, parts.trainable.mask())
+    version, checkpoint = 0, None
+    if attack == "nonfinite":
+        version, checkpoint = 1, _overflowing_checkpoint(task, parts, canary_text, canary_label,
+                                                        worlds[0]["text"])
+
+    budget_epsilon = 1e6  # a real ledger that lets the trials through; what each release costs is read from it
+    limits = Limits(allow_nonprivate=noise_off, allow_float_noise=p.noise == "gaussian")
+    root = Path(tempfile.mkdtemp(prefix="seedtune-audit-", dir=workdir or _memory_dir()))
+    try:
+        budget = (budget_epsilon, p.delta, ACCOUNTANT)
+        silos = [_make_silo(root / name, worlds[w], budget=budget, limits=limits, noise_scale=noise_scale, name=name,
+                            randomness=randomness)
+                 for w, name in ((0, "target-d"), (1, "target-d-prime"), (0, "shadow-d"), (0, "shadow-d-prime"))]
+        refused = ""
+        try:
+            for silo in silos:
+                silo.node.run(run_id, setup)
+                run = silo.node.run(run_id)
+                run.estimator = _Remembered(run.estimator)  # before the silo is built around it
+        except (SeedtuneError, WireError, ValueError) as error:
+            refused = f"{type(error).__name__}: {error}"
+        releases = np.zeros((2, 2, trials, len(seeds)))  # [world][target, shadow][trial]
+        nonfinite = 0
+        if not refused:
+            for trial in tqdm(range(trials), disable=not progress, unit="trial", desc=f"audit ({attack})",
+                              dynamic_ncols=True):
+                request = TrainRequest(run_id, trial, version, seeds, beta, p.clip_bound, sigma, sample_rate)
+                try:
+                    for world in (0, 1):
+                        for role in (0, 1):
+                            silo = silos[world + 2 * role]
+                            releases[world, role, trial] = _answer(silo, request, setup, version, checkpoint)
+                except (SeedtuneError, WireError) as error:
+                    if trial > 0:
+                        raise
+                    refused = f"{type(error).__name__}: {error}"
+                    break
+            nonfinite = int(np.sum(~np.all(np.isfinite(releases[:, 0]), axis=-1)))
+        charged = [event for silo in silos[:2] if silo.node.ledger is not None for event in silo.node.ledger.events()]
+        zeroed = sum(entry["zeroed"] for silo in silos[:2] if silo.node.ledger is not None
+                     for entry in silo.node.ledger.history())
+        for silo in silos:
+            silo.node.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    if noise_off:
+        epsilon_accountant = math.inf
+    elif charged:
+        distinct = set(charged)
+        if len(distinct) != 1:
+            raise SeedtuneError(f"the silos charged {len(distinct)} different events for one request: {distinct}")
+        epsilon_accountant = epsilon_of([charged[0]], p.delta, ACCOUNTANT)
+    else:
+        epsilon_accountant = 0.0  # nothing was charged
     half = trials // 2
-    threshold = choose_threshold(scores[0, :half], scores[1, :half], p.delta, confidence)
-    test = scores[:, half:]
-    false_positives, false_negatives = (int(c[0]) for c in error_counts(test[0], test[1], np.array([threshold])))
     test_trials = trials - half
+    noise_std = _noise_std(p.noise, sigma, p.clip_bound, len(seeds))
+    shift_units = min(canary_norm, 1.0) * p.clip_bound / noise_std if noise_std > 0 else math.inf
+    flagged = expected_flagged_scale(shift_units, epsilon_accountant, p.delta, test_trials, confidence) \
+        if not noise_off and math.isfinite(epsilon_accountant) else 0.0
+    common = dict(
+        attack=attack, noise="off" if noise_off else p.noise, noise_multiplier=sigma, noise_scale=noise_scale,
+        sample_rate=sample_rate, probes=len(seeds), clip_bound=p.clip_bound, beta=beta, delta=p.delta,
+        examples=len(base["text"]), trials=trials, confidence=confidence, canary=_shorten(canary_text),
+        canary_norm=canary_norm, test_trials=test_trials, epsilon_accountant=epsilon_accountant,
+        releases_charged=len(charged), rows_zeroed=zeroed, flagged_scale=flagged,
+        epsilon_ceiling=float(epsilon_lower_bound(0, test_trials, 0, test_trials, p.delta, confidence)),
+        wall_s=time.perf_counter() - started)
+    if refused:
+        return AuditResult(**common, statistic="-", threshold=math.nan, false_positives=0, false_negatives=0,
+                           fpr_upper=1.0, fnr_upper=1.0, epsilon_lower=0.0, mu_lower=0.0, epsilon_gaussian=0.0,
+                           nonfinite_releases=0, refused=refused)
+
+    scores = _scores(releases, direction, half)
+    best = None
+    for name, (null, alternative) in scores.items():
+        threshold, bound = choose_threshold(null[:half], alternative[:half], p.delta, confidence)
+        gaussian = gdp_epsilon(gaussian_shift_lower(null[:half], alternative[:half], confidence), p.delta)
+        strength = max(bound, gaussian)
+        if best is None or strength > best[0]:
+            best = (strength, name, threshold)
+    _, name, threshold = best
+    null, alternative = (s[half:] for s in scores[name])
+    false_positives, false_negatives = (int(c[0]) for c in error_counts(null, alternative, np.array([threshold])))
     level = 1.0 - (1.0 - confidence) / 2.0
+    mu_lower = gaussian_shift_lower(null, alternative, confidence)
     return AuditResult(
-        noise="off" if noise_off else p.noise,
-        noise_multiplier=sigma,
-        noise_multiplier_used=used,
-        sample_rate=sample_rate,
-        probes=differences.shape[1],
-        clip_bound=p.clip_bound,
-        delta=p.delta,
-        examples=population,
-        trials=trials,
-        confidence=confidence,
+        **common,
+        statistic=name,
         threshold=threshold,
         false_positives=false_positives,
         false_negatives=false_negatives,
-        test_trials=test_trials,
         fpr_upper=float(clopper_pearson_upper(false_positives, test_trials, level)),
         fnr_upper=float(clopper_pearson_upper(false_negatives, test_trials, level)),
         epsilon_lower=float(epsilon_lower_bound(false_positives, test_trials, false_negatives, test_trials,
                                                 p.delta, confidence)),
-        epsilon_accountant=epsilon_accountant,
-        wall_s=time.perf_counter() - started,
+        mu_lower=mu_lower,
+        epsilon_gaussian=gdp_epsilon(mu_lower, p.delta),
+        nonfinite_releases=nonfinite,
+        refused="",
     )
 
 
-def print_report(result: AuditResult, config: Config, epsilon: float | None) -> None:
+def _answer(silo: _Silo, request: TrainRequest, setup, version: int, checkpoint: dict | None) -> np.ndarray:
+    """The silo's answer through the ClientApp's own handler; the released values as they left
+    (before any coordinator-side validation, which would refuse a NaN the adversary still sees)."""
+    if silo.synced:
+        sync = Sync(version, ())
+    else:
+        sync = Sync(version, (), setup, checkpoint)
+    content = handle_train(encode_request(request, sync), silo.node)
+    silo.synced = True
+    return np.asarray(content.config_records["reply"]["projected_grads"], dtype=np.float64)
+
+
+def _scores(releases: np.ndarray, direction: np.ndarray, half: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each statistic's scores on D (null) and D' (alternative); non-finite releases score +inf."""
+
+    def project(values: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            score = values @ unit
+        return np.where(np.all(np.isfinite(values), axis=-1) & np.isfinite(score), score, np.inf)
+
+    plain = releases[:, 0]
+    paired = releases[:, 0] - releases[:, 1]
+    out = {}
+    for name, values in (("canary", plain), ("canary-paired", paired)):
+        out[name] = (project(values[0], direction), project(values[1], direction))
+    for name, values in (("shift", plain), ("shift-paired", paired)):
+        finite = np.all(np.isfinite(values[:, :half]), axis=(0, 2))
+        shift = (values[1, :half][finite].mean(axis=0) - values[0, :half][finite].mean(axis=0)
+                 if finite.any() else direction)
+        norm = float(np.linalg.norm(shift))
+        unit = shift / norm if norm > 0 and np.isfinite(norm) else direction
+        out[name] = (project(values[0], unit), project(values[1], unit))
+    return out
+
+
+def _noise_std(noise: str, sigma: float, clip_bound: float, probes: int) -> float:
+    """The standard deviation of the noise a release's sum gets per coordinate, in sum units."""
+    if noise == "discrete":
+        return sigma * float(lattice_sensitivity(clip_bound, probes)) * lattice_step(clip_bound)
+    return sigma * clip_bound
+
+
+def _choose_canary(task, estimator, pool, labels: int, seeds, beta: float, *, long: bool):
+    """A real example, label flipped, whose difference vector is longest; or, with ``long``, the
+    pool's texts joined into one that fills the model's whole input. (The adversary's own
+    computation, on its own copy of the model: batched, since only the choice depends on it.)"""
+    texts = list(pool["text"])
+    flipped = [(label + 1) % labels for label in pool["label"]]
+    if long:
+        text = " ".join(texts)
+        return text, flipped[0], _rows(task, estimator, [text], flipped[:1], seeds, beta)[0]
+    rows = _rows(task, estimator, texts, flipped, seeds, beta)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, -1.0))
+    best = int(torch.argmax(norms))
+    return texts[best], flipped[best], rows[best]
+
+
+def _rows(task, estimator, texts: list[str], labels: list[int], seeds, beta: float) -> torch.Tensor:
+    """The examples' difference vectors (n x K, float64)."""
+    return estimator.estimate_examples(task, texts, labels, seeds, beta).differences.to(torch.float64)
+
+
+def _overflowing_checkpoint(task, parts, canary_text: str, canary_label: int, others: list[str]) -> dict:
+    """A checkpoint of the trainable coordinates (what a coordinator may send a silo) that makes the
+    canary's loss, and only the canary's, infinite or NaN in float32.
+
+    * With the input embeddings trainable: the row of a token only the canary holds set to
+      float32's largest value; the canary's embedding sums overflow to inf, and layer norm makes
+      them NaN, whatever the perturbation.
+    * With only the classification head trainable: row j of the head is a w_j e, with e the
+      canary's sentence embedding, w = -1 for the canary's label and +1 for the others. The canary's
+      logits are -a for its label and +a for the rest, so its cross-entropy is 2a + log(L - 1),
+      infinite once 2a passes float32's largest value, while another example x_i gets at most
+      2a |<x_i, e>|, finite for the a chosen here."""
+    limit = float(torch.finfo(torch.float32).max)
+    entries = {entry.name: entry for entry in parts.trainable}
+    named = dict(task.module.named_parameters())
+    embeddings = _input_embeddings(task.module)
+    name = next((n for n, param in named.items() if embeddings is not None and param is embeddings.weight), None)
+    values = {entry.name: entry.values().clone() for entry in parts.trainable}
+    if name in entries and entries[name].index is None:
+        token = _own_token(task, canary_text, others)
+        if token is None:
+            raise ConfigError("--attack nonfinite: the canary holds no token that D lacks")
+        table = values[name].view(embeddings.weight.shape)
+        table[token] = limit
+    elif "classifier.weight" in entries and entries["classifier.weight"].index is None and hasattr(task.module, "embed"):
+        with torch.no_grad():
+            def embed(texts):
+                batch = task.encode(texts)
+                return task.module.embed(batch["input_ids"], batch["attention_mask"],
+                                         batch.get("token_type_ids")).double()
+
+            target = embed([canary_text])[0]
+            closest = float((embed(others) @ target).abs().max())
+        if closest >= 0.99:
+            raise ConfigError("--attack nonfinite: the canary's sentence embedding is too close to another example's")
+        scale = limit / 2 * (1 + (1 / max(closest, 0.5) - 1) / 2)  # 2a > limit > 2a |<x_i, e>|
+        signs = torch.ones(len(task.label_names), dtype=torch.float64)
+        signs[canary_label] = -1.0
+        values["classifier.weight"] = (torch.outer(signs, target) * scale).to(values["classifier.weight"].dtype).flatten()
+        if "classifier.bias" in values:
+            values["classifier.bias"].zero_()
+    else:
+        raise ConfigError("--attack nonfinite needs the input embeddings or the whole classification head "
+                          "trainable (prune.enabled=false, or prune.always = ['classifier.*'] with "
+                          "model.task=sequence-classification)")
+    return {"version": 1, "values": [values[entry.name].cpu().numpy() for entry in parts.trainable],
+            "anchor": None, "anchor_step": -1}
+
+
+def _input_embeddings(module):
+    for candidate in (module, getattr(module, "encoder", None), getattr(module, "lm", None)):
+        getter = getattr(candidate, "get_input_embeddings", None)
+        if getter is not None:
+            try:
+                return getter()
+            except (NotImplementedError, AttributeError):
+                continue
+    return None
+
+
+def _own_token(task, canary_text: str, others: list[str]) -> int | None:
+    """A token id in the canary that no other example of D holds (and no special token other
+    than the unknown-word token), or None."""
+    unknown = task.tokenizer.unk_token_id
+    special = set(task.tokenizer.all_special_ids) - {unknown}
+    seen = {token for ids in task.encode(others)["input_ids"].tolist() for token in ids}
+    own = [t for t in task.encode([canary_text])["input_ids"][0].tolist() if t not in seen and t not in special]
+    return own[0] if own else None
+
+
+def _with_own_token(task, canary_text: str, others: list[str]) -> str:
+    """The canary, with a rare word added if it holds no token that D lacks."""
+    if _own_token(task, canary_text, others) is None:
+        canary_text = f"zyzzyva {canary_text}"
+    if _own_token(task, canary_text, others) is None:
+        raise ConfigError("--attack nonfinite: no token sets the canary apart from D")
+    return canary_text
+
+
+def _memory_dir() -> str | None:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() else None
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def print_report(result: AuditResult, config: Config) -> None:
     r = result
     if r.noise == "off":
-        noise = "no noise (--noise-off)"
+        noise = "no noise (--noise-off: a non-private run)"
     else:
-        source = f"calibrated to epsilon={epsilon:g}" if epsilon is not None else "the config's run sigma"
         kind = {"discrete": "discrete Gaussian noise", "gaussian": "Gaussian noise (floating point)"}[r.noise]
-        noise = f"{kind}, sigma={r.noise_multiplier:.4f} ({source})"
-        if r.noise_multiplier_used != r.noise_multiplier:
-            noise += f", drawn with sigma={r.noise_multiplier_used:.4f}"
+        noise = f"{kind}, sigma={r.noise_multiplier:.4f}"
+        if r.noise_scale != 1.0:
+            noise += f", drawn at {r.noise_scale:g} x sigma (a broken silo)"
+    print(f"audit of one release by real silos: {config.model.name} on {config.data.name}, attack: {r.attack}")
+    print(f"neighbours:    D = {r.examples} examples; D' = D + the canary {r.canary!r} "
+          f"(|s| = {r.canary_norm:.3g} C)")
+    print(f"request:       Poisson q={r.sample_rate:g}, clip C={r.clip_bound:g}, K={r.probes} probes, "
+          f"beta={r.beta:g}, {noise}")
+    if r.refused:
+        print(f"refused:       {r.refused}")
+        print(r.verdict)
+        return
     level = 100 * (1 - (1 - r.confidence) / 2)
-    print(f"audit of one release: {config.model.name} on {config.data.name}, D = {r.examples} examples, "
-          f"D' = D + 1 canary at the clip bound")
-    print(f"mechanism:     Poisson q={r.sample_rate:g}, clip C={r.clip_bound:g}, K={r.probes} probes, {noise}")
-    print(f"trials:        {r.trials} per dataset ({r.trials - r.test_trials} choose the threshold, "
-          f"{r.test_trials} test it)")
-    print(f"test:          D' when <release, e_0> >= {r.threshold:.6g}")
-    print(f"               false positives {r.false_positives}/{r.test_trials} (FPR <= {r.fpr_upper:.4g}), "
-          f"false negatives {r.false_negatives}/{r.test_trials} (FNR <= {r.fnr_upper:.4g}), "
-          f"each at {level:g}%")
+    print(f"trials:        {r.trials} per dataset ({r.trials - r.test_trials} choose the statistic and threshold, "
+          f"{r.test_trials} test them); {r.releases_charged} releases charged to the audited silos' ledgers")
+    print(f"test:          D' when {r.statistic} score >= {r.threshold:.6g}: false positives {r.false_positives}/"
+          f"{r.test_trials} (FPR <= {r.fpr_upper:.4g}), false negatives {r.false_negatives}/{r.test_trials} "
+          f"(FNR <= {r.fnr_upper:.4g}), each at {level:g}%")
+    if r.nonfinite_releases:
+        print(f"non-finite:    {r.nonfinite_releases} releases held NaN or infinite values")
+    if r.rows_zeroed:
+        print(f"zeroed:        {r.rows_zeroed} per-example rows were not finite and counted as zero (in the silos' "
+              "ledgers; not released)")
     accountant = "inf (no noise)" if math.isinf(r.epsilon_accountant) else f"{r.epsilon_accountant:.4f}"
-    print(f"epsilon:       lower bound {r.epsilon_lower:.4f} ({100 * r.confidence:g}% confidence)   "
-          f"accountant ({ACCOUNTANT}) {accountant}   at delta={r.delta:g}")
+    print(f"epsilon:       charged {accountant} at delta={r.delta:g}; lower bounds ({100 * r.confidence:g}% "
+          f"confidence): {r.epsilon_lower:.4f} assumption-free (at most {r.epsilon_ceiling:.2f} with these trials), "
+          f"{_num(r.epsilon_gaussian)} Gaussian (mu >= {_num(r.mu_lower)})")
+    if r.flagged_scale:
+        print(f"power:         a release noised at <= {r.flagged_scale:.2f} x its sigma would be flagged "
+              "(in expectation, Gaussian bound)")
     print(r.verdict)
+
+
+def _num(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.4f}"

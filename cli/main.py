@@ -5,22 +5,47 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import select
 import sys
 from pathlib import Path
 
 from seedtune.common.errors import SeedtuneError
+from seedtune.common.paths import check_creatable
 
 EXIT_USAGE = 2
+EXIT_CLOSED_PIPE = 128 + 13  # what a shell reports for a command that SIGPIPE ended (`yes | head -1`)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
-        return args.run(args)
-    except SeedtuneError as error:
-        print(f"seedtune: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        try:
+            args = _parser().parse_args(argv)
+            if getattr(args, "out", None) is not None and not getattr(args, "resume", False):
+                check_creatable(args.out)  # before the work, not after it
+            return args.run(args)
+        except SeedtuneError as error:
+            print(f"seedtune: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a pipe of our own (a child process, a socket) broke: that is a failure to see
+        # The reader left (`seedtune show RUN | head`): stop quietly; point stdout at /dev/null so
+        # that the interpreter's last flush at exit has somewhere to go.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (polled, Linux reports POLLERR; some systems POLLHUP)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor: captured or replaced stdout
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     _settings(train, "default (MiniLM on Rotten Tomatoes) or tiny", "privacy.epsilon=2")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<preset>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    train.add_argument("--public-size", type=int, metavar="N",
+                       help="divide releases by q*N, a size you publish, instead of the training set's exact size")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
@@ -102,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                   "the mean, the median and the trimmed mean (tiny preset)",
     }
     for name, text in costs.items():
-        command = benches.add_parser(name, help=text, description=text)
+        command = benches.add_parser(name, help=text.replace("%", "%%"), description=text)  # help is %-formatted
         command.add_argument("--quick", action="store_true", help="fewer repeats, rounds and sizes: a smoke test")
         command.add_argument("--json", action="store_true", help="print the results as JSON")
         command.add_argument("--out", type=Path, help=f"write {name}.json (and for sweep, sweep.png) here")
@@ -128,16 +155,18 @@ def _parser() -> argparse.ArgumentParser:
     budget.set_defaults(run=_budget)
 
     audit = commands.add_parser(
-        "audit", help="empirical privacy audit of one release: a lower bound on epsilon beside the accountant's")
-    _settings(audit, "whose mechanism to audit (default, tiny)", "privacy.noise=gaussian")
+        "audit", help="empirical privacy audit of real silos: a lower bound on epsilon beside what they charge")
+    _settings(audit, "whose silos to audit (default, tiny)", "privacy.noise=gaussian")
     audit.add_argument("--epsilon", type=float,
-                       help="calibrate sigma so that the one audited release spends this epsilon "
-                            "(default: the sigma of the config's run)")
-    audit.add_argument("--trials", type=int, default=10_000, help="releases per dataset, D and D' (default 10000)")
+                       help="calibrate sigma so that the one audited release spends this epsilon (default 2)")
+    audit.add_argument("--attack", default="none", choices=("none", "noise-seed", "nonfinite", "padding"),
+                       help="what the adversarial coordinator tries (default none; docs/audit.md)")
+    audit.add_argument("--beta", type=float, help="the request's ZO scale (default: the attack's, else the schedule's)")
+    audit.add_argument("--trials", type=int, default=2_000, help="releases per dataset, D and D' (default 2000)")
     audit.add_argument("--sample-rate", type=float, default=1.0,
                        help="Poisson rate q of the audited release (default 1: the sharpest test)")
-    audit.add_argument("--noise-off", action="store_true", help="release the clipped sum without noise")
-    audit.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")
+    audit.add_argument("--noise-off", action="store_true", help="audit a non-private run: no clipping, no noise")
+    audit.add_argument("--confidence", type=float, default=0.95, help="of the lower bounds (default 0.95)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     audit.add_argument("--no-progress", action="store_true", help="no progress bar")
     audit.set_defaults(run=_audit)
@@ -196,8 +225,10 @@ def _train(args) -> int:
         config = Config()  # replaced by the run's own config
     else:
         config = load_config(args.preset, args.config, args.overrides)
+    if args.public_size is not None and args.public_size < 1:
+        raise SeedtuneError(f"--public-size {args.public_size} must be >= 1")
     out = args.out or Path("runs") / f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-    result = train(config, out, resume=args.resume, progress=not args.no_progress)
+    result = train(config, out, resume=args.resume, progress=not args.no_progress, public_size=args.public_size)
     print(f"run directory: {result.run_dir}")
     print(f"steps: {result.steps}   epsilon spent: {_number(result.epsilon)}")
     for name in ("accuracy", "loss"):
@@ -363,14 +394,15 @@ def _audit(args) -> int:
     from seedtune.common.config import load_config
 
     validate(epsilon=args.epsilon, trials=args.trials, sample_rate=args.sample_rate, noise_off=args.noise_off,
-             confidence=args.confidence)
+             confidence=args.confidence, attack=args.attack, beta=args.beta)
     config = load_config(args.preset, args.config, args.overrides)
     result = run_audit(config, epsilon=args.epsilon, trials=args.trials, sample_rate=args.sample_rate,
-                       noise_off=args.noise_off, confidence=args.confidence, progress=not args.no_progress)
+                       noise_off=args.noise_off, confidence=args.confidence, attack=args.attack, beta=args.beta,
+                       progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print_report(result, config, args.epsilon)
+        print_report(result, config)
     return 0 if result.consistent else 1
 
 
