@@ -90,6 +90,9 @@ def describe(run_dir: Path) -> dict:
         privacy["epsilon_per_silo"] = {silo["silo"]: silo["epsilon"] for silo in federation["silos"]}
         privacy["epsilon"] = max(privacy["epsilon_per_silo"].values(), default=0.0)
         privacy["releases"] = sum(silo["releases"] for silo in federation["silos"])
+        ledgers = _silo_ledgers(run_dir)
+        if ledgers:  # a simulation keeps each silo's own ledger: the authority, shown beside the view
+            privacy["ledger_per_silo"] = ledgers
     report = {
         "status": log.meta("status"),
         "steps": log.num_steps,
@@ -108,6 +111,15 @@ def describe(run_dir: Path) -> dict:
     return report
 
 
+def _silo_ledgers(run_dir: Path) -> dict[str, dict]:
+    """Each simulated silo's own ledger (``RUN_DIR/silos/<name>/ledger.sqlite``): epsilon and releases."""
+    result = {}
+    for path in sorted((run_dir / "silos").glob("*/ledger.sqlite")):
+        with PrivacyLedger.existing(path) as ledger:
+            result[path.parent.name] = {"epsilon": ledger.spent(), "releases": ledger.releases}
+    return result
+
+
 def _federation_report(run_dir: Path, config: Config) -> dict | None:
     """Per-silo privacy (the coordinator's view, recomputed from reported events) and traffic."""
     from seedtune.server.federation import STORE_FILE
@@ -117,18 +129,17 @@ def _federation_report(run_dir: Path, config: Config) -> dict | None:
         return None
     store = FederationStore(run_dir / STORE_FILE)
     try:
-        names = store.nodes()
-        reported = store.reported_events()
+        releases = store.releases()
         epsilons = store.epsilons(config.privacy.delta, config.privacy.accountant) if config.privacy.enabled else {}
         traffic = store.traffic()
         silos = []
-        for node, name in names.items():
-            moved = traffic.get(node, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
-            silos.append({"silo": name or str(node), "node": node, "releases": len(reported.get(node, [])),
-                          "epsilon": epsilons.get(node, float("inf")), **moved})
+        for name in store.silos():  # each silo once, by the name it asserts, across node ids and resumes
+            moved = traffic.get(name, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
+            silos.append({"silo": name, "releases": releases.get(name, 0),
+                          "epsilon": epsilons.get(name, float("inf")), **moved})
         rounds = {}
-        for round, attempt, node, down, up in store.traffic_rows():
-            rounds.setdefault(str(round), []).append({"node": node, "attempt": attempt, "bytes_down": down,
+        for round, attempt, silo, down, up in store.traffic_rows():
+            rounds.setdefault(str(round), []).append({"silo": silo, "attempt": attempt, "bytes_down": down,
                                                       "bytes_up": up})
         return {"silos": silos, "traffic_per_round": rounds, "rejections": store.rejections()}
     finally:

@@ -255,6 +255,8 @@ def _simulate(args) -> int:
     federation = result.federation
     print(f"run directory: {result.run_dir}")
     print(f"rounds: {federation.steps}   rejected replies: {len(federation.rejections)}")
+    if federation.stopped_early:
+        print(f"stopped early: {federation.stopped_early}")
     if federation.aggregation is not None:
         print(federation.aggregation.summary())
     for name in ("accuracy", "loss"):
@@ -267,25 +269,13 @@ def _simulate(args) -> int:
     print()
     print(f"{'silo':<14}{'releases':>9}{'epsilon (silo)':>16}{'epsilon (server)':>18}"
           f"{'up B/round':>12}{'down B/round':>14}")
-    names = _silo_names(result.run_dir)
-    for node, traffic in federation.traffic.items():
-        silo = names.get(node) or str(node)
+    for silo in sorted(set(federation.epsilons) | set(result.silo_ledgers)):  # each silo once, by its name
         releases, own = result.silo_ledgers.get(silo, (0, float("nan")))
+        traffic = federation.traffic.get(silo, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
         messages = max(traffic["messages"], 1)
-        print(f"{silo:<14}{releases:>9}{_number(own):>16}{_number(federation.epsilons.get(node, float('nan'))):>18}"
+        print(f"{silo:<14}{releases:>9}{_number(own):>16}{_number(federation.epsilons.get(silo, float('nan'))):>18}"
               f"{traffic['bytes_up'] / messages:>12.0f}{traffic['bytes_down'] / messages:>14.0f}")
     return 0
-
-
-def _silo_names(run_dir: Path) -> dict[int, str]:
-    from seedtune.server.federation import STORE_FILE
-    from seedtune.server.store import FederationStore
-
-    store = FederationStore(run_dir / STORE_FILE)
-    try:
-        return store.nodes()
-    finally:
-        store.close()
 
 
 def _partition(args) -> int:
@@ -338,6 +328,10 @@ def _show(args) -> int:
     if privacy.get("epsilon_per_silo"):
         print("privacy per silo (coordinator's view, from reported events): " + ", ".join(
             f"{silo}={_number(value)}" for silo, value in privacy["epsilon_per_silo"].items()))
+    if privacy.get("ledger_per_silo"):
+        print("privacy per silo (each silo's own ledger): " + ", ".join(
+            f"{silo}={_number(entry['epsilon'])} in {entry['releases']} releases"
+            for silo, entry in privacy["ledger_per_silo"].items()))
     if "federation" in report:
         for silo in report["federation"]["silos"]:
             print(f"  {silo['silo']}: {silo['releases']} releases, {silo['bytes_up']} B up and "

@@ -93,12 +93,9 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
 def silo_ledgers(run_dir: Path, config: Config) -> dict[str, tuple[int, float]]:
     """Each simulated silo's own ledger: releases made and epsilon spent."""
     result = {}
-    for directory in sorted((run_dir / SILOS_DIR).glob("*")):
-        path = directory / "ledger.sqlite"
-        if path.exists():
-            p = config.privacy
-            with PrivacyLedger(path, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant) as ledger:
-                result[directory.name] = (ledger.releases, ledger.spent())
+    for path in sorted((run_dir / SILOS_DIR).glob("*/ledger.sqlite")):
+        with PrivacyLedger.existing(path) as ledger:
+            result[path.parent.name] = (ledger.releases, ledger.spent())
     return result
 
 

@@ -196,7 +196,8 @@ def encode_evaluation_reply(correct: float, count: float, events: tuple[dict, ..
     return content
 
 
-def decode_evaluation_reply(content: RecordDict) -> tuple[float, float, tuple[dict, ...]]:
+def decode_evaluation_reply(content: RecordDict) -> tuple[float, float, tuple[dict, ...], str]:
+    """(correct, count, events, the silo's name)."""
     record = _config(content, "evaluation")
     values = []
     for key in ("correct", "count"):
@@ -208,7 +209,10 @@ def decode_evaluation_reply(content: RecordDict) -> tuple[float, float, tuple[di
         events = tuple(event_codec.event_to_dict(event_codec.loads(text)) for text in _field(record, "events", list))
     except (event_codec.EventDecodeError, TypeError) as error:
         raise WireError(f"evaluation.events: {error}") from None
-    return values[0], values[1], events
+    silo = record.get("silo", "")
+    if not isinstance(silo, str) or len(silo) > 128:
+        raise WireError("evaluation.silo must be a name of at most 128 characters")
+    return values[0], values[1], events, silo
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -19,16 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from seedtune.common.config import Config
 from seedtune.common.wire import serialized_size
 from seedtune.server import plots
-from seedtune.server.federation import Federation, FederationResult, Response
+from seedtune.server.federation import Federation, FederationResult, Response, Stopped
 from seedtune.server.runs import LOG_FILE, finish_run, open_run
 
 log = logging.getLogger(__name__)
 
 RUN_DIR_KEY = "run-dir"
-
-
-class Stopped(Exception):
-    """The process running this ServerApp asked it to stop (Ctrl-C in ``seedtune simulate``)."""
 
 
 class GridTransport:
@@ -95,15 +91,14 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
     run = open_run(config, run_dir, resume=resume, command="federation")
     federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress)
     result = federation.run_all()
-    names = federation.store.nodes()
-    finish_run(run, result.before, result.after,
-               {names.get(node) or str(node): value for node, value in result.epsilons.items()},
-               extra={"silos": {names.get(node) or str(node): {"node": node, "epsilon": result.epsilons.get(node),
-                                                              **traffic}
-                                for node, traffic in result.traffic.items()},
-                      "rejections": result.rejections, "client_evaluation": result.client_evaluation},
-               names={str(node): name for node, name in names.items() if name})
-    plots.traffic_plot(federation.store.traffic_rows(), run_dir / "traffic.png", names)
+    releases = federation.store.releases()
+    finish_run(run, result.before, result.after, result.epsilons,
+               extra={"silos": {silo: {"epsilon": result.epsilons.get(silo), "releases": releases.get(silo, 0),
+                                       **result.traffic.get(silo, {})}
+                                for silo in federation.store.silos()},
+                      "rejections": result.rejections, "client_evaluation": result.client_evaluation,
+                      "stopped_early": result.stopped_early})
+    plots.traffic_plot(federation.store.traffic_rows(), run_dir / "traffic.png")
     if outcome is not None:
         outcome.result, outcome.run_dir = result, run_dir
     run.log.close()

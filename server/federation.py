@@ -3,17 +3,23 @@
 Each round: sample silos from public randomness, send each the request plus the updates it has
 not applied (or, far behind, a checkpoint), collect replies until the timeout, reject the
 malformed ones with a recorded reason, and apply the round only with at least
-``federation.min_clients`` valid replies. A round short of replies is asked again (silos that
-answer again are charged again, as every answered request is) and after
-``federation.round_retries`` retries the run stops with its log intact: a round is never half
-applied. The log, written before each update, is what a restarted coordinator resumes from.
+``federation.min_clients`` valid replies. A round short of replies is asked again (a silo that already answered
+gets the very same request and answers with the same release from its ledger, uncharged) and
+after ``federation.round_retries`` retries the run stops with its log intact: a round is never
+half applied. The log, written before each update, is what a restarted coordinator resumes from;
+a resumed run asks its silos the round in flight again, and they answer it the same way.
+
+Silos are known by the name each asserts in its replies, not by Flower's node ids, which change
+whenever a node restarts (:mod:`seedtune.server.store`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -50,6 +56,29 @@ class FederationError(SeedtuneError):
     """The federation could not complete a round."""
 
 
+class Stopped(Exception):
+    """The process running the coordinator asked it to stop (Ctrl-C in ``seedtune simulate``)."""
+
+
+class OutOfBudget(FederationError):
+    """Too few silos have budget left for another round: the run ends with the rounds it has."""
+
+
+STOP_HOOK = "SEEDTUNE_TEST_STOP_MID_ROUND"  # tests: "<round>:stop" or "<round>:kill"
+
+
+def _stop_mid_round(round: int) -> None:
+    """Tests only: behave as if Ctrl-C (``stop``) or SIGKILL (``kill``) landed after a round's
+    replies arrived and were recorded, before its step was logged."""
+    hook = os.environ.get(STOP_HOOK, "")
+    if hook.partition(":")[0] != str(round):
+        return
+    if hook.endswith(":kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does to the process running the coordinator
+    raise Stopped(f"stopped in round {round}, its replies in and its step not logged ({STOP_HOOK})")
+
+
 @dataclass
 class Response:
     """What came back from one node: a reply's content, or the reason it failed."""
@@ -76,11 +105,12 @@ class FederationResult:
     steps: int
     before: dict
     after: dict
-    epsilons: dict[int, float]
-    traffic: dict[int, dict[str, int]]
+    epsilons: dict[str, float]  # silo name -> epsilon recomputed from its reported events
+    traffic: dict[str, dict[str, int]]  # silo name -> messages and bytes
     rejections: list[dict] = field(default_factory=list)
     client_evaluation: dict | None = None
     aggregation: RuleCost | None = None  # the rule's sensitivity and noise, over the last round's silos
+    stopped_early: str | None = None  # why the run ended before its planned rounds (silos out of budget)
 
 
 class Federation:
@@ -146,8 +176,9 @@ class Federation:
                 try:
                     reply, version, silo = decode_reply(response.content, round=request.round,
                                                         probes=len(request.probe_seeds))
-                    self.store.record_round(request.round, {node: reply.events})  # spent, whatever follows
+                    silo = silo or f"node {node}"
                     self.store.register(node, silo)
+                    self.store.record_release(silo, request.round, reply.events)  # spent, whatever follows
                     if version != request.model_version:
                         reason = f"answered at model version {version}, not {request.model_version}"
                     else:
@@ -172,11 +203,20 @@ class Federation:
             valid = self.collect(request, responses, asked, attempt)
             if len(valid) >= federation.min_clients:
                 replies = [valid[node] for node in sorted(valid)]
+                _stop_mid_round(request.round)
                 coordinator.apply(request, replies)
                 self._note_cost(request.round, replies)
                 return len(valid)
             log.warning("round %d attempt %d: %d valid replies of %d asked, need %d",
                         request.round, attempt, len(valid), len(asked), federation.min_clients)
+            spent = {r["silo"]: r["reason"] for r in self.store.rejections()
+                     if r["round"] == request.round and "BudgetExhausted" in r["reason"]}
+            if spent and len(valid) + len(asked) - len(spent) < federation.min_clients:
+                raise OutOfBudget(
+                    f"round {request.round} of {self.run.schedule.steps}: {len(spent)} silo(s) refuse for lack of "
+                    "privacy budget, so fewer than federation.min_clients="
+                    f"{federation.min_clients} can answer; the run ends with the {coordinator.step} rounds it has. "
+                    + "; ".join(f"{silo}: {reason.split('BudgetExhausted: ')[-1]}" for silo, reason in spent.items()))
         raise FederationError(
             f"round {request.round} got fewer than federation.min_clients={federation.min_clients} valid "
             f"replies in {federation.round_retries + 1} attempts; every earlier round is in the log "
@@ -191,10 +231,11 @@ class Federation:
             self.aggregation = cost
 
     # -- the whole run -------------------------------------------------------------------------
-    def epsilons(self) -> dict[int, float]:
+    def epsilons(self) -> dict[str, float]:
+        """Silo name -> epsilon, recomputed from what each silo reported."""
         privacy = self.config.privacy
         if not privacy.enabled:
-            return {node: math.inf for node in self.store.nodes()}
+            return {silo: math.inf for silo in self.store.silos()}
         return self.store.epsilons(privacy.delta, privacy.accountant)
 
     def wait_for_silos(self, expected: int, patience: float) -> list[int]:
@@ -225,15 +266,21 @@ class Federation:
         bar = tqdm(total=run.schedule.steps, initial=coordinator.step, disable=not self.progress,
                    unit="round", dynamic_ncols=True, desc="simulate", file=sys.stderr)
         last_epsilon_update, epsilons = 0.0, {}
+        stopped_early = None
         try:
             while not coordinator.done:
-                used = self.play_round()
+                try:
+                    used = self.play_round()
+                except OutOfBudget as error:  # the model so far is a valid private model: finish with it
+                    stopped_early = str(error)
+                    log.warning("%s", error)
+                    break
                 step = coordinator.step
                 metrics: dict[str, float] = {"replies": used}
                 now = time.monotonic()
                 if now - last_epsilon_update > 2.0 or coordinator.done:
                     epsilons, last_epsilon_update = self.epsilons(), now
-                    metrics.update({f"epsilon.{node}": value for node, value in epsilons.items()})
+                    metrics.update({f"epsilon.{silo}": value for silo, value in epsilons.items()})
                 every = self.config.eval.every
                 if every and (step % every == 0 or coordinator.done):
                     metrics.update({f"val_{k}": v for k, v in run.evaluate("validation").items()})
@@ -254,7 +301,7 @@ class Federation:
             client_evaluation = log_.meta("client_evaluation") or self.evaluate_on_silos()
             log_.set_meta("client_evaluation", client_evaluation)
         return FederationResult(coordinator.step, before, after, self.epsilons(), self.store.traffic(),
-                                self.store.rejections(), client_evaluation, self.aggregation)
+                                self.store.rejections(), client_evaluation, self.aggregation, stopped_early)
 
     def evaluate_on_silos(self) -> dict:
         """Accuracy of the final model on the silos' own held-out data: noised and charged to
@@ -277,11 +324,13 @@ class Federation:
             try:
                 if response.node not in messages or response.error is not None:
                     raise WireError(response.error or "reply from a node that was not asked")
-                silo_correct, silo_count, events = decode_evaluation_reply(response.content)
+                silo_correct, silo_count, events, silo = decode_evaluation_reply(response.content)
             except WireError as error:
                 self.store.reject(coordinator.step, response.node, f"evaluation: {error}")
                 continue
-            self.store.record_round(coordinator.step, {response.node: events})
+            silo = silo or f"node {response.node}"
+            self.store.register(response.node, silo)
+            self.store.record_release(silo, coordinator.step, events, kind="evaluation")
             correct, count, answered = correct + silo_correct, count + silo_count, answered + 1
         accuracy = correct / count if count > 0 else float("nan")
         return {"accuracy": accuracy, "silos": answered, "private": private}

@@ -54,15 +54,14 @@ def training_plot(series: dict[str, list[tuple[int, float]]], path: Path, title:
     plt.close(figure)
 
 
-def traffic_plot(rows: list[tuple[int, int, int, int, int]], path: Path, names: dict[int, str]) -> None:
+def traffic_plot(rows: list[tuple[int, int, str, int, int]], path: Path) -> None:
     """Bytes per silo per round, up and down, on the serialized Flower messages."""
     figure, (up_axis, down_axis) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    by_node: dict[int, list[tuple[int, int, int]]] = {}
-    for round, _attempt, node, down, up in rows:
-        by_node.setdefault(node, []).append((round, up, down))
-    for node, points in sorted(by_node.items(), key=lambda item: names.get(item[0]) or str(item[0])):
+    by_node: dict[str, list[tuple[int, int, int]]] = {}
+    for round, _attempt, silo, down, up in rows:
+        by_node.setdefault(silo, []).append((round, up, down))
+    for label, points in sorted(by_node.items()):
         rounds, ups, downs = zip(*points)
-        label = names.get(node) or str(node)
         up_axis.plot(rounds, ups, marker=".", linewidth=0.8, label=label)
         down_axis.plot(rounds, downs, marker=".", linewidth=0.8, label=label)
     for axis, direction in ((up_axis, "up (silo → coordinator)"), (down_axis, "down (coordinator → silo)")):

@@ -1,6 +1,12 @@
 """The coordinator's durable view of the federation: what each silo reported spending, the
 traffic of every round, and every reply it rejected and why.
 
+Silos are known by the name each asserts in its replies (its operator's ``name``, or its state
+directory's), never by the node id Flower hands out: that id changes whenever a SuperNode or a
+simulation restarts, and a view keyed by it listed one silo several times after a resume, each
+with part of its spending. A silo's release for a round is recorded once, however often the
+reply arrives (a silo answers a repeated request with the same release, uncharged).
+
 The ε shown for a silo is recomputed here with dp-accounting from the events the silo reported,
 not taken from a number it sent. The silo's own ledger remains the authority: a release whose
 reply never arrived is in the silo's ledger and not here.
@@ -14,12 +20,14 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from seedtune.common.errors import RunDirError
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import epsilon_of
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS node_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL, round INTEGER NOT NULL, event TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS silo_events (
+    silo TEXT NOT NULL, round INTEGER NOT NULL, kind TEXT NOT NULL, events TEXT NOT NULL,
+    PRIMARY KEY (silo, round, kind)
 );
 CREATE TABLE IF NOT EXISTS traffic (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, node TEXT NOT NULL,
@@ -36,21 +44,41 @@ CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, silo TEXT NOT NULL DEFA
 class FederationStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+        except sqlite3.Error as error:
+            raise RunDirError(f"cannot open the federation store {self.path}: {error}") from None
+
+    def _migrate(self) -> None:
+        """Stores written before silos were keyed by name held events per node id."""
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "node_events" not in tables:
+            return
+        grouped: dict[tuple[str, int], list] = defaultdict(list)
+        rows = self._db.execute("SELECT e.node, e.round, e.event, COALESCE(n.silo, '') FROM node_events e "
+                                "LEFT JOIN nodes n ON n.node = e.node ORDER BY e.id")
+        for node, round, event, silo in rows.fetchall():
+            grouped[(silo or f"node {node}", round)].append(json.loads(event))
+        with self._db:
+            self._db.executemany("INSERT OR IGNORE INTO silo_events VALUES (?, ?, 'train', ?)",
+                                 [(silo, round, json.dumps(events)) for (silo, round), events in grouped.items()])
+            self._db.execute("DROP TABLE node_events")
 
     def close(self) -> None:
         self._db.close()
 
-    def record_round(self, round: int, events: dict[int, tuple[dict, ...]]) -> None:
-        """The events of the replies a round was built from (called before the step is logged)."""
+    # -- writing -------------------------------------------------------------------------------
+    def record_release(self, silo: str, round: int, events: tuple[dict, ...], kind: str = "train") -> None:
+        """The events of ``silo``'s reply for ``round`` (a training round or an ``"evaluation"``);
+        recorded when the reply is accepted, before the step is logged. The same silo, round and
+        kind again is the same release and is not counted twice."""
         with self._db:
-            self._db.executemany(
-                "INSERT INTO node_events (node, round, event) VALUES (?, ?, ?)",
-                [(str(node), round, json.dumps(event, sort_keys=True)) for node, evs in events.items() for event in evs],
-            )
+            self._db.execute("INSERT OR IGNORE INTO silo_events VALUES (?, ?, ?, ?)",
+                             (silo, round, kind, json.dumps(list(events), sort_keys=True)))
 
     def record_traffic(self, round: int, attempt: int, node: int, bytes_down: int, bytes_up: int) -> None:
         with self._db:
@@ -72,38 +100,61 @@ class FederationStore:
         """Node id -> the silo name it reported ('' until it has)."""
         return {int(node): silo for node, silo in self._db.execute("SELECT node, silo FROM nodes")}
 
-    def reported_events(self) -> dict[int, list]:
-        events: dict[int, list] = defaultdict(list)
-        for node, text in self._db.execute("SELECT node, event FROM node_events ORDER BY id"):
-            events[int(node)].append(event_codec.loads(text))
+    def silos(self) -> list[str]:
+        """Every silo that has answered, each once, by name."""
+        names = {silo for (silo,) in self._db.execute("SELECT silo FROM nodes WHERE silo != ''")}
+        names |= {silo for (silo,) in self._db.execute("SELECT DISTINCT silo FROM silo_events")}
+        return sorted(names)
+
+    def reported_events(self) -> dict[str, list]:
+        """Silo -> the events of every release it reported, each release once."""
+        events: dict[str, list] = defaultdict(list)
+        for silo, text in self._db.execute("SELECT silo, events FROM silo_events ORDER BY silo, round, kind"):
+            events[silo].extend(event_codec.event_from_dict(record) for record in json.loads(text))
         return dict(events)
 
-    def epsilons(self, delta: float, accountant: str) -> dict[int, float]:
+    def releases(self) -> dict[str, int]:
+        """Silo -> how many releases it reported (training rounds and evaluations)."""
+        return dict(self._db.execute("SELECT silo, COUNT(*) FROM silo_events GROUP BY silo").fetchall())
+
+    def epsilons(self, delta: float, accountant: str) -> dict[str, float]:
         """ε per silo, recomputed from its reported events (once per distinct multiset of events:
         silos asked the same rounds spent the same, and each computation takes a fraction of a second)."""
         reported = self.reported_events()
         computed: dict[frozenset, float] = {}
         epsilons = {}
-        for node in self.nodes():
-            events = reported.get(node, [])
+        for silo in self.silos():
+            events = reported.get(silo, [])
             key = frozenset(Counter(events).items())
             if key not in computed:
                 computed[key] = epsilon_of(events, delta, accountant)
-            epsilons[node] = computed[key]
+            epsilons[silo] = computed[key]
         return epsilons
 
-    def traffic(self) -> dict[int, dict[str, int]]:
-        totals = {}
-        for node, rounds, down, up in self._db.execute(
-            "SELECT node, COUNT(*), SUM(bytes_down), SUM(bytes_up) FROM traffic GROUP BY node ORDER BY node"
-        ):
-            totals[int(node)] = {"messages": rounds, "bytes_down": down, "bytes_up": up}
-        return totals
+    def _label(self) -> dict[str, str]:
+        return {node: silo or f"node {node}" for node, silo in self._db.execute("SELECT node, silo FROM nodes")}
 
-    def traffic_rows(self) -> list[tuple[int, int, int, int, int]]:
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Silo -> messages and bytes each way, over every node id it has had (a node that never
+        answered appears as "node <id>")."""
+        label = self._label()
+        totals: dict[str, dict[str, int]] = {}
+        for node, messages, down, up in self._db.execute(
+            "SELECT node, COUNT(*), SUM(bytes_down), SUM(bytes_up) FROM traffic GROUP BY node"
+        ):
+            entry = totals.setdefault(label.get(node, f"node {node}"), {"messages": 0, "bytes_down": 0, "bytes_up": 0})
+            entry["messages"] += messages
+            entry["bytes_down"] += down
+            entry["bytes_up"] += up
+        return dict(sorted(totals.items()))
+
+    def traffic_rows(self) -> list[tuple[int, int, str, int, int]]:
+        """(round, attempt, silo, bytes down, bytes up) for every message."""
+        label = self._label()
         rows = self._db.execute("SELECT round, attempt, node, bytes_down, bytes_up FROM traffic ORDER BY round")
-        return [(r, a, int(n), d, u) for r, a, n, d, u in rows]
+        return [(r, a, label.get(n, f"node {n}"), d, u) for r, a, n, d, u in rows]
 
     def rejections(self) -> list[dict]:
+        label = self._label()
         rows = self._db.execute("SELECT round, node, reason FROM rejections ORDER BY created")
-        return [{"round": r, "node": int(n), "reason": reason} for r, n, reason in rows]
+        return [{"round": r, "node": int(n), "silo": label.get(n, f"node {n}"), "reason": reason} for r, n, reason in rows]

@@ -283,6 +283,82 @@ def test_a_coordinator_crash_resumes_to_the_same_model_given_the_same_replies(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _silo_nodes(tmp_path, count, **kwargs):
+    return {k: SiloNode(tmp_path / f"silo{k}", _shard(k, count), partition=k, **kwargs) for k in range(count)}
+
+
+@pytest.mark.parametrize("stop_round", [0, 3])
+def test_a_coordinator_stopped_after_the_replies_resumes_without_charging_the_round_twice(tmp_path, stop_round):
+    """Stopped with the round's replies in (every silo charged it) and its step not logged: the
+    resumed coordinator asks the same round again and every silo answers with the same release,
+    uncharged. σ is calibrated to spend the budget in exactly the planned rounds, so a second charge
+    would make the last round impossible."""
+    config = _config("federation.clients=3", "privacy.epsilon=3.0")
+    run = open_run(config, tmp_path / "run", resume=False)
+    nodes = _silo_nodes(tmp_path, 3)
+    handlers = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
+
+    class StopsAfterReplies(DirectTransport):
+        def exchange(self, messages, *, round, timeout, kind="train"):
+            responses = super().exchange(messages, round=round, timeout=timeout, kind=kind)
+            if round == stop_round:
+                raise KeyboardInterrupt  # the replies arrived; the step is never logged
+            return responses
+
+    with pytest.raises(KeyboardInterrupt):
+        Federation(run, StopsAfterReplies(handlers), progress=False).run_all()
+    assert run.log.num_steps == stop_round and all(node.ledger.releases == stop_round + 1 for node in nodes.values())
+    run.log.close()
+    resumed = open_run(config, tmp_path / "run", resume=True)
+    federation = Federation(resumed, DirectTransport(handlers), progress=False)
+    result = federation.run_all()
+    steps = config.schedule.steps
+    assert result.steps == steps and result.stopped_early is None
+    assert all(node.ledger.releases == steps for node in nodes.values())  # one release per logged round
+    assert result.epsilons == {node.name: pytest.approx(node.ledger.spent(), rel=1e-9) for node in nodes.values()}
+    assert max(result.epsilons.values()) <= 3.0 + 1e-9
+
+
+def test_silos_out_of_budget_end_the_run_with_the_numbers_and_the_rounds_it_has(tmp_path):
+    config = _config("federation.clients=2", "federation.min_clients=2", "federation.round_retries=0")
+    run = open_run(config, tmp_path / "run", resume=False)
+    budget = epsilon_for(run.sigma, config.privacy.sample_rate, 3, config.privacy.delta) * 1.0001  # 3 of 8 rounds
+    nodes = _silo_nodes(tmp_path, 2, budget=(budget, config.privacy.delta, "rdp"))
+    handlers = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
+    result = Federation(run, DirectTransport(handlers), progress=False).run_all()
+    assert result.steps == 3 and run.log.num_steps == 3
+    assert "round 3 of 8" in result.stopped_early and "lack of privacy budget" in result.stopped_early
+    assert "3 releases made" in result.stopped_early  # the silo's own numbers, not "resume later"
+
+
+def test_the_coordinators_view_keys_silos_by_name_across_node_ids(tmp_path):
+    """After a resume every silo comes back under a new node id; the view lists it once, with
+    everything it spent."""
+    config = _config("federation.clients=2")
+    run = open_run(config, tmp_path / "run", resume=False)
+    nodes = _silo_nodes(tmp_path, 2)
+    first = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
+
+    class StopsAt(DirectTransport):
+        def exchange(self, messages, *, round, timeout, kind="train"):
+            if round == 4:
+                raise KeyboardInterrupt
+            return super().exchange(messages, round=round, timeout=timeout, kind=kind)
+
+    with pytest.raises(KeyboardInterrupt):
+        Federation(run, StopsAt(first), progress=False).run_all()
+    run.log.close()
+    resumed = open_run(config, tmp_path / "run", resume=True)
+    renumbered = {k + 1000: handler for k, handler in first.items()}  # what a restarted SuperNode looks like
+    federation = Federation(resumed, DirectTransport(renumbered), progress=False)
+    result = federation.run_all()
+    assert sorted(result.epsilons) == ["partition-0", "partition-1"] == federation.store.silos()
+    assert federation.store.releases() == {"partition-0": 8, "partition-1": 8}
+    for node in nodes.values():
+        assert result.epsilons[node.name] == pytest.approx(node.ledger.spent(), rel=1e-9)
+    assert sorted(result.traffic) == ["partition-0", "partition-1"]
+
+
 def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_stream(tmp_path):
     config = _config("federation.max_replay=2", "zo.probes=16", "prune.enabled=false")
     run = open_run(config, tmp_path / "run", resume=False)

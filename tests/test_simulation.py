@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from processes import marked_processes, wait_gone
+from processes import kill_marked, marked_processes, wait_gone
 
 from seedtune.cli.simulate import simulate
 from seedtune.cli.train import train
@@ -78,6 +78,51 @@ def test_simulated_runs_export_and_leave_no_process_behind(killed_silo_run, tmp_
                      if path.is_file()}
     assert [f for f in sorted(files) if (run_dir / "final" / f).read_bytes() != (tmp_path / "exported" / f).read_bytes()] == []
     assert wait_gone(marker) == []
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_simulation_stopped_mid_round_resumes_finishes_and_charges_each_round_once(tmp_path, how):
+    """Stopped (as by Ctrl-C) or SIGKILLed with round 3's replies in and its step not logged: the
+    resumed run finishes, every silo's ledger holds exactly one release per logged round, the
+    export equals final/ in every file, and the report lists each silo once with its ledger's ε."""
+    marker = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    stopped = seedtune("simulate", "--preset", "tiny", "--rounds", 6, "--out", run_dir, "--no-progress",
+                       "--set", "eval.every=0", env={"SEEDTUNE_TEST_MARKER": marker,
+                                                     "SEEDTUNE_TEST_STOP_MID_ROUND": f"3:{how}"})
+    assert stopped.returncode == (2 if how == "stop" else -signal.SIGKILL), stopped.stderr[-3000:]
+    if how == "stop":
+        assert "resume with seedtune simulate --resume" in stopped.stderr
+    kill_marked(marker)  # after a SIGKILL, Ray's workers outlive the process that started them
+    ledgers = {path.parent.name: path for path in (run_dir / "silos").glob("*/ledger.sqlite")}
+    assert len(ledgers) == 3 and all(_releases(path) == 4 for path in ledgers.values())  # rounds 0-3 charged
+
+    resumed = seedtune("simulate", "--resume", "--out", run_dir, "--no-progress", env={"SEEDTUNE_TEST_MARKER": marker})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(_releases(path) == 6 for path in ledgers.values())  # round 3 answered again, not charged again
+    report = json.loads(seedtune("show", run_dir, "--json").stdout)
+    assert report["status"] == "finished" and report["steps"] == 6
+    silos = {silo["silo"]: silo for silo in report["federation"]["silos"]}
+    assert sorted(silos) == sorted(ledgers) and all(silo["releases"] == 6 for silo in silos.values())
+    for name, ledger in report["privacy"]["ledger_per_silo"].items():
+        assert ledger["releases"] == 6 and silos[name]["epsilon"] == pytest.approx(ledger["epsilon"], rel=1e-9)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(metrics["epsilon"]) == sorted(ledgers)
+    table = [line.split() for line in resumed.stdout.splitlines() if line.startswith("partition-")]
+    assert sorted(row[0] for row in table) == sorted(ledgers)  # each silo once, not once per node id
+    exported = tmp_path / "exported"
+    assert seedtune("export", run_dir, "--out", exported).returncode == 0
+    files = sorted(p.relative_to(run_dir / "final") for p in (run_dir / "final").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(exported) for p in exported.rglob("*") if p.is_file())
+    assert all((run_dir / "final" / f).read_bytes() == (exported / f).read_bytes() for f in files)
+    assert wait_gone(marker) == []
+
+
+def _releases(ledger) -> int:
+    import sqlite3
+
+    with sqlite3.connect(ledger) as db:
+        return db.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
 
 
 def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path):

@@ -120,6 +120,21 @@ class PrivacyLedger:
         self._capacity: dict[dp_accounting.DpEvent, int] = {}
         self._refresh()
 
+    @classmethod
+    def existing(cls, path: str | Path) -> PrivacyLedger:
+        """Open a ledger that exists, with the budget it was created with (for reading it)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RunDirError(f"no privacy ledger at {path}")
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                row = db.execute("SELECT epsilon, delta, accountant FROM budget").fetchone()
+        except sqlite3.Error as error:
+            raise RunDirError(f"cannot read privacy ledger {path}: {error}") from None
+        if row is None:
+            raise RunDirError(f"privacy ledger {path} has no budget: it was never used")
+        return cls(path, epsilon=row[0], delta=row[1], accountant=row[2])
+
     def _refresh(self) -> None:
         """Read releases other processes serving this silo have recorded since we last looked."""
         rows = self._db.execute("SELECT id, event FROM releases WHERE id > ? ORDER BY id", (self._last_id,))
