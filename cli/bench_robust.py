@@ -117,8 +117,9 @@ def _shard(partition: int, partitions: int):
 
 def federate(config, run_dir: Path, silos: Silos, attack: str = "honest") -> dict:
     """One federation of ``silos``, silo ``ADVERSARY`` attacking: the test accuracy before and
-    after, the rounds applied and the replies refused. A federation that stops (too few valid
-    replies) reports the accuracy of the model it had reached."""
+    after, the rounds applied, the replies refused, and how many per-example rows the honest silos
+    counted as zero for not being finite (from their ledgers). A federation that stops (too few
+    valid replies) reports the accuracy of the model it had reached."""
     from seedtune.server.federation import DirectTransport, Federation, FederationError
     from seedtune.server.runs import open_run
 
@@ -130,8 +131,10 @@ def federate(config, run_dir: Path, silos: Silos, attack: str = "honest") -> dic
     except FederationError as error:
         before = run.log.meta("before")
         after, stopped = run.evaluate("test", config.eval.test_examples), str(error)
+    zeroed = sum(entry["zeroed"] for k, node in silos.nodes.items() if k != ADVERSARY and node.ledger is not None
+                 for entry in node.ledger.history() if entry["run_id"] == run.run_id)
     outcome = {"before": before["accuracy"], "accuracy": after["accuracy"], "rounds": run.coordinator.step,
-               "refused": len(federation.store.rejections()), "stopped": stopped,
+               "refused": len(federation.store.rejections()), "zeroed": zeroed, "stopped": stopped,
                "cost": None if federation.aggregation is None else federation.aggregation.summary()}
     run.log.close()
     federation.store.close()

@@ -62,6 +62,7 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
     # with these apps, see the README); Ray warns about a future default. Neither is actionable here.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # nothing leaves this machine uninvited
     # Flower's simulation runtime deadlocks when Ctrl-C lands in its main loop (its workers wait
     # for a stop event that is only set after they are joined). So Ctrl-C only asks the ServerApp
     # to stop; it raises at its next poll, and Flower then winds its runtime down itself.
