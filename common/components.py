@@ -48,6 +48,7 @@ def load_data(config: Config) -> TextData:
         test_fraction=d.test_fraction,
         max_train_examples=d.max_train_examples,
         synthetic_size=d.synthetic_size,
+        labels=d.labels or None,
     )
 
 

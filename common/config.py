@@ -55,6 +55,7 @@ class DataConfig:
     test_fraction: float = 0.1
     max_train_examples: int = 0  # 0 = all
     synthetic_size: int = 2000
+    labels: tuple[str, ...] = ()  # the label names a data file may hold, in id order; () = whatever it holds
 
     def validate(self) -> None:
         for key in ("validation_fraction", "test_fraction"):

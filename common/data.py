@@ -305,8 +305,8 @@ def _local_file(path: Path, declared: tuple[str, ...] | None) -> tuple[datasets.
         once = [label for label, count in Counter(labels).items() if count == 1]
         if once:
             more = f" (and {len(once) - 1} other labels appear once)" if len(once) > 1 else ""
-            log.warning("data file %r: label %r appears once (%s): a typo? fix that row if so; labels are "
-                        "checked only where declared (a silo's data-path against the run's labels)%s",
+            log.warning("data file %r: label %r appears once (%s): a typo? fix that row, or declare the labels "
+                        "(--set data.labels=a,b,...) to make any other label an error%s",
                         str(path), once[0], where[labels.index(once[0])], more)
     names = declared if declared is not None else tuple(sorted(set(labels)))
     ids = {name: i for i, name in enumerate(names)}

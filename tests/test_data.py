@@ -167,3 +167,19 @@ def test_a_silos_own_file_is_checked_against_the_runs_labels_by_row(tmp_path):
     path = _write_jsonl(tmp_path / "silo.jsonl", [("good", "positive"), ("bad", "negative")] * 20 + [("x", "neutral")])
     with pytest.raises(ConfigError, match=r"silo.jsonl' line 41 has label 'neutral', which this run does not know"):
         own_data(tmp_path / "silo.jsonl", config, ("negative", "positive"), "train")
+
+
+def test_a_run_that_declares_its_labels_refuses_any_other_naming_the_row(tmp_path):
+    from seedtune.common import components
+    from seedtune.common.config import load_config
+
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"text": f"review {i} w{i % 7}", "label": "positive" if i % 2 else "negative"} for i in range(40)]
+    rows.insert(17, {"text": "a review with a typo in its label", "label": "postive"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    declared = load_config("tiny", overrides=[f"data.name={path}", "data.labels=negative,positive"])
+    with pytest.raises(ConfigError, match=r"line 18 has label 'postive'.*\['negative', 'positive'\]"):
+        components.load_data(declared)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["label"] != "postive"))
+    data = components.load_data(declared)
+    assert data.label_names == ("negative", "positive")
