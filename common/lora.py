@@ -55,8 +55,22 @@ def find_adapted(module: nn.Module) -> nn.Module | None:
 
 
 def save_adapter(module: nn.Module, directory: Path) -> None:
-    """peft's own adapter files for the adapters inside ``module``."""
-    find_adapted(module).save_pretrained(directory / ADAPTER_DIR)
+    """peft's own adapter files for the adapters inside ``module``, the same bytes in every process.
+
+    peft keeps ``target_modules`` as a set, which JSON writes in the order of the process's string
+    hash seed; it is written sorted so that an export equals the run's ``final/`` file for file.
+    """
+    adapted = find_adapted(module)
+    configs = list(adapted.peft_config.values())
+    kept = [config.target_modules for config in configs]
+    for config in configs:
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
+    try:
+        adapted.save_pretrained(directory / ADAPTER_DIR)
+    finally:
+        for config, targets in zip(configs, kept):
+            config.target_modules = targets
 
 
 def merged_copy(module: nn.Module) -> nn.Module:

@@ -24,9 +24,10 @@ from seedtune.common import models
 SCRIPT = shutil.which("seedtune", path=os.path.dirname(sys.executable)) or shutil.which("seedtune")
 
 
-def seedtune(*args, cwd=None):
+def seedtune(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "seedtune.cli.main", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+                          capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +182,18 @@ def short_run(tmp_path_factory):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_export_of_a_short_run_is_its_final_file_for_file(lora, short_run, tmp_path):
     run_dir = short_run
+    hash_seeds = ["0"]
     if lora:  # adapters, and the merged model
         run_dir = tmp_path / "lora"
         result = seedtune("train", "--preset", "tiny", "--out", run_dir, "--no-progress", *SHORT,
-                          "--set", "lora.enabled=true")
+                          "--set", "lora.enabled=true", env={"PYTHONHASHSEED": "0"})
         assert result.returncode == 0, result.stderr
-    assert seedtune("export", run_dir, "--out", tmp_path / "exported").returncode == 0
-    assert (tmp_path / "exported" / "adapter").is_dir() == lora
-    assert_same_files(run_dir / "final", tmp_path / "exported")
+        hash_seeds = ["1", "2", "3", "4"]  # peft's target modules are a set: its order follows the hash seed
+    for hash_seed in hash_seeds:
+        exported = tmp_path / f"exported-{hash_seed}"
+        assert seedtune("export", run_dir, "--out", exported, env={"PYTHONHASHSEED": hash_seed}).returncode == 0
+        assert (exported / "adapter").is_dir() == lora
+        assert_same_files(run_dir / "final", exported)
 
 
 def _commands(parser, prefix=()):
