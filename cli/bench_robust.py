@@ -90,7 +90,7 @@ class Silos:
         budget *= 1 + 1e-9  # the ledger recomputes it: equal, not a rounding error short
         self.nodes = {k: SiloNode(directory / f"silo{k}", _shard(k, count), partition=k,
                                   budget=(budget, privacy.delta, privacy.accountant),
-                                  randomness=lambda k=k: SeededRandomness(k, quiet=True))
+                                  randomness=lambda k=k: SeededRandomness(config.seed * count + k, quiet=True))
                       for k in range(count)}
 
     def handlers(self, attack: str = "honest", adversary: int = ADVERSARY) -> dict[int, Callable]:
