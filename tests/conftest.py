@@ -21,6 +21,14 @@ def synthetic():
                           synthetic_size=400)
 
 
+def pytest_collection_modifyitems(items):
+    """Whatever needs docker, real Flower processes or a real pretrained model is also ``slow``:
+    ``pytest -m "not slow"`` is the few-minute run for development; CI runs everything."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in ("docker", "processes", "models")):
+            item.add_marker(pytest.mark.slow)
+
+
 def make_task(kind: str, dtype=torch.float32):
     task = load_task("tiny", kind, SYNTHETIC_LABELS, max_length=24)
     task.module.to(dtype)

@@ -83,6 +83,7 @@ def test_the_gaussian_shift_bound_covers_the_true_shift_and_sees_reproduced_nois
 
 
 # -- honest silos --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_honest_silos_stay_below_what_they_charge(tiny):
     result = run_audit(tiny, trials=600, randomness=_seeded())
     assert result.noise == "discrete" and result.sample_rate == 1.0 and not result.refused
@@ -95,6 +96,7 @@ def test_honest_silos_stay_below_what_they_charge(tiny):
     assert 0.5 < result.flagged_scale < 1.0
 
 
+@pytest.mark.slow
 def test_with_its_default_trials_the_audit_flags_a_release_noised_at_half_its_sigma(tiny):
     """The negative control: silos whose noise is drawn at sigma / 2 while they charge sigma."""
     result = run_audit(tiny, noise_scale=0.5)
@@ -104,6 +106,7 @@ def test_with_its_default_trials_the_audit_flags_a_release_noised_at_half_its_si
     assert not result.consistent and result.verdict.startswith("VIOLATION")
 
 
+@pytest.mark.slow
 def test_without_noise_the_audit_reaches_its_ceiling(tiny):
     result = run_audit(tiny, noise_off=True, trials=300)
     assert math.isinf(result.epsilon_accountant) and result.releases_charged == 0
@@ -117,18 +120,21 @@ def test_a_setup_asking_for_seeded_noise_is_refused(tiny):
     assert "privacy.noise_seed" in result.refused and result.releases_charged == 0 and result.consistent
 
 
+@pytest.mark.slow
 def test_silos_whose_noise_a_coordinator_can_reproduce_are_flagged(tiny):
     """Hole 1 put back: every silo, the adversary's shadows included, draws from the same seed."""
     result = run_audit(tiny, trials=200, randomness=lambda: SeededRandomness(7, quiet=True))
     assert result.statistic.endswith("-paired") and not result.consistent
 
 
+@pytest.mark.slow
 def test_a_crafted_non_finite_loss_is_zeroed_and_the_audit_passes(tiny):
     result = run_audit(tiny, attack="nonfinite", trials=300, randomness=_seeded())
     assert result.nonfinite_releases == 0 and result.rows_zeroed == 300  # the canary's row, in every D' release
     assert result.consistent
 
 
+@pytest.mark.slow
 def test_a_silo_that_lets_a_non_finite_row_through_is_flagged(tiny, monkeypatch):
     """Hole 2 put back: the mechanism without its non-finite guard."""
     monkeypatch.setattr(mechanism, "finite_rows", lambda rows: (rows, 0))
@@ -137,6 +143,7 @@ def test_a_silo_that_lets_a_non_finite_row_through_is_flagged(tiny, monkeypatch)
     assert result.nonfinite_releases > 0 and not result.consistent
 
 
+@pytest.mark.slow
 def test_the_padding_attack_is_refused_below_the_beta_floor_and_harmless_above_it(tiny):
     refused = run_audit(tiny, attack="padding", trials=200)
     assert "min-beta" in refused.refused and refused.consistent
@@ -145,6 +152,7 @@ def test_the_padding_attack_is_refused_below_the_beta_floor_and_harmless_above_i
 
 
 # -- the command ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_command_reports_json_and_exits_by_its_verdict(capsys):
     code = main(["audit", "--preset", "tiny", "--set", "privacy.clip_bound=5", "--epsilon", "4",
                  "--trials", "400", "--json", "--no-progress"])

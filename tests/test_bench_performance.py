@@ -48,12 +48,14 @@ def _allocate(megabytes: int) -> dict:
             "after_mib": (bench_cost._resident_kib() - before) / 1024}
 
 
+@pytest.mark.slow
 def test_the_high_water_mark_catches_a_freed_allocation_and_exact_mode_returns_it():
     seen = in_fresh_process(_allocate, 48, environment=EXACT_MEMORY)
     assert 47 <= seen["peak_mib"] <= 52  # the peak saw it although it was gone when read
     assert seen["after_mib"] < 2  # and the allocator gave it back
 
 
+@pytest.mark.slow
 def test_a_zo_step_holds_one_layer_above_inference_and_dp_sgd_far_more():
     inference, zo = cost("inference", 4), cost("zo", 4)
     largest_layer_mib = 1536 * 384 * 4 / 2**20  # MiniLM's feed-forward matrices
@@ -78,6 +80,7 @@ def test_comm_measures_real_messages_and_meets_its_claims(capsys):
     assert all(target["met"] for target in report["targets"]), report["targets"]
 
 
+@pytest.mark.slow
 def test_server_replays_through_the_silos_own_catch_up(tmp_path, capsys):
     assert main(["bench", "server", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "server.json").read_text())
@@ -89,6 +92,7 @@ def test_server_replays_through_the_silos_own_catch_up(tmp_path, capsys):
     assert "model download at 100 Mbit/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_noise_prices_the_discrete_gaussian_in_time_noise_and_sigma(tmp_path, capsys):
     assert main(["bench", "noise", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "noise.json").read_text())
@@ -103,6 +107,7 @@ def test_noise_prices_the_discrete_gaussian_in_time_noise_and_sigma(tmp_path, ca
     assert "gaussian ->" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_scale_reads_every_silos_own_timings():
     from seedtune.cli.bench_traffic import bench_scale
 

@@ -41,6 +41,7 @@ def test_summaries_are_means_and_sample_deviations_over_seeds():
     assert row["runs"] == 3 and row["accuracy"] == pytest.approx(0.7) and row["accuracy_std"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     out = tmp_path / "bench"
     head = ["--set", "prune.enabled=true", "--set", "prune.ratio=0.0", "--set", "schedule.lr=0.05"]
@@ -62,6 +63,7 @@ def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     assert "dp-sgd" in printed and "federated" in printed
 
 
+@pytest.mark.slow
 def test_dp_sgd_on_tensors_opacus_cannot_split_per_example_is_a_one_line_error(tmp_path, capsys):
     # The tiny preset trains every tensor, position embeddings included (one lookup per batch).
     code = main(["bench", "utility", "--quick", "--preset", "tiny", "--methods", "dp-sgd", "--seeds", "1",

@@ -38,6 +38,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_tiny_training_lowers_the_loss_and_spends_its_budget(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["test_after"]["loss"] < metrics["test_before"]["loss"]
@@ -58,6 +59,7 @@ def assert_same_files(a, b):
     assert [name for name in left if left[name] != right[name]] == []
 
 
+@pytest.mark.slow
 def test_export_rebuilds_final_bit_for_bit(tiny_run, tmp_path):
     result = seedtune("export", tiny_run, "--out", tmp_path / "exported")
     assert result.returncode == 0, result.stderr
@@ -69,6 +71,7 @@ def test_export_rebuilds_final_bit_for_bit(tiny_run, tmp_path):
     assert not torch.equal(final["bert.encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])
 
 
+@pytest.mark.slow
 def test_final_loads_with_auto_classes(tiny_run):
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_run / "final", trust_remote_code=True)
     encoder = AutoModel.from_pretrained(tiny_run / "final")
@@ -77,6 +80,7 @@ def test_final_loads_with_auto_classes(tiny_run):
     assert torch.equal(encoder.encoder.layer[0].output.dense.weight, final["bert.encoder.layer.0.output.dense.weight"])
 
 
+@pytest.mark.slow
 def test_show_reports_privacy_and_every_step(tiny_run):
     result = seedtune("show", tiny_run, "--json")
     report = json.loads(result.stdout)
@@ -86,6 +90,7 @@ def test_show_reports_privacy_and_every_step(tiny_run):
     assert "epsilon=" in text and "298 more" in text
 
 
+@pytest.mark.slow
 def test_budget_prints_sigma_and_epsilon():
     common = ("--delta", 1e-5, "--sample-rate", 0.01, "--steps", 1000)
     sigma = seedtune("budget", "--epsilon", 2, *common, "--noise", "gaussian")
@@ -126,6 +131,7 @@ def test_a_model_package_that_is_not_installed_is_named(tmp_path, capsys, monkey
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_unreadable_run_directories_are_one_line_errors(tmp_path):
     garbage = tmp_path / "garbage"
     garbage.mkdir()
@@ -137,11 +143,13 @@ def test_unreadable_run_directories_are_one_line_errors(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_existing_output_directory_is_refused(tiny_run, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(tiny_run), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_partition_writes_each_silo_its_share_by_label_name_and_never_overwrites(tmp_path):
     from seedtune.client.app import own_data
     from seedtune.common import components
@@ -180,6 +188,7 @@ def short_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.slow
 def test_export_of_a_short_run_is_its_final_file_for_file(lora, short_run, tmp_path):
     run_dir = short_run
     hash_seeds = ["0"]
@@ -326,6 +335,7 @@ def test_a_run_in_a_read_only_directory_is_a_one_line_error(short_run, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_output_into_a_closed_pipe_ends_quietly(short_run):
     head = subprocess.run(f"{shlex.quote(SCRIPT)} show {shlex.quote(str(short_run))} --steps -1 | head -1",
                           shell=True, capture_output=True, text=True, timeout=120)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from loopback import free_port
 
+pytestmark = pytest.mark.docker
+
 ROOT = Path(__file__).resolve().parents[1]
 # The run is calibrated to epsilon = 3 and each silo's ledger holds 6 (SILO_EPSILON's default):
 # a round retried on a slow machine is charged again, and must not exhaust the silos mid-run.

@@ -20,6 +20,7 @@ from seedtune.common.errors import ConfigError
     ("crowdflower-tweets", ("negative", "neutral", "positive"), 35000),
     ("rotten-tomatoes", ("negative", "positive"), 12000),
 ])
+@pytest.mark.slow
 def test_packaged_corpora_load_with_their_labels_and_fixed_splits(name, labels, least):
     data = load_text_data(name, split_seed=3, validation_fraction=0.1, test_fraction=0.1)
     assert data.label_names == labels

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -24,6 +25,7 @@ def test_rotten_tomatoes_splits_are_fixed_and_disjoint():
     assert set(first.train["label"]) == {0, 1} and first.label_names == ("negative", "positive")
 
 
+@pytest.mark.models
 def test_the_default_job_starts_at_zero_shot_quality_and_saves_a_loadable_classifier(tmp_path):
     config = load_config("default", overrides=["schedule.steps=3", "schedule.stages=1", "eval.every=0"])
     result = train(config, tmp_path / "run", progress=False)

@@ -12,6 +12,8 @@ import time
 import pytest
 from loopback import Loopback
 
+pytestmark = pytest.mark.processes
+
 SETTINGS = ('model.name="tiny" data.name="synthetic" schedule.stages=1 eval.every=0 '
             'privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 ')
 

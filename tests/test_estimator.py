@@ -150,6 +150,7 @@ MICRO_BATCHES = [1, 4]  # each example alone; fixed-shape micro-batches of 4 row
 
 @pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
 @pytest.mark.parametrize("kind", TASKS)
+@pytest.mark.slow
 def test_an_added_or_removed_example_leaves_every_other_row_bit_for_bit(kind, micro_batch, synthetic):
     task = make_task(kind)  # causal-lm: instruction tuning (the answer after the prompt is scored)
     trainable = TrainableSet.everything(task.module)
@@ -197,6 +198,7 @@ def minilm():
 
 
 @pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
+@pytest.mark.models
 def test_minilm_default_rows_are_independent_of_neighbours(minilm, micro_batch):
     """The default preset's model and trainable set (the cosine head, the encoder a recorded prefix)."""
     task = minilm
@@ -319,6 +321,7 @@ def zo_gradient(estimator, batch, size, probes, beta, trainable, field):
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.slow
 def test_zo_gradient_of_a_quadratic_approaches_the_true_gradient(distribution):
     model = Quadratic(12)
     x = torch.randn(8, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -334,6 +337,7 @@ def test_zo_gradient_of_a_quadratic_approaches_the_true_gradient(distribution):
     assert errors[1] < errors[0] / 4  # error ~ sqrt(d / K)
 
 
+@pytest.mark.slow
 def test_zo_gradient_of_a_small_network_matches_autograd(synthetic):
     task = make_task("sequence-classification", torch.float64)
     names = ["classifier.weight", "classifier.bias", "bert.encoder.layer.1.output.LayerNorm.weight",

@@ -217,6 +217,7 @@ def _final_state(run):
     return {k: v.clone() for k, v in run.task.module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_malformed_replies_never_touch_the_model(tmp_path):
     honest = DirectTransport({1: FakeSilo(1)})
     clean = open_run(_config(), tmp_path / "clean", resume=False)
@@ -260,6 +261,7 @@ def test_a_round_short_of_replies_is_retried_then_stops_without_half_applying(tm
 
 
 @pytest.mark.parametrize("crash_round", [1, 5, 7])
+@pytest.mark.slow
 def test_a_coordinator_crash_resumes_to_the_same_model_given_the_same_replies(tmp_path, crash_round):
     silos = {1: FakeSilo(1), 2: FakeSilo(2)}
     whole = open_run(_config(), tmp_path / "whole", resume=False)
@@ -288,6 +290,7 @@ def _silo_nodes(tmp_path, count, **kwargs):
 
 
 @pytest.mark.parametrize("stop_round", [0, 3])
+@pytest.mark.slow
 def test_a_coordinator_stopped_after_the_replies_resumes_without_charging_the_round_twice(tmp_path, stop_round):
     """Stopped with the round's replies in (every silo charged it) and its step not logged: the
     resumed coordinator asks the same round again and every silo answers with the same release,
@@ -331,6 +334,7 @@ def test_silos_out_of_budget_end_the_run_with_the_numbers_and_the_rounds_it_has(
     assert "3 releases made" in result.stopped_early  # the silo's own numbers, not "resume later"
 
 
+@pytest.mark.slow
 def test_the_coordinators_view_keys_silos_by_name_across_node_ids(tmp_path):
     """After a resume every silo comes back under a new node id; the view lists it once, with
     everything it spent."""
@@ -359,6 +363,7 @@ def test_the_coordinators_view_keys_silos_by_name_across_node_ids(tmp_path):
     assert sorted(result.traffic) == ["partition-0", "partition-1"]
 
 
+@pytest.mark.slow
 def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_stream(tmp_path):
     config = _config("federation.max_replay=2", "zo.probes=16", "prune.enabled=false")
     run = open_run(config, tmp_path / "run", resume=False)
@@ -392,6 +397,7 @@ def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_strea
 
 
 @pytest.mark.parametrize("mode", ["private", "nonprivate"])
+@pytest.mark.slow
 def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode):
     config = _config(f"federation.client_eval={mode}", "federation.clients=2", "federation.client_eval_sigma=2.0")
     run = open_run(config, tmp_path / "run", resume=False)
@@ -480,6 +486,7 @@ def test_grid_replies_are_attributed_to_the_silo_asked_even_when_the_superlink_w
     assert "from node 99" in by_node[9].error and by_node[9].content is None
 
 
+@pytest.mark.slow
 def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path):
     """The same estimator, privacy path and update: with the same (seeded, test-only) sampling and
     noise, one silo federated and ``seedtune train`` end bit for bit at the same model."""
@@ -501,6 +508,7 @@ def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path
     assert local.keys() <= federated.keys() and all(torch.equal(local[k], federated[k]) for k in local)
 
 
+@pytest.mark.slow
 def test_the_tiny_simulate_preset_beats_zero_shot_over_seeds(tmp_path):
     """A new user's first federation should show the thing working: over three seeds (directions
     and split keys differ; the noise is fresh each time) test accuracy rises well above zero-shot."""

@@ -67,6 +67,7 @@ SOURCES = ["rotten-tomatoes", "bbc-news", "crowdflower-tweets"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.models
 def test_minilm_classifies_every_packaged_source(source, tmp_path):
     before, after, _ = _train(_settings("minilm", "sequence-classification", source, *HEAD), tmp_path / "run")
     assert after < before
@@ -84,6 +85,7 @@ def test_minilm_classifies_a_users_file(suffix, tmp_path):
     assert after < before
 
 
+@pytest.mark.models
 def test_minilm_trains_a_pruning_mask_of_the_encoder(tmp_path):
     config = _settings("minilm", "sequence-classification", "rotten-tomatoes", "prune.ratio=0.001",
                        "prune.always=", "schedule.lr=2e-3")
@@ -96,12 +98,14 @@ SMOL_HEAD = ["prune.ratio=0.0", "prune.always=lm.model.norm.*", "schedule.lr=0.0
 
 
 @pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.models
 def test_smollm2_classifies_every_packaged_source_by_prompt(source, tmp_path):
     before, after, _ = _train(_settings("smollm2", "prompt-classification", source, *SMOL_HEAD), tmp_path / "run")
     assert after < before
 
 
 @pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.models
 def test_smollm2_instruction_tuning_lowers_the_answer_loss(source, tmp_path):
     config = _settings("smollm2", "causal-lm", source, "prune.ratio=0.0",
                        "prune.always=model.norm.*", "schedule.lr=0.05")
@@ -112,6 +116,7 @@ def test_smollm2_instruction_tuning_lowers_the_answer_loss(source, tmp_path):
 
 @pytest.mark.parametrize("model,task,lr", [("minilm", "sequence-classification", 0.05),
                                            ("smollm2", "prompt-classification", 0.002)])
+@pytest.mark.models
 def test_lora_adapters_train_and_save_and_load_with_peft(model, task, lr, tmp_path):
     config = _settings(model, task, "rotten-tomatoes", "lora.enabled=true", "lora.rank=4", f"schedule.lr={lr}",
                        "prune.always=classifier.*", "data.max_train_examples=8")
@@ -168,6 +173,7 @@ def test_unknown_names_and_unsupported_tasks_are_one_line_errors():
         load_text_data("nobody/nothing", split_seed=0, validation_fraction=0.1, test_fraction=0.1)
 
 
+@pytest.mark.models
 def test_the_gguf_is_converted_once_and_loads_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("SEEDTUNE_CACHE", str(tmp_path))
     first = resolve("smollm2")
@@ -181,6 +187,7 @@ def test_the_gguf_is_converted_once_and_loads_the_same_weights(tmp_path, monkeyp
     assert converted.keys() == shared.keys() and all(torch.equal(converted[k], shared[k]) for k in shared)
 
 
+@pytest.mark.models
 def test_instruction_encoding_counts_only_the_answer(tmp_path):
     config = _settings("smollm2", "causal-lm", "rotten-tomatoes")
     task = components.load_model(config, ("negative", "positive"))

@@ -9,6 +9,8 @@ import pytest
 
 from seedtune.cli.bench_robust import Silos, federate, robust_config
 
+pytestmark = pytest.mark.slow
+
 # The runs of ``seedtune bench robust`` (docs/robustness.md) that the claims need, with its settings:
 # 40 rounds, about 20 s each on 2 cores. The honest run of the mean is left out: the mean's
 # attacked runs are compared with the honest trimmed-mean run (the bench has both: 0.905, 0.903).

@@ -21,6 +21,8 @@ from seedtune.cli.simulate import simulate
 from seedtune.cli.train import train
 from seedtune.common.config import load_config
 
+pytestmark = pytest.mark.processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

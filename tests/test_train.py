@@ -37,6 +37,7 @@ def test_without_noise_two_runs_are_identical(tmp_path):
     assert not (tmp_path / "a" / "ledger.sqlite").exists()  # nothing private was released
 
 
+@pytest.mark.slow
 def test_with_noise_identical_seeds_release_different_values(tmp_path):
     for name in ("a", "b"):
         train(_config(), tmp_path / name, progress=False)
@@ -46,6 +47,7 @@ def test_with_noise_identical_seeds_release_different_values(tmp_path):
     assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_anywhere_resumes_to_its_log_and_counts_every_release(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     real_append = UpdateLog.append
@@ -83,6 +85,7 @@ def test_a_run_interrupted_anywhere_resumes_to_its_log_and_counts_every_release(
     assert _same(_weights(run_dir), load_file(tmp_path / "exported" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_release_lost_before_its_values_were_kept_is_charged_and_the_run_ends_within_budget(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     real_attach = PrivacyLedger.attach
