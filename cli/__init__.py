@@ -1,1 +1,1 @@
-"""The ``seedtune`` command: wires silos and the coordinator together for each way of running."""
+"""The ``seedtune`` command: parses arguments, calls a job or a bench, prints its report."""

@@ -199,7 +199,7 @@ def _settings(command: argparse.ArgumentParser, presets: str, example: str) -> N
 def _bench_utility(args) -> int:
     from datetime import datetime
 
-    from seedtune.cli.bench_utility import bench_utility, print_table
+    from seedtune.bench.utility import bench_utility, print_table
 
     out = args.out or Path("runs") / f"bench-utility-{datetime.now():%Y%m%d-%H%M%S}"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -215,7 +215,7 @@ def _bench_utility(args) -> int:
 
 
 def _bench_cost(args) -> int:
-    from seedtune.cli.performance import print_report, run_bench
+    from seedtune.bench.run import print_report, run_bench
 
     report = run_bench(args.bench, quick=args.quick, out=args.out, progress=not args.no_progress,
                        profile=getattr(args, "profile", False), overrides=tuple(getattr(args, "overrides", ())))
@@ -229,7 +229,7 @@ def _bench_cost(args) -> int:
 def _train(args) -> int:
     from datetime import datetime
 
-    from seedtune.cli.train import train
+    from seedtune.jobs.train import train
     from seedtune.common.config import load_config
 
     if args.resume:
@@ -256,7 +256,7 @@ def _simulate(args) -> int:
     global _SIMULATED
     from datetime import datetime
 
-    from seedtune.cli.simulate import simulate
+    from seedtune.jobs.simulate import simulate
     from seedtune.common.config import Config, load_config
 
     if args.resume and args.out is None:
@@ -323,7 +323,7 @@ def _partition(args) -> int:
 
 
 def _export(args) -> int:
-    from seedtune.cli.export import export
+    from seedtune.jobs.export import export
 
     steps = export(args.run_dir, args.out)
     print(f"rebuilt {args.out} from the base model and {steps} logged steps")
@@ -331,7 +331,7 @@ def _export(args) -> int:
 
 
 def _show(args) -> int:
-    from seedtune.cli.export import describe
+    from seedtune.jobs.export import describe
 
     report = describe(args.run_dir)
     if args.json:
@@ -401,7 +401,7 @@ def _budget(args) -> int:
 
 
 def _audit(args) -> int:
-    from seedtune.cli.audit import print_report, run_audit, validate
+    from seedtune.jobs.audit import print_report, run_audit, validate
     from seedtune.common.config import load_config
 
     validate(epsilon=args.epsilon, trials=args.trials, sample_rate=args.sample_rate, noise_off=args.noise_off,

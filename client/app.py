@@ -15,7 +15,7 @@ Node configuration (``--node-config`` of a SuperNode, or set by the simulation e
 * ``public-size`` — with ``data-path``, the size the silo publishes: releases are divided by
   q x public-size, never by the exact count (required in a deployment);
 * ``name`` — how the coordinator's reports call this silo;
-* ``audit-log`` — a JSON-lines file of every message in and out (``client/audit.py``);
+* ``message-log`` — a JSON-lines file of every message in and out (``client/message_log.py``);
 * ``micro-batch`` — examples per fixed-shape forward pass (default: from the public q x size; 1
   computes each example alone, the by-construction guarantee that one example cannot change
   another's row, for hardware where the fixed-shape batches have not been checked);
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch  # noqa: F401  (Ray workers need torch imported by the ClientApp module itself)
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from seedtune.client.audit import audit_mod
+from seedtune.client.message_log import message_log_mod
 from seedtune.client.limits import Limits
 from seedtune.client.node import SiloNode
 from seedtune.common import components
@@ -54,8 +54,20 @@ REFUSED = 100  # Flower error code of a request the silo refused, with the reaso
 _NODES: dict[str, SiloNode] = {}  # one per state directory, for the life of this process
 
 
+KILL_HOOK = "SEEDTUNE_TEST_KILL_SILO"  # tests: "<partition>:<round>"
+
+
 class InjectedFault(RuntimeError):
-    """federation.fault_partition/fault_round: this silo behaves as if killed (tests)."""
+    """Tests only (``SEEDTUNE_TEST_KILL_SILO``): this silo behaves as if killed."""
+
+
+def _killed_at(partition: int | None) -> int | None:
+    """Tests only: the round from which ``partition`` dies after releasing, if the hook names it."""
+    hook = os.environ.get(KILL_HOOK, "")
+    if partition is None or not hook:
+        return None
+    victim, _, round = hook.partition(":")
+    return int(round) if int(victim) == partition else None
 
 
 def handle_train(content: RecordDict, node: SiloNode, *, partition: int | None = None) -> RecordDict:
@@ -65,8 +77,8 @@ def handle_train(content: RecordDict, node: SiloNode, *, partition: int | None =
     if dead.exists():
         raise InjectedFault(f"injected fault: silo {partition} is dead")
     reply, version = node.answer(request, sync)
-    fault = node.run(request.run_id).config.federation
-    if partition is not None and partition == fault.fault_partition and request.round >= fault.fault_round >= 0:
+    killed_at = _killed_at(partition)
+    if killed_at is not None and request.round >= killed_at:
         dead.touch()  # from now on it answers nothing, like a killed process
         raise InjectedFault(f"injected fault: silo {partition} dies at round {request.round} after releasing")
     return encode_reply(reply, version, silo=node.name)
@@ -176,7 +188,7 @@ def _positive_int(node_config, key: str, example: str = "") -> int | None:
 
 
 def make_client_app(state_root: Path | None = None) -> ClientApp:
-    app = ClientApp(mods=[audit_mod])
+    app = ClientApp(mods=[message_log_mod])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

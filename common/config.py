@@ -167,8 +167,6 @@ class FederationConfig:
     client_eval_sigma: float = 5.0  # noise multiplier of a private client evaluation
     aggregation: str = "mean"  # how replies combine: "mean" (weighted by q n), "median", "trimmed-mean"
     trim: float = 0.2  # trimmed-mean: drop floor(trim * N) of the N values at each end of every coordinate
-    fault_partition: int = -1  # TESTS: this partition's client fails ...
-    fault_round: int = -1  # ... from this round on, after releasing (a killed node)
 
     def validate(self) -> None:
         _check("federation.clients", self.clients, 1 <= self.clients <= 1000, "an integer in [1, 1000]")
@@ -254,10 +252,15 @@ class Config:
         return cls.from_dict(data)
 
 
-# Keys that once existed and must never be read from a config again, with the reason.
+# Keys that once existed and must never be read from a config again: the reason, and the value an
+# older seedtune wrote into every run's logged config when the setting was not used (read as unset).
 REMOVED = {
-    "privacy.noise_seed": "a silo draws its sampling and noise from the operating system's secure source only, "
-                          "never from a value in a config that travels (tests build seeded randomness themselves)",
+    "privacy.noise_seed": ("a silo draws its sampling and noise from the operating system's secure source only, "
+                           "never from a value in a config that travels (tests build seeded randomness themselves)",
+                           None),
+    "federation.fault_partition": ("fault injection is a test hook, not a setting (tests set SEEDTUNE_TEST_KILL_SILO)",
+                                   -1),
+    "federation.fault_round": ("fault injection is a test hook, not a setting (tests set SEEDTUNE_TEST_KILL_SILO)", -1),
 }
 
 
@@ -271,9 +274,10 @@ def _build(cls: type, data: Any, prefix: str):
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if dotted in REMOVED:
-            if value is None:  # written unset by an older seedtune: it asked for nothing
+            reason, unset = REMOVED[dotted]
+            if value == unset:  # written unset by an older seedtune: it asked for nothing
                 continue
-            raise ConfigError(f"{dotted} is not a setting: {REMOVED[dotted]}")
+            raise ConfigError(f"{dotted} is not a setting: {reason}")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"

@@ -78,7 +78,7 @@ class Loopback:
     def start_supernode(self, silo: int, *, data: Path | None = None, with_ca: bool = True,
                         extra: str = "", max_retries: int | None = None) -> subprocess.Popen:
         state = self.root / f"silo-{silo}"
-        config = (f'name="silo-{silo}" state-dir="{state}" audit-log="{state / "audit.jsonl"}" '
+        config = (f'name="silo-{silo}" state-dir="{state}" message-log="{state / "messages.jsonl"}" '
                   f'partition-id={silo} epsilon=8.0 {extra}')
         if data is not None:
             config += f' data-path="{data}" public-size=500'

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from dp_accounting import pld
 
-from seedtune.cli.audit import (
-    DEFAULT_TRIALS,
+from seedtune.common.privacy.audit import (
     clopper_pearson_upper,
     epsilon_lower_bound,
     gaussian_shift_lower,
     gdp_delta,
     gdp_epsilon,
-    run_audit,
 )
+from seedtune.jobs.audit import DEFAULT_TRIALS, run_audit
 from seedtune.cli.main import main
 from seedtune.common.config import load_config
 from seedtune.common.privacy import mechanism

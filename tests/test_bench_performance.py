@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from seedtune.cli import bench_cost
-from seedtune.cli.bench_cost import (
+from seedtune.bench import cost as bench_cost
+from seedtune.bench.cost import (
     EXACT_MEMORY,
     cost,
     in_fresh_process,
@@ -17,7 +17,7 @@ from seedtune.cli.bench_cost import (
     workload,
 )
 from seedtune.cli.main import main
-from seedtune.cli.performance import COLUMNS, print_report
+from seedtune.bench.run import COLUMNS, print_report
 
 
 def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
@@ -109,7 +109,7 @@ def test_noise_prices_the_discrete_gaussian_in_time_noise_and_sigma(tmp_path, ca
 
 @pytest.mark.slow
 def test_scale_reads_every_silos_own_timings():
-    from seedtune.cli.bench_traffic import bench_scale
+    from seedtune.bench.traffic import bench_scale
 
     (row,) = bench_scale(clients=(2,), rounds=3, progress=False)["rows"]
     assert row["clients"] == 2 and row["round_s"] > 0

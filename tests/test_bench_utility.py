@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from seedtune.cli.bench_utility import METHODS, QUICK, grid, method_config, summarize
+from seedtune.bench.utility import METHODS, QUICK, grid, method_config, summarize
 from seedtune.cli.main import main
 from seedtune.common.config import load_config
 

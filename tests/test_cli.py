@@ -280,8 +280,8 @@ def test_an_out_under_a_file_is_a_one_line_error_before_any_work(command, short_
 
 
 def test_the_library_edges_refuse_an_unwritable_out_too(short_run, tmp_path):
-    from seedtune.cli.export import export
-    from seedtune.cli.train import train
+    from seedtune.jobs.export import export
+    from seedtune.jobs.train import train
     from seedtune.common.config import load_config
     from seedtune.common.errors import RunDirError
 

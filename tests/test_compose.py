@@ -142,7 +142,7 @@ def test_a_restarted_supernode_keeps_its_ledger_and_the_ledger_still_binds_it(st
     for silo in range(3):
         reasons = json.loads(stack.read(f"silo-{silo}-state", (
             "import json\n"
-            "lines = [json.loads(l) for l in open('/v/audit.jsonl')]\n"
+            "lines = [json.loads(l) for l in open('/v/messages.jsonl')]\n"
             "print(json.dumps([l['error']['reason'] for l in lines if l['direction'] == 'out' and 'error' in l]))")))
         if any("past its budget" in reason for reason in reasons):
             refused.append(silo)

@@ -83,3 +83,13 @@ def test_flower_run_config_is_the_simulate_preset_in_flowers_flattened_form():
     walk(app_config)
     assert Config.from_flat(flat) == load_config("default", command="simulate")
     assert flat == load_config("default", command="simulate").to_flat()
+
+
+@pytest.mark.parametrize("key", ["federation.fault_partition", "federation.fault_round"])
+def test_fault_injection_is_a_test_hook_not_a_setting(key):
+    with pytest.raises(ConfigError, match=f"{key} is not a setting: fault injection is a test hook"):
+        load_config("tiny", overrides=[f"{key}=1"])
+    logged = Config().to_dict()  # what an older seedtune logged for a run that injected nothing
+    section, name = key.split(".")
+    logged[section][name] = -1
+    assert Config.from_dict(logged) == Config()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from seedtune.cli.train import train
+from seedtune.jobs.train import train
 from seedtune.common import components
 from seedtune.common.config import load_config
 

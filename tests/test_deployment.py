@@ -25,8 +25,8 @@ def _shards(tmp_path, silos):
     return [out / f"silo-{i}.jsonl" for i in range(silos)]
 
 
-def _audit(deployment, silo):
-    path = deployment.root / f"silo-{silo}" / "audit.jsonl"
+def _messages(deployment, silo):
+    path = deployment.root / f"silo-{silo}" / "messages.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -75,7 +75,7 @@ def test_a_tls_authenticated_deployment_trains_and_each_silo_keeps_its_ledger(de
 def test_only_seeds_and_scalars_cross_between_supernode_and_superlink(deployed):
     deployment, _, _ = deployed
     for silo in range(2):
-        train = [m for m in _audit(deployment, silo) if m["type"] == "train"]
+        train = [m for m in _messages(deployment, silo) if m["type"] == "train"]
         outgoing = [m for m in train if m["direction"] == "out"]
         incoming = [m for m in train if m["direction"] == "in"]
         assert len(outgoing) == len(incoming) == 4

@@ -492,7 +492,7 @@ def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path
     noise, one silo federated and ``seedtune train`` end bit for bit at the same model."""
     from safetensors.torch import load_file
 
-    from seedtune.cli.train import train
+    from seedtune.jobs.train import train
     from seedtune.common.privacy.randomness import SeededRandomness
 
     overrides = ["schedule.steps=12", "schedule.stages=2", "eval.every=0", "federation.clients=1",

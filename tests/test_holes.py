@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from seedtune.cli.train import train
+from seedtune.jobs.train import train
 from seedtune.client.app import NodeConfigError, handle_train, node_for
 from seedtune.client.node import SiloNode
 from seedtune.common import components

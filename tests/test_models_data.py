@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from seedtune.cli.train import NonPrivateRunWarning
+from seedtune.jobs.train import NonPrivateRunWarning
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import load_config

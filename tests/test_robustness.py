@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from seedtune.cli.bench_robust import Silos, federate, robust_config
+from seedtune.bench.robust import Silos, federate, robust_config
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_nan_replies_are_refused_and_the_rounds_go_on_with_four_silos(outcomes):
 
 def test_the_report_prints_every_run_and_its_targets(capsys):
     from seedtune.cli.main import main
-    from seedtune.cli.performance import print_report
+    from seedtune.bench.run import print_report
 
     rows = [{"attack": attack, "rule": "trimmed-mean", "accuracy": accuracy, "change": accuracy - 0.9,
              "rounds": 40, "refused": refused, "before": 0.55, "cost": f"cost of {attack}"}

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from processes import kill_marked, marked_processes, wait_gone
 
-from seedtune.cli.simulate import simulate
-from seedtune.cli.train import train
+from seedtune.jobs.simulate import simulate
+from seedtune.jobs.train import train
 from seedtune.common.config import load_config
 
 pytestmark = pytest.mark.processes
@@ -36,8 +36,8 @@ def killed_silo_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sim") / "run"
     marker = uuid.uuid4().hex
     result = seedtune("simulate", "--preset", "tiny", "--rounds", 30, "--out", run_dir, "--no-progress",
-                      "--set", "federation.fault_partition=1", "--set", "federation.fault_round=10",
-                      "--set", "zo.probes=16", "--set", "eval.every=0", env={"SEEDTUNE_TEST_MARKER": marker})
+                      "--set", "zo.probes=16", "--set", "eval.every=0",
+                      env={"SEEDTUNE_TEST_MARKER": marker, "SEEDTUNE_TEST_KILL_SILO": "1:10"})
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result, marker
 

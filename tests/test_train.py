@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seedtune.cli.export import export
-from seedtune.cli.train import NonPrivateRunWarning, train
+from seedtune.jobs.export import export
+from seedtune.jobs.train import NonPrivateRunWarning, train
 from seedtune.common.config import load_config
 from seedtune.common.errors import RunDirError
 from seedtune.common.privacy.ledger import PrivacyLedger

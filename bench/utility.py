@@ -101,17 +101,17 @@ def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline
         metrics, epsilon = evaluate(task, data.test, batch_size=config.eval.batch_size,
                                     max_examples=config.eval.test_examples), 0.0
     elif method == "dp-sgd":
-        from seedtune.cli.bench_dpsgd import dp_sgd
+        from seedtune.bench.dpsgd import dp_sgd
 
         metrics, epsilon = dp_sgd(config, lr=dpsgd_lr)
     elif method == "federated":
-        from seedtune.cli.simulate import simulate
+        from seedtune.jobs.simulate import simulate
 
         result = simulate(config, Path(run_dir), progress=False)
         metrics = result.federation.after
         epsilon = max(spent for _, spent in result.silo_ledgers.values())
     else:
-        from seedtune.cli.train import train
+        from seedtune.jobs.train import train
 
         result = train(config, Path(run_dir), progress=False, baseline=baseline)
         metrics, epsilon = result.after, result.epsilon

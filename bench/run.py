@@ -14,10 +14,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from seedtune.cli.bench_cost import SWEEP_BATCHES, bench_memory, bench_step, bench_sweep
-from seedtune.cli.bench_noise import bench_noise
-from seedtune.cli.bench_robust import bench_robust
-from seedtune.cli.bench_traffic import bench_comm, bench_scale, bench_server
+from seedtune.bench.cost import SWEEP_BATCHES, bench_memory, bench_step, bench_sweep
+from seedtune.bench.noise import bench_noise
+from seedtune.bench.robust import bench_robust
+from seedtune.bench.traffic import bench_comm, bench_scale, bench_server
 
 # The columns each bench prints: (heading, key, format).
 COLUMNS = {
@@ -56,7 +56,7 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
               profile: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     import torch
 
-    from seedtune.cli.bench_cost import _threads
+    from seedtune.bench.cost import _threads
 
     torch.set_num_threads(_threads())
     if name == "step":

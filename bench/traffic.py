@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from seedtune.cli.bench_cost import _progress, _target, _threads, in_fresh_process, workload, zo_step
+from seedtune.bench.cost import _progress, _target, _threads, in_fresh_process, workload, zo_step
 
 PROBES = (1, 4, 16)
 ROUNDS = 1000
@@ -126,7 +126,7 @@ def bench_server(rounds: int = ROUNDS, full_rounds: int = 200, progress: bool = 
     """Coordinator round time against a client step, and catch-up replay speed, for the default
     preset's trainable set (the head, K=8) over ``rounds`` rounds and for every parameter (K=1,
     DPZero's setting) over ``full_rounds`` (its replay time per round does not depend on how many)."""
-    from seedtune.cli.bench_cost import step_masks
+    from seedtune.bench.cost import step_masks
     from seedtune.common import components
 
     work = workload()
@@ -266,7 +266,7 @@ def bench_scale(clients: tuple[int, ...] = SCALE_CLIENTS, rounds: int = 12, prog
 def simulate_and_measure(clients: int, rounds: int) -> dict:
     """``seedtune simulate --preset tiny`` with ``clients`` silos, in this (fresh) process."""
     import psutil
-    from seedtune.cli.simulate import SILOS_DIR, simulate
+    from seedtune.jobs.simulate import SILOS_DIR, simulate
     from seedtune.client.node import TIMINGS_FILE
     from seedtune.common.config import load_config
 

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from seedtune.cli.train import LEDGER_FILE, LOG_FILE
+from seedtune.jobs.train import LEDGER_FILE, LOG_FILE
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import RunDirError

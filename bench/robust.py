@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from seedtune.cli.bench_cost import _progress, _target
+from seedtune.bench.cost import _progress, _target
 
 ATTACKS = ("honest", "largest", "sign-flip", "nan")
 RULES = ("mean", "median", "trimmed-mean")

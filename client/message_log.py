@@ -1,6 +1,7 @@
-"""An outbound log: every message that leaves (and enters) this silo, as the silo's operator sees it.
+"""The message log: every message that leaves (and enters) this silo, as the silo's operator sees it.
 
-Node configuration ``audit-log = "<path>"`` turns it on. It is a Flower ClientApp *mod*, so it sees
+Node configuration ``message-log = "<path>"`` turns it on (``audit-log``, its name before 0.2, still
+works and warns: "audit" now means only the privacy audit, ``seedtune audit``). It is a Flower ClientApp *mod*, so it sees
 the very ``Message`` objects Flower serialises to and from the SuperLink, after seedtune's own code:
 a hospital's operator can read, line by line, that what left were seeds, counts and noised scalars
 — and check it against the claim, which ``tests/test_deployment.py`` does.
@@ -16,10 +17,13 @@ import json
 import time
 from pathlib import Path
 
+import warnings
+
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-NODE_CONFIG_KEY = "audit-log"
+NODE_CONFIG_KEY = "message-log"
+DEPRECATED_KEY = "audit-log"  # the same setting's name before 0.2
 
 
 def describe(message: Message) -> dict:
@@ -48,8 +52,8 @@ def _plain(value):
     return value
 
 
-def audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    path = context.node_config.get(NODE_CONFIG_KEY)
+def message_log_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    path = log_path(context.node_config)
     if not path:
         return call_next(message, context)
     log = Path(str(path))
@@ -58,6 +62,17 @@ def audit_mod(message: Message, context: Context, call_next: ClientAppCallable) 
     reply = call_next(message, context)
     _append(log, "out", reply)
     return reply
+
+
+def log_path(node_config) -> str | None:
+    """The message log's path from the node config (the deprecated key still counts, and warns)."""
+    if NODE_CONFIG_KEY in node_config:
+        return node_config[NODE_CONFIG_KEY] or None
+    if DEPRECATED_KEY in node_config:
+        warnings.warn(f"node config {DEPRECATED_KEY} is deprecated: rename it {NODE_CONFIG_KEY}",
+                      DeprecationWarning, stacklevel=2)
+        return node_config[DEPRECATED_KEY] or None
+    return None
 
 
 def _append(log: Path, direction: str, message: Message) -> None:
