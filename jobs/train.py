@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,12 @@ from pathlib import Path
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
-from seedtune.common.errors import BudgetExhausted, RunDirError
+from seedtune.common.errors import RunDirError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
-from seedtune.server.runs import LOG_FILE, finish_run, open_run
-from tqdm.auto import tqdm
+from seedtune.server.rounds import Played, run_rounds
+from seedtune.server.runs import LOG_FILE, Run, finish_run, open_run
 
 __all__ = ["LEDGER_FILE", "LOG_FILE", "train"]
 
@@ -54,82 +53,64 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     ``randomness``: tests only, a seeded source for sampling and noise (default: the OS's CSPRNG).
     """
     run = open_run(config, run_dir, resume=resume)
-    config, data, log, coordinator, sigma = run.config, run.data, run.log, run.coordinator, run.sigma
-    if log.meta("public_size") is None:  # public: it scales every logged step
-        log.set_meta("public_size", int(public_size or len(data.train)))
-    public_size = log.meta("public_size")
-    task, parts, schedule, run_dir = run.task, run.parts, run.schedule, run.run_dir
-    ledger = None
-    if config.privacy.enabled:
-        ledger = PrivacyLedger(
-            run_dir / LEDGER_FILE, epsilon=config.privacy.epsilon, delta=config.privacy.delta,
-            accountant=config.privacy.accountant,
-        )
-    randomness = randomness or _randomness(config)
-    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
-    silo = Silo(task, estimator, data.train, randomness, ledger, config.privacy.noise, public_size=public_size)
-
-    def evaluation(split, limit):
-        return run.evaluate(split, limit)
-
-    before = log.meta("before") or baseline or evaluation("test", config.eval.test_examples)
-    log.set_meta("before", before)
-    if coordinator.step == 0:
-        log.record_metrics(0, {f"val_{k}": v for k, v in evaluation("validation", None).items()})
-
+    coordinator, log, run_dir = run.coordinator, run.log, run.run_dir
+    silo, ledger = _local_silo(run, public_size, randomness)
     if progress:
-        privacy = (f"sigma={sigma:.4g} for epsilon={config.privacy.epsilon:g}, delta={config.privacy.delta:g}"
-                   if config.privacy.enabled else "NOT private")
-        print(f"seedtune: {config.model.name} on {config.data.name} ({len(data.train)} training examples), "
-              f"{parts.trainable.dimension} trainable coordinates, {privacy}, {schedule.steps} steps -> {run_dir}",
-              file=sys.stderr)
-    bar = tqdm(total=schedule.steps, initial=coordinator.step, disable=not progress, unit="step",
-               dynamic_ncols=True, desc="train")
-    spent = ledger.spent() if ledger else math.inf
-    last_spent_update = 0.0
+        _announce(run)
+
+    def play() -> Played:
+        request = coordinator.request()
+        reply = silo.answer(request)  # a release made before a crash is answered again, not charged again
+        coordinator.apply(request, [reply])
+        # The batch's loss is private (a function of the secret sample): on the bar, never in the log.
+        return Played(postfix={"loss": "reused" if silo.last_reused else f"{silo.last_loss:.4f}"})
+
+    def epsilons() -> dict[str, float]:
+        return {"epsilon": ledger.spent()} if ledger else {}
+
     try:
-        while not coordinator.done:
-            request = coordinator.request()
-            reply = silo.answer(request)  # a release made before a crash is answered again, not charged again
-            metrics = {}  # the batch's loss is private (a function of the secret sample): only on the bar
-            coordinator.apply(request, [reply])
-            step = coordinator.step
-            now = time.monotonic()
-            if ledger and (now - last_spent_update > 1.0 or coordinator.done):
-                # The accountant costs ~20 ms a call: refresh epsilon about once a second.
-                spent, last_spent_update = ledger.spent(), now
-                metrics["epsilon"] = spent
-            if config.eval.every and (step % config.eval.every == 0 or coordinator.done):
-                metrics.update({f"val_{k}": v for k, v in evaluation("validation", None).items()})
-            log.record_metrics(step, metrics)
-            postfix = {"loss": f"{silo.last_loss:.4f}", "eps": f"{spent:.3f}" if ledger else "off"}
-            if silo.last_reused:
-                postfix["loss"] = "reused"
-            if "val_accuracy" in metrics:
-                postfix["val_acc"] = f"{metrics['val_accuracy']:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-    except BudgetExhausted as error:
-        # Only a release lost in a crash can get here (sigma was calibrated for the planned
-        # steps); the model so far is still a valid private model, so finish with it.
-        bar.close()
-        warnings.warn(f"stopped after {coordinator.step} of {schedule.steps} steps: {error}", stacklevel=2)
+        loop = run_rounds(run, play, epsilons, progress=progress, desc="train", unit="step", baseline=baseline)
     except KeyboardInterrupt:
-        bar.close()
         raise RunDirError(
             f"interrupted at step {coordinator.step}; the log holds every finished step: "
             f"resume with seedtune train --resume --out {run_dir}"
         ) from None
-    bar.close()
-
-    after = evaluation("test", config.eval.test_examples)
-    log.set_meta("after", after)
+    if loop.stopped_early:
+        # Only a release lost in a crash can get here (sigma was calibrated for the planned
+        # steps); the model so far is still a valid private model, so the run finishes with it.
+        warnings.warn(loop.stopped_early, stacklevel=2)
     epsilon = ledger.spent() if ledger else math.inf
-    finish_run(run, before, after, epsilon)
+    finish_run(run, loop.before, loop.after, epsilon)
     if ledger:
         ledger.close()
     log.close()
-    return TrainResult(run_dir, coordinator.step, epsilon, before, after)
+    return TrainResult(run_dir, coordinator.step, epsilon, loop.before, loop.after)
+
+
+def _local_silo(run: Run, public_size: int | None, randomness: SecretRandomness | None) -> tuple[Silo, PrivacyLedger | None]:
+    """The run's one silo, over the whole training set, with its ledger in the run directory."""
+    config, log, data = run.config, run.log, run.data
+    if log.meta("public_size") is None:  # public: it scales every logged step
+        log.set_meta("public_size", int(public_size or len(data.train)))
+    ledger = None
+    if config.privacy.enabled:
+        ledger = PrivacyLedger(run.run_dir / LEDGER_FILE, epsilon=config.privacy.epsilon, delta=config.privacy.delta,
+                               accountant=config.privacy.accountant)
+    randomness = randomness or _randomness(config)
+    parts = run.parts
+    estimator = ZerothOrderEstimator(run.task.module, run.task.per_example_loss, parts.trainable, parts.directions)
+    silo = Silo(run.task, estimator, data.train, randomness, ledger, config.privacy.noise,
+                public_size=log.meta("public_size"))
+    return silo, ledger
+
+
+def _announce(run: Run) -> None:
+    config, privacy = run.config, run.config.privacy
+    guarantee = (f"sigma={run.sigma:.4g} for epsilon={privacy.epsilon:g}, delta={privacy.delta:g}"
+                 if privacy.enabled else "NOT private")
+    print(f"seedtune: {config.model.name} on {config.data.name} ({len(run.data.train)} training examples), "
+          f"{run.parts.trainable.dimension} trainable coordinates, {guarantee}, {run.schedule.steps} steps -> "
+          f"{run.run_dir}", file=sys.stderr)
 
 
 def _randomness(config: Config) -> SecretRandomness:

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import RecordDict
-from seedtune.common.errors import SeedtuneError
+from seedtune.common.errors import BudgetExhausted, SeedtuneError
 from seedtune.common.protocol import TrainReply, TrainRequest
 from seedtune.common.wire import (
     Sync,
@@ -39,9 +38,9 @@ from seedtune.common.wire import (
     encode_request,
 )
 from seedtune.server.aggregation import RuleCost
+from seedtune.server.rounds import Played, run_rounds
 from seedtune.server.runs import Run
 from seedtune.server.store import FederationStore
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class Stopped(Exception):
     """The process running the coordinator asked it to stop (Ctrl-C in ``seedtune simulate``)."""
 
 
-class OutOfBudget(FederationError):
+class OutOfBudget(FederationError, BudgetExhausted):
     """Too few silos have budget left for another round: the run ends with the rounds it has."""
 
 
@@ -255,53 +254,24 @@ class Federation:
         return nodes
 
     def run_all(self) -> FederationResult:
-        run, coordinator, log_ = self.run, self.run.coordinator, self.run.log
-        federation = self.config.federation
+        run, federation = self.run, self.config.federation
         for node in self.wait_for_silos(federation.clients, federation.round_timeout):
             self.store.register(node)
-        before = log_.meta("before") or run.evaluate("test", run.config.eval.test_examples)
-        log_.set_meta("before", before)
-        if coordinator.step == 0:
-            log_.record_metrics(0, {f"val_{k}": v for k, v in run.evaluate("validation").items()})
-        bar = tqdm(total=run.schedule.steps, initial=coordinator.step, disable=not self.progress,
-                   unit="round", dynamic_ncols=True, desc="simulate", file=sys.stderr)
-        last_epsilon_update, epsilons = 0.0, {}
-        stopped_early = None
-        try:
-            while not coordinator.done:
-                try:
-                    used = self.play_round()
-                except OutOfBudget as error:  # the model so far is a valid private model: finish with it
-                    stopped_early = str(error)
-                    log.warning("%s", error)
-                    break
-                step = coordinator.step
-                metrics: dict[str, float] = {"replies": used}
-                now = time.monotonic()
-                if now - last_epsilon_update > 2.0 or coordinator.done:
-                    epsilons, last_epsilon_update = self.epsilons(), now
-                    metrics.update({f"epsilon.{silo}": value for silo, value in epsilons.items()})
-                every = self.config.eval.every
-                if every and (step % every == 0 or coordinator.done):
-                    metrics.update({f"val_{k}": v for k, v in run.evaluate("validation").items()})
-                log_.record_metrics(step, metrics)
-                postfix = {"silos": used}
-                if epsilons:
-                    postfix["eps"] = "/".join(f"{e:.2f}" for e in epsilons.values())
-                if "val_accuracy" in metrics:
-                    postfix["val_acc"] = f"{metrics['val_accuracy']:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-        finally:
-            bar.close()
-        after = run.evaluate("test", run.config.eval.test_examples)
-        log_.set_meta("after", after)
+
+        def play() -> Played:
+            used = self.play_round()
+            return Played({"replies": used}, {"silos": str(used)})
+
+        def epsilons() -> dict[str, float]:
+            return {f"epsilon.{silo}": value for silo, value in self.epsilons().items()}
+
+        loop = run_rounds(run, play, epsilons, progress=self.progress, desc="simulate", unit="round")
         client_evaluation = None
-        if self.config.federation.client_eval != "off":
-            client_evaluation = log_.meta("client_evaluation") or self.evaluate_on_silos()
-            log_.set_meta("client_evaluation", client_evaluation)
-        return FederationResult(coordinator.step, before, after, self.epsilons(), self.store.traffic(),
-                                self.store.rejections(), client_evaluation, self.aggregation, stopped_early)
+        if federation.client_eval != "off":
+            client_evaluation = run.log.meta("client_evaluation") or self.evaluate_on_silos()
+            run.log.set_meta("client_evaluation", client_evaluation)
+        return FederationResult(run.coordinator.step, loop.before, loop.after, self.epsilons(), self.store.traffic(),
+                                self.store.rejections(), client_evaluation, self.aggregation, loop.stopped_early)
 
     def evaluate_on_silos(self) -> dict:
         """Accuracy of the final model on the silos' own held-out data: noised and charged to
