@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from seedtune.bench.cost import _progress, _target
+from seedtune.common.aggregation import RULES
 
 ATTACKS = ("honest", "largest", "sign-flip", "nan")
-RULES = ("mean", "median", "trimmed-mean")
 SILOS = 5
 ADVERSARY = SILOS - 1
 LARGEST = 1e30

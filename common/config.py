@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from seedtune.common.aggregation import RULES
 from seedtune.common.directions import DISTRIBUTIONS
 from seedtune.common.errors import ConfigError
 from seedtune.common.privacy.accounting import ACCOUNTANTS, NOISES
@@ -22,7 +23,6 @@ from seedtune.common.protocol import MIN_BETA
 from seedtune.common.tasks import TASKS
 
 PRESETS = ("default", "tiny")
-AGGREGATIONS = ("mean", "median", "trimmed-mean")  # server/aggregation.py (common cannot import it)
 
 
 def _check(key: str, value: Any, ok: bool, expectation: str) -> None:
@@ -181,8 +181,8 @@ class FederationConfig:
         _check("federation.client_eval", self.client_eval, self.client_eval in ("off", "private", "nonprivate"),
                "'off', 'private' or 'nonprivate'")
         _check("federation.client_eval_sigma", self.client_eval_sigma, self.client_eval_sigma > 0, "> 0")
-        _check("federation.aggregation", self.aggregation, self.aggregation in AGGREGATIONS,
-               "'mean', 'median' or 'trimmed-mean'")
+        _check("federation.aggregation", self.aggregation, self.aggregation in RULES,
+               ", ".join(repr(name) for name in list(RULES)[:-1]) + f" or {list(RULES)[-1]!r}")
         _check("federation.trim", self.trim, 0 <= self.trim < 0.5,
                "in [0, 0.5), the share of silos dropped at each end (0.2 drops 1 of 5)")
 

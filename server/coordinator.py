@@ -2,7 +2,7 @@
 
 It never sees data: it picks the public direction seeds and the schedule's values, combines the
 silos' released scalars (``federation.aggregation``: the mean weighted by expected batch size,
-the median or the trimmed mean; see ``server/aggregation.py``), commits the step to the update
+the median or the trimmed mean; see ``common/aggregation.py``), commits the step to the update
 log and only then applies it to its model.
 """
 
@@ -15,7 +15,7 @@ from seedtune.common.errors import SeedtuneError
 from seedtune.common.protocol import TrainReply, TrainRequest, probe_seeds
 from seedtune.common.schedule import Schedule
 from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
-from seedtune.server.aggregation import RULES, RuleCost, aggregate, describe
+from seedtune.common.aggregation import RuleCost, aggregate, describe, rule_named
 
 
 class NonFiniteStep(SeedtuneError):
@@ -38,8 +38,7 @@ class Coordinator:
         aggregation: str = "mean",
         trim: float = 0.2,
     ):
-        if aggregation not in RULES:
-            raise ValueError(f"unknown aggregation rule {aggregation!r}; use one of {', '.join(RULES)}")
+        rule_named(aggregation)  # fails here, not at the first round
         self.run_id = run_id
         self.run_seed = run_seed
         self.probes = probes

@@ -37,7 +37,7 @@ from seedtune.common.wire import (
     encode_evaluation,
     encode_request,
 )
-from seedtune.server.aggregation import RuleCost
+from seedtune.common.aggregation import RuleCost
 from seedtune.server.rounds import Played, run_rounds
 from seedtune.server.runs import Run
 from seedtune.server.store import FederationStore

@@ -15,7 +15,7 @@ from seedtune.common.config import load_config
 from seedtune.common.errors import ConfigError
 from seedtune.common.protocol import TrainReply
 from seedtune.common.schedule import ConstantSchedule
-from seedtune.server.aggregation import RULES, aggregate, describe, sensitivities, trimmed_count
+from seedtune.common.aggregation import RULES, aggregate, describe, sensitivities, trimmed_count
 from seedtune.server.coordinator import Coordinator, NonFiniteStep
 
 # Every rule, and the trimmed mean at the edges of its range (trim 0 is the unweighted mean).
@@ -117,7 +117,7 @@ def test_trim_always_leaves_a_value_and_drops_one_of_five_at_the_default():
 def test_the_mean_is_bit_for_bit_the_weighted_mean_the_coordinator_always_computed(data):
     vectors, sizes = data
     replies_ = [TrainReply(0, tuple(v), w, ()) for v, w in zip(vectors, sizes)]
-    weight = sum(reply.expected_batch_size for reply in replies_)  # the code before server/aggregation.py
+    weight = sum(reply.expected_batch_size for reply in replies_)  # the code before common/aggregation.py
     old = tuple(sum(reply.expected_batch_size * reply.projected_grads[k] for reply in replies_) / weight
                 for k in range(len(vectors[0])))
     assert aggregate("mean", vectors, sizes) == old
@@ -238,3 +238,18 @@ def test_the_rule_is_chosen_in_the_config_and_defaults_to_the_mean():
     config = load_config("tiny", overrides=["federation.aggregation=trimmed-mean", "federation.trim=0.3"],
                          command="simulate")
     assert (config.federation.aggregation, config.federation.trim) == ("trimmed-mean", 0.3)
+
+
+def test_the_rule_list_has_one_owner_that_validation_and_aggregation_both_read(monkeypatch):
+    from seedtune.common import aggregation
+    from seedtune.common.config import load_config
+
+    largest = aggregation.Rule("max", lambda vectors, weights, trim: tuple(max(v) for v in zip(*vectors)),
+                               lambda sizes, clip_bound, trim: tuple(clip_bound / size for size in sizes))
+    monkeypatch.setitem(aggregation.RULES, "max", largest)
+    assert load_config("tiny", overrides=["federation.aggregation=max"]).federation.aggregation == "max"
+    assert aggregate("max", [[1.0, 5.0], [3.0, 2.0]], [1.0, 1.0]) == (3.0, 5.0)
+    assert describe("max", [2.0, 4.0], clip_bound=1.0, noise_multiplier=1.0).sensitivity == (0.5, 0.25)
+    monkeypatch.delitem(aggregation.RULES, "max")
+    with pytest.raises(ConfigError, match="federation.aggregation='max' is invalid"):
+        load_config("tiny", overrides=["federation.aggregation=max"])

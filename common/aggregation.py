@@ -63,11 +63,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from seedtune.common.config import AGGREGATIONS as RULES
 
 MONTE_CARLO_SEED = 0
 MONTE_CARLO_VALUES = 2_000_000  # draws x silos: 0.1 % at 5 silos, 16 MB an array
@@ -106,13 +105,41 @@ def aggregate(rule: str, vectors: Vectors, weights: Sequence[float], trim: float
     """The aggregate of the silos' K-vectors under ``rule`` (``weights``: only the mean uses them)."""
     if len(vectors) == 0:
         raise ValueError("no vectors to aggregate")
-    if rule == "mean":
-        return mean(vectors, weights)
-    if rule == "median":
-        return median(vectors)
-    if rule == "trimmed-mean":
-        return trimmed_mean(vectors, trim)
-    raise ValueError(f"unknown aggregation rule {rule!r}; use one of {', '.join(RULES)}")
+    return rule_named(rule).combine(vectors, weights, trim)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One aggregation rule: how it combines the silos' K-vectors, and how far one record of each
+    silo moves the result (L2; see the module docstring for the bounds)."""
+
+    name: str
+    combine: Callable[[Vectors, Sequence[float], float], tuple[float, ...]]  # (vectors, weights, trim)
+    sensitivity: Callable[[list[float], float, float], tuple[float, ...]]  # (q n_i per silo, C, trim)
+    trims: bool = False  # drops values at each end (trim)
+
+
+def _trimmed_sensitivity(sizes: list[float], clip_bound: float, trim: float) -> tuple[float, ...]:
+    kept = len(sizes) - 2 * trimmed_count(len(sizes), trim)
+    return tuple(clip_bound / size / kept for size in sizes)
+
+
+# The one list of rules: the config's validation, the coordinator and the benchmarks read it here.
+RULES: dict[str, Rule] = {
+    "mean": Rule("mean", lambda vectors, weights, trim: mean(vectors, weights),
+                 lambda sizes, clip_bound, trim: tuple(clip_bound / sum(sizes) for _ in sizes)),
+    "median": Rule("median", lambda vectors, weights, trim: median(vectors),
+                   lambda sizes, clip_bound, trim: tuple(clip_bound / size for size in sizes)),
+    "trimmed-mean": Rule("trimmed-mean", lambda vectors, weights, trim: trimmed_mean(vectors, trim),
+                         _trimmed_sensitivity, trims=True),
+}
+
+
+def rule_named(name: str) -> Rule:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation rule {name!r}; use one of {', '.join(RULES)}") from None
 
 
 @dataclass(frozen=True)
@@ -137,7 +164,7 @@ class RuleCost:
 def describe(rule: str, expected_batch_sizes: Sequence[float], *, clip_bound: float, noise_multiplier: float,
              trim: float = 0.2) -> RuleCost:
     """Sensitivity and noise of ``rule`` over silos whose replies report ``expected_batch_sizes``."""
-    t = trimmed_count(len(expected_batch_sizes), trim) if rule == "trimmed-mean" else 0
+    t = trimmed_count(len(expected_batch_sizes), trim) if rule_named(rule).trims else 0
     return RuleCost(rule, t, sensitivities(rule, expected_batch_sizes, clip_bound=clip_bound, trim=trim),
                     noise_std(rule, expected_batch_sizes, clip_bound=clip_bound, noise_multiplier=noise_multiplier,
                               trim=trim),
@@ -149,14 +176,7 @@ def sensitivities(rule: str, expected_batch_sizes: Sequence[float], *, clip_boun
     """Per silo i, how far one of its records moves the aggregate in L2: with d_i = C / (q n_i),
     w_i d_i = C / sum_j q n_j (mean), d_i (median), d_i / (N - 2t) (trimmed mean)."""
     sizes = [float(size) for size in expected_batch_sizes]
-    if rule == "mean":
-        return tuple(clip_bound / sum(sizes) for _ in sizes)
-    if rule == "median":
-        return tuple(clip_bound / size for size in sizes)
-    if rule == "trimmed-mean":
-        kept = len(sizes) - 2 * trimmed_count(len(sizes), trim)
-        return tuple(clip_bound / size / kept for size in sizes)
-    raise ValueError(f"unknown aggregation rule {rule!r}; use one of {', '.join(RULES)}")
+    return rule_named(rule).sensitivity(sizes, clip_bound, trim)
 
 
 def noise_std(rule: str, expected_batch_sizes: Sequence[float], *, clip_bound: float, noise_multiplier: float,
@@ -165,11 +185,9 @@ def noise_std(rule: str, expected_batch_sizes: Sequence[float], *, clip_bound: f
     N(0, s_i^2), s_i = sigma C / (q n_i): sqrt(sum_i w_i^2 s_i^2) for the mean; for the median and
     the trimmed mean, the rule applied to the noises, by Monte Carlo."""
     stds = tuple(noise_multiplier * clip_bound / float(size) for size in expected_batch_sizes)
-    if rule == "mean":
+    if rule_named(rule).name == "mean":
         total = sum(float(size) for size in expected_batch_sizes)
         return math.sqrt(sum((float(size) / total * s) ** 2 for size, s in zip(expected_batch_sizes, stds)))
-    if rule not in RULES:
-        raise ValueError(f"unknown aggregation rule {rule!r}; use one of {', '.join(RULES)}")
     return _monte_carlo_std(rule, stds, trim)
 
 
