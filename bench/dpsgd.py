@@ -25,6 +25,35 @@ from seedtune.common.privacy.accounting import epsilon_of, release_event
 from seedtune.common.tasks import evaluate
 
 
+def _train(model, task, train, optimizer, sampler, trainable: list, steps: int) -> None:
+    """``steps`` DP-SGD steps, each over one Poisson batch from ``sampler``."""
+    done = 0
+    while done < steps:
+        for chosen in sampler:
+            if done == steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if len(chosen):
+                rows = train[list(chosen)]
+                batch = task.encode(rows["text"], rows["label"])
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+                loss.backward()
+            else:  # an empty Poisson batch still releases noise
+                for param in trainable:
+                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+            try:
+                optimizer.step()
+            except RuntimeError as error:  # e.g. position embeddings, looked up once for the whole batch
+                raise ConfigError(
+                    "DP-SGD through Opacus cannot form per-example gradients for every tensor of this trainable "
+                    f"subset ({error}); compare on the head or a mask, e.g. --set prune.enabled=true "
+                    "--set prune.ratio=0"
+                ) from None
+            done += 1
+
+
 def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
     """Train with DP-SGD; the test metrics and the epsilon spent."""
     # Opacus adds floating-point Gaussian noise: calibrate and account for that, not for the
@@ -57,31 +86,7 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
                             expected_batch_size=max(1, round(p.sample_rate * population)))
     sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate,
                                             generator=None)  # Opacus's default: torch's global RNG
-    done = 0
-    while done < steps:
-        for chosen in sampler:
-            if done == steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if len(chosen):
-                rows = data.train[list(chosen)]
-                batch = task.encode(rows["text"], rows["label"])
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = model(**inputs).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-                loss.backward()
-            else:  # an empty Poisson batch still releases noise
-                for param in trainable:
-                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
-            try:
-                optimizer.step()
-            except RuntimeError as error:  # e.g. position embeddings, looked up once for the whole batch
-                raise ConfigError(
-                    "DP-SGD through Opacus cannot form per-example gradients for every tensor of this trainable "
-                    f"subset ({error}); compare on the head or a mask, e.g. --set prune.enabled=true "
-                    "--set prune.ratio=0"
-                ) from None
-            done += 1
+    _train(model, task, data.train, optimizer, sampler, trainable, steps)
     model.eval()
     for param in trainable:
         param.requires_grad_(False)

@@ -106,6 +106,10 @@ def bench_comm(progress: bool = True) -> dict:
         model = Message(RecordDict({"arrays": ArrayRecord(state)}), dst_node_id=7,
                         message_type=MessageType.TRAIN, group_id="0")
         fedavg = serialized_size(model)
+    return _comm_report(config, task, mask, rows, fedavg)
+
+
+def _comm_report(config, task, mask: dict, rows: list[dict], fedavg: int) -> dict:
     k16 = next(row for row in rows if row["probes"] == 16)
     return {
         "bench": "comm",
@@ -191,28 +195,14 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
         setup = Setup("bench", config.to_dict(), log.base, log.mask())
         log.close()
         _restore(parts.trainable, snapshot)  # the silo starts from the same model
-        client_step = zo_step(work, mask, config.zo.probes)
-        client_step()
-        client = []
-        for _ in range(3):
-            start = time.perf_counter()
-            client_step()
-            client.append(time.perf_counter() - start)
+        client = _client_step_times(work, mask, config.zo.probes)
         replica = _Run(Path(scratch) / "silo", setup)  # the silo's own model, from the base model
         with _profiler(profile) as profiled:
             start = time.perf_counter()
             replica.catch_up(Sync(0, records))
             replay = time.perf_counter() - start
         replica.log.close()
-        # The same steps on the same model applied one at a time, and all at once piece by piece
-        # (what catch-up does), timed alternately: apply_all's gain, without the log's commit.
-        one_at_a_time, piecewise = [], []
-        for _ in range(2):
-            for durations, apply in ((one_at_a_time, _one_at_a_time), (piecewise, _all_at_once)):
-                applier = UpdateApplier(replica.parts.trainable, replica.parts.directions)
-                start = time.perf_counter()
-                apply(applier, records)
-                durations.append(time.perf_counter() - start)
+        one_at_a_time, piecewise = _apply_times(replica, records)
     extra = {"replay_profile": profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
              } if profile else {}
     return {**extra,"trainable_set": label, "trainable": parts.trainable.dimension, "probes": config.zo.probes,
@@ -222,6 +212,33 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
             "replay_rounds_per_s": rounds / replay,
             "apply_one_at_a_time_rounds_per_s": rounds / min(one_at_a_time),
             "apply_all_rounds_per_s": rounds / min(piecewise)}
+
+
+def _client_step_times(work, mask: dict, probes: int) -> list[float]:
+    """Three timed ZO steps of a silo, after one untimed."""
+    client_step = zo_step(work, mask, probes)
+    client_step()
+    client = []
+    for _ in range(3):
+        start = time.perf_counter()
+        client_step()
+        client.append(time.perf_counter() - start)
+    return client
+
+
+def _apply_times(replica, records) -> tuple[list[float], list[float]]:
+    """The same steps on the same model applied one at a time, and all at once piece by piece
+    (what catch-up does), timed alternately: apply_all's gain, without the log's commit."""
+    from seedtune.common.updatelog import UpdateApplier
+
+    one_at_a_time, piecewise = [], []
+    for _ in range(2):
+        for durations, apply in ((one_at_a_time, _one_at_a_time), (piecewise, _all_at_once)):
+            applier = UpdateApplier(replica.parts.trainable, replica.parts.directions)
+            start = time.perf_counter()
+            apply(applier, records)
+            durations.append(time.perf_counter() - start)
+    return one_at_a_time, piecewise
 
 
 def _one_at_a_time(applier, records) -> None:

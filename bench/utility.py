@@ -27,7 +27,6 @@ import math
 import os
 import resource
 import statistics
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -258,13 +257,3 @@ def utility_plot(summary: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def print_table(summary: dict, file=None) -> None:
-    file = file or sys.stdout  # looked up at call time, so redirection (and pytest's capture) applies
-    print(f"{'method':<11}{'epsilon':>8}{'accuracy':>18}{'eps spent':>11}{'peak MiB':>10}{'wall s':>9}", file=file)
-    for row in summary["table"]:
-        epsilon = "-" if row["epsilon"] is None else f"{row['epsilon']:g}"
-        spent = "inf" if row["epsilon_spent"] is None else f"{row['epsilon_spent']:.3f}"
-        print(f"{row['method']:<11}{epsilon:>8}{row['accuracy']:>11.4f} ± {row['accuracy_std']:.4f}{spent:>11}"
-              f"{row['peak_memory_mib']:>10.0f}{row['wall_s']:>9.1f}", file=file)

@@ -69,7 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Private, forward-only fine-tuning: only seeds and noised scalars leave a silo.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_simulate, _add_partition, _add_export, _add_show, _add_bench, _add_budget,
+                _add_audit):
+        add(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train one silo privately, on this machine")
     _settings(train, "default (MiniLM on Rotten Tomatoes) or tiny", "privacy.epsilon=2")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<preset>-<time>)")
@@ -79,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
+
+def _add_simulate(commands) -> None:
     simulate = commands.add_parser("simulate", help="a federation of silos on this machine (Flower simulation)")
     _settings(simulate, "default (MiniLM, Rotten Tomatoes, 3 silos) or tiny", "federation.partition=label-skew")
     simulate.add_argument("--clients", type=int, help="number of silos (federation.clients)")
@@ -88,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar")
     simulate.set_defaults(run=_simulate)
 
+
+def _add_partition(commands) -> None:
     partition = commands.add_parser(
         "partition", help="write each silo's share of a preset's data to its own file (for a deployment)")
     _settings(partition, "whose data and split to use (default, tiny)", "federation.partition=quantity-skew")
@@ -95,20 +105,61 @@ def _parser() -> argparse.ArgumentParser:
     partition.add_argument("--out", type=Path, required=True, help="folder for silo-<i>.jsonl")
     partition.set_defaults(run=_partition)
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="rebuild a run's model from its base and log alone")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, required=True, help="directory to write the model to")
     export.set_defaults(run=_export)
 
+
+def _add_show(commands) -> None:
     show = commands.add_parser("show", help="a run's config, privacy spent, and per-step seeds and scalars")
     show.add_argument("run_dir", type=Path)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.add_argument("--steps", type=int, default=10, help="how many steps to list (text output; -1 = all)")
     show.set_defaults(run=_show)
 
+
+COST_BENCHES = {
+    "step": "time of a ZO step over two plain forward passes (MiniLM, batch 16 x 64): every parameter, "
+            "1% mask, LoRA, K=4, and the naive MeZO step",
+    "memory": "memory above the model during a step: ZO, inference, backpropagation, DP-SGD (Opacus), "
+              "each in a fresh process",
+    "comm": "bytes per client per round on the serialized Flower messages, K in {1, 4, 16}, against FedAvg; "
+            "totals over 1,000 rounds",
+    "server": "coordinator time per round against a client step; catch-up replay speed against a model download",
+    "scale": "simulated federations of 2, 4 and 8 silos (tiny preset): framework time against forward passes, "
+             "memory per silo",
+    "sweep": "step time and memory against batch size for ZO, inference, backpropagation and DP-SGD, with a plot",
+    "noise": "what the default discrete Gaussian costs against floating-point noise: time per release, extra "
+             "noise, extra sigma for a budget",
+    "robust": "one silo of 5 sends the largest finite, sign-flipped or NaN scalars: final test accuracy under "
+              "the mean, the median and the trimmed mean (tiny preset)",
+}
+
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="measure seedtune: accuracy against privacy and other methods; "
                                               "time, memory and traffic against their limits")
     benches = bench.add_subparsers(dest="bench", required=True)
+    _add_bench_utility(benches)
+    for name, text in COST_BENCHES.items():
+        command = benches.add_parser(name, help=text.replace("%", "%%"), description=text)  # help is %-formatted
+        command.add_argument("--quick", action="store_true", help="fewer repeats, rounds and sizes: a smoke test")
+        command.add_argument("--json", action="store_true", help="print the results as JSON")
+        command.add_argument("--out", type=Path, help=f"write {name}.json (and for sweep, sweep.png) here")
+        command.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "server":
+            command.add_argument("--profile", action="store_true",
+                                 help="also print torch's profile of the every-parameter replay")
+        if name == "robust":
+            command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                                 help="override a setting of every run, e.g. --set data.synthetic_size=1500")
+        command.set_defaults(run=_bench_cost)
+
+
+def _add_bench_utility(benches) -> None:
     utility = benches.add_parser(
         "utility", help="test accuracy of zero-shot, MeZO, DPZero, DP-ZOSO, DP-SGD (Opacus) and federated "
                         "DP-ZOSO at epsilon 2 and 6, over 3 seeds")
@@ -127,36 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     utility.add_argument("--json", action="store_true", help="print the results as JSON")
     utility.add_argument("--no-progress", action="store_true", help="no progress bar")
     utility.set_defaults(run=_bench_utility)
-    costs = {
-        "step": "time of a ZO step over two plain forward passes (MiniLM, batch 16 x 64): every parameter, "
-                "1% mask, LoRA, K=4, and the naive MeZO step",
-        "memory": "memory above the model during a step: ZO, inference, backpropagation, DP-SGD (Opacus), "
-                  "each in a fresh process",
-        "comm": "bytes per client per round on the serialized Flower messages, K in {1, 4, 16}, against FedAvg; "
-                "totals over 1,000 rounds",
-        "server": "coordinator time per round against a client step; catch-up replay speed against a model download",
-        "scale": "simulated federations of 2, 4 and 8 silos (tiny preset): framework time against forward passes, "
-                 "memory per silo",
-        "sweep": "step time and memory against batch size for ZO, inference, backpropagation and DP-SGD, with a plot",
-        "noise": "what the default discrete Gaussian costs against floating-point noise: time per release, extra "
-                 "noise, extra sigma for a budget",
-        "robust": "one silo of 5 sends the largest finite, sign-flipped or NaN scalars: final test accuracy under "
-                  "the mean, the median and the trimmed mean (tiny preset)",
-    }
-    for name, text in costs.items():
-        command = benches.add_parser(name, help=text.replace("%", "%%"), description=text)  # help is %-formatted
-        command.add_argument("--quick", action="store_true", help="fewer repeats, rounds and sizes: a smoke test")
-        command.add_argument("--json", action="store_true", help="print the results as JSON")
-        command.add_argument("--out", type=Path, help=f"write {name}.json (and for sweep, sweep.png) here")
-        command.add_argument("--no-progress", action="store_true", help="no progress bar")
-        if name == "server":
-            command.add_argument("--profile", action="store_true",
-                                 help="also print torch's profile of the every-parameter replay")
-        if name == "robust":
-            command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                                 help="override a setting of every run, e.g. --set data.synthetic_size=1500")
-        command.set_defaults(run=_bench_cost)
 
+
+def _add_budget(commands) -> None:
     budget = commands.add_parser("budget", help="sigma for a privacy budget, or epsilon for a sigma")
     target = budget.add_mutually_exclusive_group(required=True)
     target.add_argument("--epsilon", type=float, help="target epsilon: prints the noise multiplier sigma")
@@ -169,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the noise a release draws (privacy.noise; 'pld' needs 'gaussian')")
     budget.set_defaults(run=_budget)
 
+
+def _add_audit(commands) -> None:
     audit = commands.add_parser(
         "audit", help="empirical privacy audit of real silos: a lower bound on epsilon beside what they charge")
     _settings(audit, "whose silos to audit (default, tiny)", "privacy.noise=gaussian")
@@ -185,7 +211,6 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     audit.add_argument("--no-progress", action="store_true", help="no progress bar")
     audit.set_defaults(run=_audit)
-    return parser
 
 
 def _settings(command: argparse.ArgumentParser, presets: str, example: str) -> None:
@@ -199,7 +224,8 @@ def _settings(command: argparse.ArgumentParser, presets: str, example: str) -> N
 def _bench_utility(args) -> int:
     from datetime import datetime
 
-    from seedtune.bench.utility import bench_utility, print_table
+    from seedtune.bench.utility import bench_utility
+    from seedtune.cli.reports import print_utility
 
     out = args.out or Path("runs") / f"bench-utility-{datetime.now():%Y%m%d-%H%M%S}"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -209,26 +235,28 @@ def _bench_utility(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print_table(summary)
+        print_utility(summary)
         print(f"\n{out / 'utility.json'}, {out / 'utility.png'} ({summary['wall_s']:.0f} s)")
     return 0
 
 
 def _bench_cost(args) -> int:
-    from seedtune.bench.run import print_report, run_bench
+    from seedtune.bench.run import run_bench
+    from seedtune.cli.reports import print_bench
 
     report = run_bench(args.bench, quick=args.quick, out=args.out, progress=not args.no_progress,
                        profile=getattr(args, "profile", False), overrides=tuple(getattr(args, "overrides", ())))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_report(report)
+        print_bench(report)
     return 0
 
 
 def _train(args) -> int:
     from datetime import datetime
 
+    from seedtune.cli.reports import print_training
     from seedtune.jobs.train import train
     from seedtune.common.config import load_config
 
@@ -244,11 +272,7 @@ def _train(args) -> int:
         raise SeedtuneError(f"--public-size {args.public_size} must be >= 1")
     out = args.out or Path("runs") / f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     result = train(config, out, resume=args.resume, progress=not args.no_progress, public_size=args.public_size)
-    print(f"run directory: {result.run_dir}")
-    print(f"steps: {result.steps}   epsilon spent: {_number(result.epsilon)}")
-    for name in ("accuracy", "loss"):
-        if name in result.before:
-            print(f"test {name}: {result.before[name]:.4f} before -> {result.after[name]:.4f} after")
+    print_training(result)
     return 0
 
 
@@ -256,6 +280,7 @@ def _simulate(args) -> int:
     global _SIMULATED
     from datetime import datetime
 
+    from seedtune.cli.reports import print_simulation
     from seedtune.jobs.simulate import simulate
     from seedtune.common.config import Config, load_config
 
@@ -269,29 +294,7 @@ def _simulate(args) -> int:
     _SIMULATED = True
     result = simulate(config, out, clients=args.clients, rounds=args.rounds, resume=args.resume,
                       progress=not args.no_progress)
-    federation = result.federation
-    print(f"run directory: {result.run_dir}")
-    print(f"rounds: {federation.steps}   rejected replies: {len(federation.rejections)}")
-    if federation.stopped_early:
-        print(f"stopped early: {federation.stopped_early}")
-    if federation.aggregation is not None:
-        print(federation.aggregation.summary())
-    for name in ("accuracy", "loss"):
-        if name in federation.before:
-            print(f"test {name}: {federation.before[name]:.4f} before -> {federation.after[name]:.4f} after")
-    if federation.client_evaluation:
-        evaluation = federation.client_evaluation
-        kind = "noised, charged" if evaluation["private"] else "NOT private"
-        print(f"accuracy on the silos' own held-out data ({kind}): {evaluation['accuracy']:.4f}")
-    print()
-    print(f"{'silo':<14}{'releases':>9}{'epsilon (silo)':>16}{'epsilon (server)':>18}"
-          f"{'up B/round':>12}{'down B/round':>14}")
-    for silo in sorted(set(federation.epsilons) | set(result.silo_ledgers)):  # each silo once, by its name
-        releases, own = result.silo_ledgers.get(silo, (0, float("nan")))
-        traffic = federation.traffic.get(silo, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
-        messages = max(traffic["messages"], 1)
-        print(f"{silo:<14}{releases:>9}{_number(own):>16}{_number(federation.epsilons.get(silo, float('nan'))):>18}"
-              f"{traffic['bytes_up'] / messages:>12.0f}{traffic['bytes_down'] / messages:>14.0f}")
+    print_simulation(result)
     return 0
 
 
@@ -331,46 +334,14 @@ def _export(args) -> int:
 
 
 def _show(args) -> int:
+    from seedtune.cli.reports import print_run
     from seedtune.jobs.export import describe
 
     report = describe(args.run_dir)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
-    privacy = report["privacy"]
-    print(f"run {args.run_dir}  ({report['status']}, {report['steps']} of {report['planned_steps']} steps)")
-    print(f"model {report['config']['model']['name']} · task {report['config']['model']['task']} · "
-          f"data {report['config']['data']['name']} · schedule {report['config']['schedule']['kind']}")
-    print(f"trainable coordinates: {report['trainable_coordinates']}")
-    if privacy.get("epsilon_per_silo"):
-        print("privacy per silo (coordinator's view, from reported events): " + ", ".join(
-            f"{silo}={_number(value)}" for silo, value in privacy["epsilon_per_silo"].items()))
-    if privacy.get("ledger_per_silo"):
-        print("privacy per silo (each silo's own ledger): " + ", ".join(
-            f"{silo}={_number(entry['epsilon'])} in {entry['releases']} releases"
-            for silo, entry in privacy["ledger_per_silo"].items()))
-    if "federation" in report:
-        for silo in report["federation"]["silos"]:
-            print(f"  {silo['silo']}: {silo['releases']} releases, {silo['bytes_up']} B up and "
-                  f"{silo['bytes_down']} B down in {silo['messages']} messages")
-        print(f"rejected replies: {len(report['federation']['rejections'])}")
-    if privacy["enabled"]:
-        print(f"privacy: epsilon={_number(privacy['epsilon'])} of {privacy['budget_epsilon']} at "
-              f"delta={privacy['delta']:g}; sigma={privacy['noise_multiplier']:.6g}, q={privacy['sample_rate']:g}, "
-              f"releases={privacy['releases']}, accountant={privacy['accountant']}")
-    else:
-        print("privacy: off (non-private run)")
-    for key in ("test_before", "test_after"):
-        if report.get(key):
-            print(f"{key.replace('_', ' ')}: " + ", ".join(f"{k}={v:.4f}" for k, v in report[key].items()))
-    rows = report["steps_detail"] if args.steps < 0 else report["steps_detail"][: args.steps]
-    if rows:
-        print(f"{'step':>6} {'stage':>5} {'lr':>10} {'beta':>10}  seeds -> projected gradients")
-        for row in rows:
-            pairs = ", ".join(f"{s}:{g:+.5g}" for s, g in zip(row["probe_seeds"], row["projected_grads"]))
-            print(f"{row['step']:>6} {row['stage']:>5} {row['lr']:>10.4g} {row['beta']:>10.4g}  {pairs}")
-        if len(rows) < report["steps"]:
-            print(f"... {report['steps'] - len(rows)} more (--steps -1 for all, --json for everything)")
+    print_run(report, args.run_dir, args.steps)
     return 0
 
 
@@ -401,7 +372,8 @@ def _budget(args) -> int:
 
 
 def _audit(args) -> int:
-    from seedtune.jobs.audit import print_report, run_audit, validate
+    from seedtune.cli.reports import print_audit
+    from seedtune.jobs.audit import run_audit, validate
     from seedtune.common.config import load_config
 
     validate(epsilon=args.epsilon, trials=args.trials, sample_rate=args.sample_rate, noise_off=args.noise_off,
@@ -413,14 +385,8 @@ def _audit(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print_report(result, config)
+        print_audit(result, config)
     return 0 if result.consistent else 1
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "-"
-    return "inf (non-private)" if math.isinf(value) else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -275,6 +275,31 @@ def validate(*, epsilon: float | None, trials: int, sample_rate: float, noise_of
                             "drop one of them")
 
 
+@dataclass
+class _Experiment:
+    """What the audit's silos are sent, and the two neighbouring datasets they hold."""
+
+    run_id: str
+    setup: Setup
+    seeds: tuple[int, ...]
+    beta: float
+    version: int
+    checkpoint: dict | None
+    worlds: tuple[dict, dict]  # D, D' (columns "text" and "label")
+    canary: str
+    canary_norm: float  # |s| / C
+    direction: np.ndarray  # u = s / |s|
+
+
+@dataclass
+class _Trials:
+    releases: np.ndarray  # [world][target, shadow][trial][k]
+    nonfinite: int  # releases of the targets with a value that is not finite
+    charged: list  # the events the targets' ledgers charged
+    zeroed: int  # rows the targets counted as zero
+    refused: str  # why the silos refused ("" if they answered)
+
+
 def run_audit(
     config: Config,
     *,
@@ -306,22 +331,54 @@ def run_audit(
         raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
     started = time.perf_counter()
     p = config.privacy
-    if noise_off:
-        sigma = 0.0
-    else:
-        if not p.enabled:
-            raise ConfigError("privacy.enabled=false: the config releases without noise; audit that with "
-                              "--noise-off, or remove the setting")
-        sigma = calibrate_noise_multiplier(epsilon or DEFAULT_EPSILON, p.delta, sample_rate, 1, ACCOUNTANT,
-                                           noise=p.noise)
+    sigma = _sigma(config, epsilon, sample_rate, noise_off)
     beta = beta if beta is not None else ATTACK_BETA.get(attack, components.make_schedule(config).plan(0).beta)
+    experiment = _experiment(config, attack, beta, noise_off)
+    limits = Limits(allow_nonprivate=noise_off, allow_float_noise=p.noise == "gaussian")
+    root = Path(tempfile.mkdtemp(prefix="seedtune-audit-", dir=workdir or _memory_dir()))
+    try:
+        silos = _silos(root, experiment, p.delta, limits, noise_scale, randomness)
+        outcome = _play(silos, experiment, trials, sigma, p.clip_bound, sample_rate, attack, progress)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    epsilon_accountant = _charged_epsilon(outcome.charged, p.delta, noise_off)
+    half = trials // 2
+    test_trials = trials - half
+    flagged = _power(config, sigma, experiment, epsilon_accountant, test_trials, confidence)
+    common = dict(
+        attack=attack, noise="off" if noise_off else p.noise, noise_multiplier=sigma, noise_scale=noise_scale,
+        sample_rate=sample_rate, probes=len(experiment.seeds), clip_bound=p.clip_bound, beta=beta, delta=p.delta,
+        examples=len(experiment.worlds[0]["text"]), trials=trials, confidence=confidence,
+        canary=_shorten(experiment.canary), canary_norm=experiment.canary_norm, test_trials=test_trials,
+        epsilon_accountant=epsilon_accountant, releases_charged=len(outcome.charged), rows_zeroed=outcome.zeroed,
+        flagged_scale=flagged,
+        epsilon_ceiling=float(epsilon_lower_bound(0, test_trials, 0, test_trials, p.delta, confidence)),
+        wall_s=time.perf_counter() - started)
+    if outcome.refused:
+        return AuditResult(**common, statistic="-", threshold=math.nan, false_positives=0, false_negatives=0,
+                           fpr_upper=1.0, fnr_upper=1.0, epsilon_lower=0.0, mu_lower=0.0, epsilon_gaussian=0.0,
+                           nonfinite_releases=0, refused=outcome.refused)
+    return AuditResult(**common, **_test(outcome, experiment.direction, half, p.delta, confidence))
 
+
+def _sigma(config: Config, epsilon: float | None, sample_rate: float, noise_off: bool) -> float:
+    """The noise multiplier at which one release at ``sample_rate`` spends ``epsilon``."""
+    p = config.privacy
+    if noise_off:
+        return 0.0
+    if not p.enabled:
+        raise ConfigError("privacy.enabled=false: the config releases without noise; audit that with "
+                          "--noise-off, or remove the setting")
+    return calibrate_noise_multiplier(epsilon or DEFAULT_EPSILON, p.delta, sample_rate, 1, ACCOUNTANT, noise=p.noise)
+
+
+def _experiment(config: Config, attack: str, beta: float, noise_off: bool) -> _Experiment:
+    """The starting model, the canary, D and D', and the setup a coordinator playing ``attack`` sends."""
     data = components.load_data(config)
     task = components.load_model(config, data.label_names)
     sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
     reference = components.base_reference(config, task, data.label_names)
-    mask = components.choose_mask(config, task, sample)
-    parts = components.model_parts(config, task, mask)
+    parts = components.model_parts(config, task, components.choose_mask(config, task, sample))
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
     seeds = probe_seeds(config.seed, 0, config.zo.probes)
 
@@ -331,8 +388,7 @@ def run_audit(
         task, estimator, pool, len(data.label_names), seeds, beta, long=attack == "padding")
     if attack == "nonfinite":
         canary_text = _with_own_token(task, canary_text, list(base["text"]))
-    canary_norm = float(torch.linalg.vector_norm(canary_row)) / p.clip_bound
-    direction = (canary_row / torch.linalg.vector_norm(canary_row)).numpy()
+    norm = torch.linalg.vector_norm(canary_row)
     worlds = ({"text": list(base["text"]), "label": list(base["label"])},
               {"text": [*base["text"], canary_text], "label": [*base["label"], canary_label]})
 
@@ -342,118 +398,112 @@ def run_audit(
     if attack == "noise-seed":
         setup_config["privacy"]["noise_seed"] = ATTACK_NOISE_SEED
     run_id = f"audit-{attack}"
-    setup = Setup(run_id, setup_config, reference, parts.trainable.mask())
     version, checkpoint = 0, None
     if attack == "nonfinite":
-        version, checkpoint = 1, _overflowing_checkpoint(task, parts, canary_text, canary_label,
-                                                        worlds[0]["text"])
+        version, checkpoint = 1, _overflowing_checkpoint(task, parts, canary_text, canary_label, worlds[0]["text"])
+    return _Experiment(run_id, Setup(run_id, setup_config, reference, parts.trainable.mask()), seeds, beta, version,
+                       checkpoint, worlds, canary_text, float(norm) / config.privacy.clip_bound,
+                       (canary_row / norm).numpy())
 
-    budget_epsilon = 1e6  # a real ledger that lets the trials through; what each release costs is read from it
-    limits = Limits(allow_nonprivate=noise_off, allow_float_noise=p.noise == "gaussian")
-    root = Path(tempfile.mkdtemp(prefix="seedtune-audit-", dir=workdir or _memory_dir()))
+
+def _silos(root: Path, experiment: _Experiment, delta: float, limits: Limits, noise_scale: float,
+           randomness: Callable[[], SecretRandomness] | None) -> list[_Silo]:
+    """Targets on D and D', then shadows on D (all four real nodes, each with its own ledger)."""
+    budget = (1e6, delta, ACCOUNTANT)  # a real ledger that lets the trials through; each release's cost is read from it
+    return [_make_silo(root / name, experiment.worlds[world], budget=budget, limits=limits, noise_scale=noise_scale,
+                       name=name, randomness=randomness)
+            for world, name in ((0, "target-d"), (1, "target-d-prime"), (0, "shadow-d"), (0, "shadow-d-prime"))]
+
+
+def _play(silos: list[_Silo], experiment: _Experiment, trials: int, sigma: float, clip_bound: float,
+          sample_rate: float, attack: str, progress: bool) -> _Trials:
+    """Ask every silo the same request ``trials`` times (a refusal of the first ends the audit)."""
+    releases = np.zeros((2, 2, trials, len(experiment.seeds)))
+    refused = ""
     try:
-        budget = (budget_epsilon, p.delta, ACCOUNTANT)
-        silos = [_make_silo(root / name, worlds[w], budget=budget, limits=limits, noise_scale=noise_scale, name=name,
-                            randomness=randomness)
-                 for w, name in ((0, "target-d"), (1, "target-d-prime"), (0, "shadow-d"), (0, "shadow-d-prime"))]
-        refused = ""
-        try:
-            for silo in silos:
-                silo.node.run(run_id, setup)
-                run = silo.node.run(run_id)
-                run.estimator = _Remembered(run.estimator)  # before the silo is built around it
-        except (SeedtuneError, WireError, ValueError) as error:
-            refused = f"{type(error).__name__}: {error}"
-        releases = np.zeros((2, 2, trials, len(seeds)))  # [world][target, shadow][trial]
-        nonfinite = 0
-        if not refused:
-            for trial in tqdm(range(trials), disable=not progress, unit="trial", desc=f"audit ({attack})",
-                              dynamic_ncols=True):
-                request = TrainRequest(run_id, trial, version, seeds, beta, p.clip_bound, sigma, sample_rate)
-                try:
-                    for world in (0, 1):
-                        for role in (0, 1):
-                            silo = silos[world + 2 * role]
-                            releases[world, role, trial] = _answer(silo, request, setup, version, checkpoint)
-                except (SeedtuneError, WireError) as error:
-                    if trial > 0:
-                        raise
-                    refused = f"{type(error).__name__}: {error}"
-                    break
-            nonfinite = int(np.sum(~np.all(np.isfinite(releases[:, 0]), axis=-1)))
-        charged = [event for silo in silos[:2] if silo.node.ledger is not None for event in silo.node.ledger.events()]
-        zeroed = sum(entry["zeroed"] for silo in silos[:2] if silo.node.ledger is not None
-                     for entry in silo.node.ledger.history())
         for silo in silos:
-            silo.node.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+            silo.node.run(experiment.run_id, experiment.setup)
+            run = silo.node.run(experiment.run_id)
+            run.estimator = _Remembered(run.estimator)  # before the silo is built around it
+    except (SeedtuneError, WireError, ValueError) as error:
+        refused = f"{type(error).__name__}: {error}"
+    for trial in tqdm(range(0 if refused else trials), disable=not progress, unit="trial",
+                      desc=f"audit ({attack})", dynamic_ncols=True):
+        request = TrainRequest(experiment.run_id, trial, experiment.version, experiment.seeds, experiment.beta,
+                               clip_bound, sigma, sample_rate)
+        try:
+            for world, role in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                releases[world, role, trial] = _answer(silos[world + 2 * role], request, experiment)
+        except (SeedtuneError, WireError) as error:
+            if trial > 0:
+                raise
+            refused = f"{type(error).__name__}: {error}"
+            break
+    nonfinite = 0 if refused else int(np.sum(~np.all(np.isfinite(releases[:, 0]), axis=-1)))
+    ledgers = [silo.node.ledger for silo in silos[:2] if silo.node.ledger is not None]
+    charged = [event for ledger in ledgers for event in ledger.events()]
+    zeroed = sum(entry["zeroed"] for ledger in ledgers for entry in ledger.history())
+    for silo in silos:
+        silo.node.close()
+    return _Trials(releases, nonfinite, charged, zeroed, refused)
 
+
+def _power(config: Config, sigma: float, experiment: _Experiment, epsilon_accountant: float, test_trials: int,
+           confidence: float) -> float:
+    """The noise scale at or below which the test half would flag the release, in expectation."""
+    p = config.privacy
+    if not math.isfinite(epsilon_accountant) or sigma == 0:
+        return 0.0
+    noise_std = _noise_std(p.noise, sigma, p.clip_bound, len(experiment.seeds))
+    shift_units = min(experiment.canary_norm, 1.0) * p.clip_bound / noise_std if noise_std > 0 else math.inf
+    return expected_flagged_scale(shift_units, epsilon_accountant, p.delta, test_trials, confidence)
+
+
+def _charged_epsilon(charged: list, delta: float, noise_off: bool) -> float:
+    """epsilon of the one event the targets charged for a release (inf with noise off)."""
     if noise_off:
-        epsilon_accountant = math.inf
-    elif charged:
-        distinct = set(charged)
-        if len(distinct) != 1:
-            raise SeedtuneError(f"the silos charged {len(distinct)} different events for one request: {distinct}")
-        epsilon_accountant = epsilon_of([charged[0]], p.delta, ACCOUNTANT)
-    else:
-        epsilon_accountant = 0.0  # nothing was charged
-    half = trials // 2
-    test_trials = trials - half
-    noise_std = _noise_std(p.noise, sigma, p.clip_bound, len(seeds))
-    shift_units = min(canary_norm, 1.0) * p.clip_bound / noise_std if noise_std > 0 else math.inf
-    flagged = expected_flagged_scale(shift_units, epsilon_accountant, p.delta, test_trials, confidence) \
-        if not noise_off and math.isfinite(epsilon_accountant) else 0.0
-    common = dict(
-        attack=attack, noise="off" if noise_off else p.noise, noise_multiplier=sigma, noise_scale=noise_scale,
-        sample_rate=sample_rate, probes=len(seeds), clip_bound=p.clip_bound, beta=beta, delta=p.delta,
-        examples=len(base["text"]), trials=trials, confidence=confidence, canary=_shorten(canary_text),
-        canary_norm=canary_norm, test_trials=test_trials, epsilon_accountant=epsilon_accountant,
-        releases_charged=len(charged), rows_zeroed=zeroed, flagged_scale=flagged,
-        epsilon_ceiling=float(epsilon_lower_bound(0, test_trials, 0, test_trials, p.delta, confidence)),
-        wall_s=time.perf_counter() - started)
-    if refused:
-        return AuditResult(**common, statistic="-", threshold=math.nan, false_positives=0, false_negatives=0,
-                           fpr_upper=1.0, fnr_upper=1.0, epsilon_lower=0.0, mu_lower=0.0, epsilon_gaussian=0.0,
-                           nonfinite_releases=0, refused=refused)
+        return math.inf
+    if not charged:
+        return 0.0  # nothing was charged
+    distinct = set(charged)
+    if len(distinct) != 1:
+        raise SeedtuneError(f"the silos charged {len(distinct)} different events for one request: {distinct}")
+    return epsilon_of([charged[0]], delta, ACCOUNTANT)
 
-    scores = _scores(releases, direction, half)
+
+def _test(outcome: _Trials, direction: np.ndarray, half: int, delta: float, confidence: float) -> dict:
+    """Choose the statistic and threshold on the first half of the trials; bound epsilon on the rest."""
+    scores = _scores(outcome.releases, direction, half)
     best = None
     for name, (null, alternative) in scores.items():
-        threshold, bound = choose_threshold(null[:half], alternative[:half], p.delta, confidence)
-        gaussian = gdp_epsilon(gaussian_shift_lower(null[:half], alternative[:half], confidence), p.delta)
+        threshold, bound = choose_threshold(null[:half], alternative[:half], delta, confidence)
+        gaussian = gdp_epsilon(gaussian_shift_lower(null[:half], alternative[:half], confidence), delta)
         strength = max(bound, gaussian)
         if best is None or strength > best[0]:
             best = (strength, name, threshold)
     _, name, threshold = best
     null, alternative = (s[half:] for s in scores[name])
+    test_trials = len(null)
     false_positives, false_negatives = (int(c[0]) for c in error_counts(null, alternative, np.array([threshold])))
     level = 1.0 - (1.0 - confidence) / 2.0
     mu_lower = gaussian_shift_lower(null, alternative, confidence)
-    return AuditResult(
-        **common,
-        statistic=name,
-        threshold=threshold,
-        false_positives=false_positives,
-        false_negatives=false_negatives,
+    return dict(
+        statistic=name, threshold=threshold, false_positives=false_positives, false_negatives=false_negatives,
         fpr_upper=float(clopper_pearson_upper(false_positives, test_trials, level)),
         fnr_upper=float(clopper_pearson_upper(false_negatives, test_trials, level)),
         epsilon_lower=float(epsilon_lower_bound(false_positives, test_trials, false_negatives, test_trials,
-                                                p.delta, confidence)),
-        mu_lower=mu_lower,
-        epsilon_gaussian=gdp_epsilon(mu_lower, p.delta),
-        nonfinite_releases=nonfinite,
-        refused="",
-    )
+                                                delta, confidence)),
+        mu_lower=mu_lower, epsilon_gaussian=gdp_epsilon(mu_lower, delta), nonfinite_releases=outcome.nonfinite,
+        refused="")
 
 
-def _answer(silo: _Silo, request: TrainRequest, setup, version: int, checkpoint: dict | None) -> np.ndarray:
+def _answer(silo: _Silo, request: TrainRequest, experiment: _Experiment) -> np.ndarray:
     """The silo's answer through the ClientApp's own handler; the released values as they left
     (before any coordinator-side validation, which would refuse a NaN the adversary still sees)."""
     if silo.synced:
-        sync = Sync(version, ())
+        sync = Sync(experiment.version, ())
     else:
-        sync = Sync(version, (), setup, checkpoint)
+        sync = Sync(experiment.version, (), experiment.setup, experiment.checkpoint)
     content = handle_train(encode_request(request, sync), silo.node)
     silo.synced = True
     return np.asarray(content.config_records["reply"]["projected_grads"], dtype=np.float64)
@@ -596,46 +646,3 @@ def _memory_dir() -> str | None:
 
 def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def print_report(result: AuditResult, config: Config) -> None:
-    r = result
-    if r.noise == "off":
-        noise = "no noise (--noise-off: a non-private run)"
-    else:
-        kind = {"discrete": "discrete Gaussian noise", "gaussian": "Gaussian noise (floating point)"}[r.noise]
-        noise = f"{kind}, sigma={r.noise_multiplier:.4f}"
-        if r.noise_scale != 1.0:
-            noise += f", drawn at {r.noise_scale:g} x sigma (a broken silo)"
-    print(f"audit of one release by real silos: {config.model.name} on {config.data.name}, attack: {r.attack}")
-    print(f"neighbours:    D = {r.examples} examples; D' = D + the canary {r.canary!r} "
-          f"(|s| = {r.canary_norm:.3g} C)")
-    print(f"request:       Poisson q={r.sample_rate:g}, clip C={r.clip_bound:g}, K={r.probes} probes, "
-          f"beta={r.beta:g}, {noise}")
-    if r.refused:
-        print(f"refused:       {r.refused}")
-        print(r.verdict)
-        return
-    level = 100 * (1 - (1 - r.confidence) / 2)
-    print(f"trials:        {r.trials} per dataset ({r.trials - r.test_trials} choose the statistic and threshold, "
-          f"{r.test_trials} test them); {r.releases_charged} releases charged to the audited silos' ledgers")
-    print(f"test:          D' when {r.statistic} score >= {r.threshold:.6g}: false positives {r.false_positives}/"
-          f"{r.test_trials} (FPR <= {r.fpr_upper:.4g}), false negatives {r.false_negatives}/{r.test_trials} "
-          f"(FNR <= {r.fnr_upper:.4g}), each at {level:g}%")
-    if r.nonfinite_releases:
-        print(f"non-finite:    {r.nonfinite_releases} releases held NaN or infinite values")
-    if r.rows_zeroed:
-        print(f"zeroed:        {r.rows_zeroed} per-example rows were not finite and counted as zero (in the silos' "
-              "ledgers; not released)")
-    accountant = "inf (no noise)" if math.isinf(r.epsilon_accountant) else f"{r.epsilon_accountant:.4f}"
-    print(f"epsilon:       charged {accountant} at delta={r.delta:g}; lower bounds ({100 * r.confidence:g}% "
-          f"confidence): {r.epsilon_lower:.4f} assumption-free (at most {r.epsilon_ceiling:.2f} with these trials), "
-          f"{_num(r.epsilon_gaussian)} Gaussian (mu >= {_num(r.mu_lower)})")
-    if r.flagged_scale:
-        print(f"power:         a release noised at <= {r.flagged_scale:.2f} x its sigma would be flagged "
-              "(in expectation, Gaussian bound)")
-    print(r.verdict)
-
-
-def _num(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.4f}"

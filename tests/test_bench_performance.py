@@ -17,7 +17,7 @@ from seedtune.bench.cost import (
     workload,
 )
 from seedtune.cli.main import main
-from seedtune.bench.run import COLUMNS, print_report
+from seedtune.cli.reports import COLUMNS, print_bench
 
 
 def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
@@ -153,7 +153,7 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
                                                               "at_least": False, "met": True}],
                   "fedavg_round_bytes": {"down": 1, "total_1000_rounds": 1},
                   "setup": {"model_download_s_at_100_mbit": 1.0, "model_bytes": 1}}
-        print_report(report)
+        print_bench(report)
     summary = {"setup": {"length": 64}, "rows": [
         {"method": method, "batch": batch, "step_s": 0.1 * batch, "peak_above_model_mib": 5.0 * batch}
         for method in bench_cost.COST_METHODS for batch in (1, 4)]}

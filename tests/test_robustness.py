@@ -64,14 +64,14 @@ def test_nan_replies_are_refused_and_the_rounds_go_on_with_four_silos(outcomes):
 
 def test_the_report_prints_every_run_and_its_targets(capsys):
     from seedtune.cli.main import main
-    from seedtune.bench.run import print_report
+    from seedtune.cli.reports import print_bench
 
     rows = [{"attack": attack, "rule": "trimmed-mean", "accuracy": accuracy, "change": accuracy - 0.9,
              "rounds": 40, "refused": refused, "before": 0.55, "cost": f"cost of {attack}"}
             for attack, accuracy, refused in (("honest", 0.9, 0), ("nan", 0.91, 40))]
     target = {"claim": "trimmed mean, nan: within 2 points", "value": 1.0, "limit": 2.0, "at_least": False,
               "met": True}
-    print_report({"bench": "robust", "rows": rows, "targets": [target]})
+    print_bench({"bench": "robust", "rows": rows, "targets": [target]})
     printed = capsys.readouterr().out
     assert "nan        trimmed-mean      0.910      0.010      40       40" in printed
     assert "test accuracy before training: 0.550" in printed and "cost of honest" in printed
