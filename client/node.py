@@ -208,7 +208,8 @@ class SiloNode:
             raise SyncError(f"asked to answer at version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
         if silo.ledger is not None:  # refused here costs nothing; the ledger checks again as it charges
-            self.limits.admit(release_event(request.sample_rate, request.noise_multiplier, silo.noise), 0)
+            self.limits.admit(release_event(request.release.sample_rate, request.release.noise_multiplier,
+                                            silo.noise), 0)
         reply = silo.answer(request)
         self._record_timing(request.round, {
             "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,

@@ -20,7 +20,12 @@ from seedtune.common.privacy.mechanism import nonprivate_release, private_releas
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.privacy.sampling import poisson_sample
 from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
+from seedtune.common.errors import SeedtuneError
 from seedtune.common.tasks import Task
+
+
+class ReleaseMismatch(SeedtuneError):
+    """A request whose release parameters contradict the run's setup."""
 
 
 class Silo:
@@ -60,29 +65,33 @@ class Silo:
         self.last_reused = False  # the last answer repeated a release already made
 
     def answer(self, request: TrainRequest) -> TrainReply:
+        asked = request.release
+        if asked.noise != self.noise:  # the request and the run's setup must agree, or nothing is released
+            raise ReleaseMismatch(f"the request asks for {asked.noise!r} noise but this run's setup names "
+                                  f"privacy.noise={self.noise!r}; nothing was released")
         digest = request_digest(request)
         reused = self._answered(request, digest)
         self.last_reused = reused is not None
         if reused is not None:
             self.last_loss, self.last_batch_size, self.last_compute_s, self.last_zeroed = float("nan"), 0, 0.0, 0
             return reused
-        chosen = poisson_sample(len(self.shard), request.sample_rate, self.randomness)
+        chosen = poisson_sample(len(self.shard), asked.sample_rate, self.randomness)
         rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
-        micro_batch = self.micro_batch or micro_batch_for(request.sample_rate * self.public_size)
+        micro_batch = self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size)
         start = time.perf_counter()
         estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
                                                     request.beta, micro_batch)
         self.last_compute_s = time.perf_counter() - start
         if self.ledger is None:
             release = nonprivate_release(
-                estimate.differences, sample_rate=request.sample_rate, population=self.public_size
+                estimate.differences, sample_rate=asked.sample_rate, population=self.public_size
             )
         else:
             release = private_release(
                 estimate.differences,
-                clip_bound=request.clip_bound,
-                noise_multiplier=request.noise_multiplier,
-                sample_rate=request.sample_rate,
+                clip_bound=asked.clip_bound,
+                noise_multiplier=asked.noise_multiplier,
+                sample_rate=asked.sample_rate,
                 population=self.public_size,
                 randomness=self.randomness,
                 ledger=self.ledger,
@@ -96,7 +105,7 @@ class Silo:
         return TrainReply(
             round=request.round,
             projected_grads=tuple(float(v) for v in release.values),
-            expected_batch_size=request.sample_rate * self.public_size,
+            expected_batch_size=asked.sample_rate * self.public_size,
             events=events,
         )
 
@@ -110,6 +119,6 @@ class Silo:
         return TrainReply(
             round=request.round,
             projected_grads=tuple(previous.values),
-            expected_batch_size=request.sample_rate * self.public_size,
+            expected_batch_size=request.release.sample_rate * self.public_size,
             events=(event_codec.event_to_dict(previous.event),),
         )

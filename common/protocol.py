@@ -17,6 +17,20 @@ from seedtune.common.directions import mix_int
 MIN_BETA = 1e-4
 
 
+NOISES = ("discrete", "gaussian")  # privacy.noise: exact lattice noise, or floating-point Gaussian
+
+
+@dataclass(frozen=True)
+class Release:
+    """How a silo is asked to release: one object, so that every value is checked together (the
+    silo refuses a noise kind other than its run's setup names, and its limits bound the rest)."""
+
+    clip_bound: float  # C: each example's row is clipped to L2 norm C
+    noise_multiplier: float  # sigma, a multiple of C (never a standard deviation); 0 when not private
+    sample_rate: float  # q: each example joins the batch independently with probability q
+    noise: str = "discrete"  # one of NOISES
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     run_id: str
@@ -24,9 +38,7 @@ class TrainRequest:
     model_version: int  # steps the silo's model must have applied before answering
     probe_seeds: tuple[int, ...]
     beta: float
-    clip_bound: float
-    noise_multiplier: float  # 0 when the run is not private
-    sample_rate: float
+    release: Release
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.protocol import NOISES, Release, TrainReply, TrainRequest
 from seedtune.common.updatelog import StepRecord
 
 MAX_PROBES = 1024
@@ -67,9 +67,10 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
         "model_version": request.model_version,
         "probe_seeds": [int(seed) for seed in request.probe_seeds],
         "beta": float(request.beta),
-        "clip_bound": float(request.clip_bound),
-        "noise_multiplier": float(request.noise_multiplier),
-        "sample_rate": float(request.sample_rate),
+        "clip_bound": float(request.release.clip_bound),
+        "noise_multiplier": float(request.release.noise_multiplier),
+        "sample_rate": float(request.release.sample_rate),
+        "noise": request.release.noise,
     })
     sync_record = {
         "start_version": sync.start_version,
@@ -103,12 +104,17 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         model_version=_nonnegative_int(record, "model_version"),
         probe_seeds=tuple(seeds),
         beta=_positive(record, "beta"),
-        clip_bound=_positive(record, "clip_bound"),
-        noise_multiplier=_finite(record, "noise_multiplier", minimum=0.0),
-        sample_rate=_finite(record, "sample_rate", minimum=0.0),
+        release=Release(
+            clip_bound=_positive(record, "clip_bound"),
+            noise_multiplier=_finite(record, "noise_multiplier", minimum=0.0),
+            sample_rate=_finite(record, "sample_rate", minimum=0.0),
+            noise=_field(record, "noise", str),
+        ),
     )
-    if not 0 < request.sample_rate <= 1:
-        raise WireError(f"request.sample_rate={request.sample_rate} is outside (0, 1]")
+    if not 0 < request.release.sample_rate <= 1:
+        raise WireError(f"request.sample_rate={request.release.sample_rate} is outside (0, 1]")
+    if request.release.noise not in NOISES:
+        raise WireError(f"request.noise={request.release.noise!r} is not one of {', '.join(NOISES)}")
     sync_record = _config(content, "sync")
     try:
         rows = json.loads(_field(sync_record, "records", str))
@@ -172,7 +178,7 @@ def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[Train
 # -- evaluation on silos' own data -------------------------------------------------------------
 def encode_evaluation(run_id: str, model_version: int, private: bool, noise_multiplier: float,
                       sync: Sync) -> RecordDict:
-    content = encode_request(TrainRequest(run_id, model_version, model_version, (1,), 1.0, 1.0, 0.0, 1.0), sync)
+    content = encode_request(TrainRequest(run_id, model_version, model_version, (1,), 1.0, Release(1.0, 0.0, 1.0)), sync)
     content["evaluate"] = ConfigRecord({"private": private, "noise_multiplier": float(noise_multiplier)})
     return content
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 
 from seedtune.common.errors import SeedtuneError
-from seedtune.common.protocol import TrainReply, TrainRequest, probe_seeds
+from seedtune.common.protocol import Release, TrainReply, TrainRequest, probe_seeds
 from seedtune.common.schedule import Schedule
 from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
 from seedtune.common.aggregation import RuleCost, aggregate, describe, rule_named
@@ -30,9 +30,7 @@ class Coordinator:
         run_seed: int,
         probes: int,
         schedule: Schedule,
-        clip_bound: float,
-        noise_multiplier: float,
-        sample_rate: float,
+        release: Release,
         log: UpdateLog,
         applier: UpdateApplier,
         aggregation: str = "mean",
@@ -43,9 +41,7 @@ class Coordinator:
         self.run_seed = run_seed
         self.probes = probes
         self.schedule = schedule
-        self.clip_bound = clip_bound
-        self.noise_multiplier = noise_multiplier
-        self.sample_rate = sample_rate
+        self.release = release  # the same for every round of the run
         self.log = log
         self.applier = applier
         self.aggregation = aggregation
@@ -68,9 +64,7 @@ class Coordinator:
             model_version=self.applier.version,
             probe_seeds=probe_seeds(self.run_seed, self.step, self.probes),
             beta=plan.beta,
-            clip_bound=self.clip_bound,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
+            release=self.release,
         )
 
     def apply(self, request: TrainRequest, replies: Sequence[TrainReply]) -> StepRecord:
@@ -102,4 +96,5 @@ class Coordinator:
     def cost(self, replies: Sequence[TrainReply]) -> RuleCost:
         """The sensitivity and noise of this round's aggregate, for these replies' silos."""
         return describe(self.aggregation, [reply.expected_batch_size for reply in replies],
-                        clip_bound=self.clip_bound, noise_multiplier=self.noise_multiplier, trim=self.trim)
+                        clip_bound=self.release.clip_bound, noise_multiplier=self.release.noise_multiplier,
+                        trim=self.trim)

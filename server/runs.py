@@ -22,6 +22,7 @@ from seedtune.common.data import TextData
 from seedtune.common.errors import ConfigError, RunDirError
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import check_creatable, check_resumable
+from seedtune.common.protocol import Release
 from seedtune.common.schedule import Schedule
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
@@ -105,8 +106,8 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
     applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
     coordinator = Coordinator(
         run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
-        clip_bound=config.privacy.clip_bound, noise_multiplier=sigma,
-        sample_rate=config.privacy.sample_rate, log=log, applier=applier,
+        release=Release(config.privacy.clip_bound, sigma, config.privacy.sample_rate, config.privacy.noise),
+        log=log, applier=applier,
         aggregation=config.federation.aggregation, trim=config.federation.trim,
     )
     return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)

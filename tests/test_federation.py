@@ -18,7 +18,7 @@ from seedtune.common.config import load_config
 from seedtune.common.errors import BudgetExhausted, ConfigError
 from seedtune.common.partition import partition_indices
 from seedtune.common.privacy.accounting import epsilon_for
-from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.protocol import Release, TrainReply, TrainRequest
 from seedtune.common.wire import (
     Sync, WireError, decode_reply, decode_request, encode_reply, encode_request, serialized_size,
 )
@@ -40,7 +40,7 @@ def _config(*extra):
 
 
 def _request(round=3, probes=2):
-    return TrainRequest("run", round, round, tuple(range(1, probes + 1)), 1e-3, 1.0, 0.8, 0.05)
+    return TrainRequest("run", round, round, tuple(range(1, probes + 1)), 1e-3, Release(1.0, 0.8, 0.05))
 
 
 # -- wire --------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_a_restarted_silo_keeps_its_budget_and_refuses_past_it(tmp_path):
 
     def other(k):  # the same round asked with other directions: another question, another release
         return TrainRequest(request.run_id, request.round, request.model_version, (k, k + 1), request.beta,
-                            request.clip_bound, request.noise_multiplier, request.sample_rate)
+                            request.release)
 
     first, _ = node.answer(request, _first_contact(run))
     again, _ = node.answer(request, Sync(0, ()))  # the very same request: the same release, not charged again
@@ -191,8 +191,7 @@ def test_a_silo_out_of_step_refuses_instead_of_answering_on_the_wrong_model(tmp_
     with pytest.raises(SyncError, match="no setup"):
         node.answer(run.coordinator.request(), Sync(0, ()))
     request = run.coordinator.request()
-    behind = TrainRequest(request.run_id, 4, 4, request.probe_seeds, request.beta, request.clip_bound,
-                          request.noise_multiplier, request.sample_rate)
+    behind = TrainRequest(request.run_id, 4, 4, request.probe_seeds, request.beta, request.release)
     with pytest.raises(SyncError, match="version 4"):
         node.answer(behind, _first_contact(run))
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from seedtune.jobs.train import train
 from seedtune.client.app import NodeConfigError, handle_train, node_for
+from seedtune.client.limits import Limits
 from seedtune.client.node import SiloNode
 from seedtune.common import components
 from seedtune.common.config import load_config
@@ -63,6 +65,22 @@ def test_two_silos_built_from_the_same_setup_release_different_noise(tmp_path):
     replies = [SiloNode(tmp_path / name, _shard, partition=0).answer(request, first)[0].projected_grads
                for name in ("a", "b")]
     assert replies[0] != replies[1]
+
+
+@pytest.mark.parametrize("setup_noise, asked", [("discrete", "gaussian"), ("gaussian", "discrete")])
+def test_a_request_whose_noise_kind_contradicts_the_setup_is_refused_before_anything_is_charged(
+        setup_noise, asked, tmp_path):
+    run = open_run(load_config("tiny", overrides=[*TINY, f"privacy.noise={setup_noise}"]), tmp_path / "run",
+                   resume=False)
+    request = run.coordinator.request()
+    assert request.release.noise == setup_noise  # the coordinator asks what its own setup names
+    node = SiloNode(tmp_path / "silo", _shard, budget=(8.0, 1e-5, "rdp"), partition=0,
+                    limits=Limits(allow_float_noise=True))
+    forged = dataclasses.replace(request, release=dataclasses.replace(request.release, noise=asked))
+    with pytest.raises(SeedtuneError, match=f"asks for {asked!r} noise but this run's setup names"):
+        handle_train(encode_request(forged, Sync(0, (), run.setup())), node)
+    assert node.ledger.releases == 0  # nothing sampled, computed or charged
+    assert node.answer(request, Sync(0, ()))[0].projected_grads  # the honest request is answered
 
 
 # -- 2: a non-finite per-example value contributes zero, and the count stays with the silo -----
@@ -139,7 +157,7 @@ def test_a_silo_divides_by_its_public_size_whatever_its_records(tmp_path):
                         randomness=lambda: NoNoise())
         reply, _ = node.answer(request, first)
         sizes.append(reply.expected_batch_size)
-    assert sizes == [request.sample_rate * 1000] * 2  # n does not leave, through the weight or the scale
+    assert sizes == [request.release.sample_rate * 1000] * 2  # n does not leave, through the weight or the scale
 
 
 # -- 8: nothing private is written to the run's public log ------------------------------------

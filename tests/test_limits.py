@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from seedtune.client.app import handle_train
@@ -12,7 +14,7 @@ from seedtune.common.config import load_config
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.privacy.accounting import release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.protocol import MIN_BETA, TrainRequest
+from seedtune.common.protocol import MIN_BETA, Release, TrainRequest
 from seedtune.common.wire import Sync
 from seedtune.server.federation import DirectTransport, Federation, FederationError
 from seedtune.server.runs import open_run
@@ -30,7 +32,9 @@ def _shard(config, label_names, split="train"):
 
 
 def _with(request: TrainRequest, **changes) -> TrainRequest:
-    return TrainRequest(**{**request.__dict__, **changes})
+    """``request`` with some of its own fields or its release parameters changed."""
+    release = {key: changes.pop(key) for key in list(changes) if key in Release.__dataclass_fields__}
+    return dataclasses.replace(request, release=dataclasses.replace(request.release, **release), **changes)
 
 
 def test_node_config_sets_the_limits_and_a_bad_value_names_its_key():

@@ -26,7 +26,7 @@ SCALARS = [st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(allow
            st.text(max_size=40), st.binary(max_size=40), st.booleans()]
 VALUES = st.one_of(*SCALARS, *[st.lists(s, max_size=6) for s in SCALARS])
 REQUEST_KEYS = ["run_id", "round", "model_version", "probe_seeds", "beta", "clip_bound", "noise_multiplier",
-                "sample_rate"]
+                "sample_rate", "noise"]
 SYNC_KEYS = ["start_version", "records", "setup", "checkpoint_version", "checkpoint_anchor_step"]
 REPLY_KEYS = ["silo", "round", "model_version", "projected_grads", "expected_batch_size", "events"]
 
@@ -58,7 +58,8 @@ def test_a_train_request_decodes_or_is_refused(request, sync, steps, keep_steps)
     except WireError:
         return
     # What a silo would apply to its model: consecutive steps of finite numbers only
-    assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.sample_rate <= 1
+    assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.release.sample_rate <= 1
+    assert decoded.release.noise in ("discrete", "gaussian")
     for offset, step in enumerate(synced.records):
         assert step.step == synced.start_version + offset
         assert all(math.isfinite(x) for x in (step.lr, step.beta, step.prox, *step.projected_grads))
@@ -75,7 +76,7 @@ def test_an_evaluation_request_decodes_or_is_refused(request, sync, evaluate):
         return
     # What a silo would noise its counts with: a finite multiplier, positive whenever it is private
     assert isinstance(private, bool) and math.isfinite(sigma) and sigma >= 0 and (sigma > 0 or not private)
-    assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.sample_rate <= 1
+    assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.release.sample_rate <= 1
 
 
 @FUZZ
@@ -122,7 +123,7 @@ def test_an_evaluation_reply_decodes_only_into_finite_counts_and_known_events(ev
 def test_the_fuzzed_request_shape_can_also_decode():
     # The strategies reach valid messages too (else the tests above would only test refusals).
     request = {"run_id": "r", "round": 1, "model_version": 1, "probe_seeds": [1, 2], "beta": 1e-3, "clip_bound": 1.0,
-               "noise_multiplier": 1.0, "sample_rate": 0.1}
+               "noise_multiplier": 1.0, "sample_rate": 0.1, "noise": "discrete"}
     decoded, sync = decode_request(RecordDict({"request": ConfigRecord(request),
                                                "sync": ConfigRecord({"start_version": 1, "records": "[]"})}))
     assert decoded.probe_seeds == (1, 2) and sync.records == () and len(decoded.probe_seeds) <= MAX_PROBES
@@ -135,7 +136,7 @@ def test_a_setup_that_would_allocate_without_bound_is_refused():
     from seedtune.common import wire
 
     request = {"run_id": "r", "round": 1, "model_version": 1, "probe_seeds": [1], "beta": 1e-3, "clip_bound": 1.0,
-               "noise_multiplier": 1.0, "sample_rate": 0.1}
+               "noise_multiplier": 1.0, "sample_rate": 0.1, "noise": "discrete"}
 
     def with_setup(setup):
         return RecordDict({"request": ConfigRecord(request),
