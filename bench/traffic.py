@@ -283,7 +283,8 @@ def bench_scale(clients: tuple[int, ...] = SCALE_CLIENTS, rounds: int = 12, prog
 def simulate_and_measure(clients: int, rounds: int) -> dict:
     """``seedtune simulate --preset tiny`` with ``clients`` silos, in this (fresh) process."""
     import psutil
-    from seedtune.jobs.simulate import SILOS_DIR, simulate
+    from seedtune.common.paths import RunLayout
+    from seedtune.jobs.simulate import simulate
     from seedtune.client.node import TIMINGS_FILE
     from seedtune.common.config import load_config
 
@@ -312,9 +313,9 @@ def simulate_and_measure(clients: int, rounds: int) -> dict:
         wall = time.perf_counter() - start
         done.set()
         watcher.join()
-        with sqlite3.connect(run_dir / "log.sqlite") as db:
+        with sqlite3.connect(RunLayout(run_dir).log) as db:
             stamps = [row[0] for row in db.execute("SELECT created FROM steps ORDER BY step")]
-        timings = [json.loads(line) for path in (run_dir / SILOS_DIR).glob(f"*/{TIMINGS_FILE}")
+        timings = [json.loads(line) for path in RunLayout(run_dir).silos.glob(f"*/{TIMINGS_FILE}")
                    for line in path.read_text().splitlines()]
     # Round r's duration: from the commit of step r-1 to that of step r (the first round, which
     # also starts the silos, is left out).

@@ -108,7 +108,7 @@ def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline
 
         result = simulate(config, Path(run_dir), progress=False)
         metrics = result.federation.after
-        epsilon = max(spent for _, spent in result.silo_ledgers.values())
+        epsilon = max(ledger["epsilon"] for ledger in result.silo_ledgers.values())
     else:
         from seedtune.jobs.train import train
 

@@ -175,7 +175,8 @@ def print_simulation(result) -> None:
     print(f"{'silo':<14}{'releases':>9}{'epsilon (silo)':>16}{'epsilon (server)':>18}"
           f"{'up B/round':>12}{'down B/round':>14}")
     for silo in sorted(set(federation.epsilons) | set(result.silo_ledgers)):  # each silo once, by its name
-        releases, own = result.silo_ledgers.get(silo, (0, float("nan")))
+        ledger = result.silo_ledgers.get(silo, {"releases": 0, "epsilon": float("nan")})
+        releases, own = ledger["releases"], ledger["epsilon"]
         traffic = federation.traffic.get(silo, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
         messages = max(traffic["messages"], 1)
         print(f"{silo:<14}{releases:>9}{_number(own):>16}{_number(federation.epsilons.get(silo, float('nan'))):>18}"

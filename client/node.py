@@ -29,10 +29,10 @@ from seedtune.common.config import Config
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.models import fingerprint
+from seedtune.common.paths import LEDGER_FILE
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.privacy.accounting import evaluation_event, release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import private_counts
+from seedtune.common.privacy.mechanism import NoiseMechanism, private_counts
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import evaluate
@@ -208,8 +208,9 @@ class SiloNode:
             raise SyncError(f"asked to answer at version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
         if silo.ledger is not None:  # refused here costs nothing; the ledger checks again as it charges
-            self.limits.admit(release_event(request.release.sample_rate, request.release.noise_multiplier,
-                                            silo.noise), 0)
+            asked = request.release
+            mechanism = NoiseMechanism.for_release(silo.noise, asked.noise_multiplier, asked.clip_bound)
+            self.limits.admit(mechanism.event(asked.sample_rate), 0)
         reply = silo.answer(request)
         self._record_timing(request.round, {
             "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,
@@ -233,7 +234,7 @@ class SiloNode:
         if run.version != request.model_version:
             raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
-        event = evaluation_event(noise_multiplier, silo.noise)
+        event = NoiseMechanism.for_counts(silo.noise, noise_multiplier).event()
         if private:
             if silo.ledger is None:
                 raise SyncError("a private evaluation in a non-private run")
@@ -266,7 +267,7 @@ class SiloNode:
                 epsilon, delta, accountant = self._budget or (
                     config.privacy.epsilon, config.privacy.delta, config.privacy.accountant)
                 if self.ledger is None:
-                    self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", epsilon=epsilon, delta=delta,
+                    self.ledger = PrivacyLedger(self.state_dir / LEDGER_FILE, epsilon=epsilon, delta=delta,
                                                 accountant=accountant, admit=self.limits.admit)
                 ledger = self.ledger
             randomness = self._randomness() if self._randomness else components.randomness(config, self.partition or 0)

@@ -9,6 +9,7 @@ and a half-made directory; found first, it is one line that names the path and t
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from seedtune.common.errors import RunDirError
@@ -48,3 +49,62 @@ def check_resumable(run_dir: Path) -> None:
                               f"attribute) and --resume must write to it; make the run directory and its files "
                               f"writable (chmod -R u+w {run_dir}), or copy the run somewhere writable and resume the "
                               f"copy")
+
+
+LEDGER_FILE = "ledger.sqlite"  # a silo's ledger, in its state directory (and in a train run's directory)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every file a run directory holds: the one place their names are written.
+
+    ``log.sqlite`` (config, base, mask, every step, metrics), ``final/`` (the model), ``metrics.json``
+    and ``training.png``; a ``train`` run's one silo keeps its ``ledger.sqlite`` beside them; a
+    federation adds the coordinator's ``federation.sqlite`` and ``traffic.png``, and a simulation
+    each silo's state directory under ``silos/<name>/``. Files are written through a staging name
+    and renamed, so none is ever half-written."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.sqlite"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / LEDGER_FILE
+
+    @property
+    def store(self) -> Path:
+        return self.root / "federation.sqlite"
+
+    @property
+    def silos(self) -> Path:
+        return self.root / "silos"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def training_plot(self) -> Path:
+        return self.root / "training.png"
+
+    @property
+    def traffic_plot(self) -> Path:
+        return self.root / "traffic.png"
+
+    def staging(self, path: Path) -> Path:
+        """Where ``path`` is written before it is renamed into place."""
+        return path.with_name(f".{path.name}.partial")
+
+    def silo_ledgers(self) -> list[Path]:
+        """Each simulated silo's own ledger."""
+        return sorted(self.silos.glob(f"*/{LEDGER_FILE}"))

@@ -90,7 +90,7 @@ from seedtune.common.privacy.audit import (
     gaussian_shift_lower,
     gdp_epsilon,
 )
-from seedtune.common.privacy.mechanism import lattice_sensitivity, lattice_step
+from seedtune.common.privacy.mechanism import NoiseMechanism
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import Release, TrainRequest, probe_seeds
 from seedtune.common.wire import Setup, Sync, WireError, encode_request
@@ -454,7 +454,7 @@ def _power(config: Config, sigma: float, experiment: _Experiment, epsilon_accoun
     p = config.privacy
     if not math.isfinite(epsilon_accountant) or sigma == 0:
         return 0.0
-    noise_std = _noise_std(p.noise, sigma, p.clip_bound, len(experiment.seeds))
+    noise_std = NoiseMechanism.for_release(p.noise, sigma, p.clip_bound).std(len(experiment.seeds))
     shift_units = min(experiment.canary_norm, 1.0) * p.clip_bound / noise_std if noise_std > 0 else math.inf
     return expected_flagged_scale(shift_units, epsilon_accountant, p.delta, test_trials, confidence)
 
@@ -530,13 +530,6 @@ def _scores(releases: np.ndarray, direction: np.ndarray, half: int) -> dict[str,
         unit = shift / norm if norm > 0 and np.isfinite(norm) else direction
         out[name] = (project(values[0], unit), project(values[1], unit))
     return out
-
-
-def _noise_std(noise: str, sigma: float, clip_bound: float, probes: int) -> float:
-    """The standard deviation of the noise a release's sum gets per coordinate, in sum units."""
-    if noise == "discrete":
-        return sigma * float(lattice_sensitivity(clip_bound, probes)) * lattice_step(clip_bound)
-    return sigma * clip_bound
 
 
 def _choose_canary(task, estimator, pool, labels: int, seeds, beta: float, *, long: bool):

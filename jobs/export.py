@@ -6,12 +6,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from seedtune.jobs.train import LEDGER_FILE, LOG_FILE
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import RunDirError
 from seedtune.common.models import fingerprint
-from seedtune.common.paths import check_creatable
+from seedtune.common.paths import RunLayout, check_creatable
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from tqdm.auto import tqdm
@@ -22,7 +21,7 @@ REPLAY_BATCH = 100  # steps applied piece by piece of the model at once (UpdateA
 def _open_run(run_dir: Path) -> tuple[UpdateLog, Config]:
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist")
-    log = UpdateLog.open(run_dir / LOG_FILE)
+    log = UpdateLog.open(RunLayout(run_dir).log)
     try:
         config = Config.from_dict(log.config)
     except Exception as error:  # a log written by another version, or edited by hand
@@ -72,7 +71,7 @@ def describe(run_dir: Path) -> dict:
     log, config = _open_run(run_dir)
     privacy = {"enabled": config.privacy.enabled}
     if config.privacy.enabled:
-        ledger_path = run_dir / LEDGER_FILE
+        ledger_path = RunLayout(run_dir).ledger
         if ledger_path.is_file():
             ledger = PrivacyLedger(ledger_path, epsilon=config.privacy.epsilon, delta=config.privacy.delta,
                                    accountant=config.privacy.accountant)
@@ -90,7 +89,7 @@ def describe(run_dir: Path) -> dict:
         privacy["epsilon_per_silo"] = {silo["silo"]: silo["epsilon"] for silo in federation["silos"]}
         privacy["epsilon"] = max(privacy["epsilon_per_silo"].values(), default=0.0)
         privacy["releases"] = sum(silo["releases"] for silo in federation["silos"])
-        ledgers = _silo_ledgers(run_dir)
+        ledgers = silo_ledgers(run_dir)
         if ledgers:  # a simulation keeps each silo's own ledger: the authority, shown beside the view
             privacy["ledger_per_silo"] = ledgers
     report = {
@@ -111,10 +110,10 @@ def describe(run_dir: Path) -> dict:
     return report
 
 
-def _silo_ledgers(run_dir: Path) -> dict[str, dict]:
+def silo_ledgers(run_dir: Path) -> dict[str, dict]:
     """Each simulated silo's own ledger (``RUN_DIR/silos/<name>/ledger.sqlite``): epsilon and releases."""
     result = {}
-    for path in sorted((run_dir / "silos").glob("*/ledger.sqlite")):
+    for path in RunLayout(run_dir).silo_ledgers():
         with PrivacyLedger.existing(path) as ledger:
             result[path.parent.name] = {"epsilon": ledger.spent(), "releases": ledger.releases}
     return result
@@ -122,12 +121,12 @@ def _silo_ledgers(run_dir: Path) -> dict[str, dict]:
 
 def _federation_report(run_dir: Path, config: Config) -> dict | None:
     """Per-silo privacy (the coordinator's view, recomputed from reported events) and traffic."""
-    from seedtune.server.federation import STORE_FILE
     from seedtune.server.store import FederationStore
 
-    if not (run_dir / STORE_FILE).is_file():
+    path = RunLayout(run_dir).store
+    if not path.is_file():
         return None
-    store = FederationStore(run_dir / STORE_FILE)
+    store = FederationStore(path)
     try:
         releases = store.releases()
         epsilons = store.epsilons(config.privacy.delta, config.privacy.accountant) if config.privacy.enabled else {}

@@ -18,18 +18,17 @@ from pathlib import Path
 
 from seedtune.common.config import Config, with_changes
 from seedtune.common.errors import RunDirError, SeedtuneError
-from seedtune.common.privacy.ledger import PrivacyLedger
+from seedtune.common.paths import RunLayout
+from seedtune.jobs.export import silo_ledgers
 from seedtune.server.federation import FederationResult
 from seedtune.server.runs import open_run
-
-SILOS_DIR = "silos"
 
 
 @dataclass
 class SimulationResult:
     run_dir: Path
     federation: FederationResult
-    silo_ledgers: dict[str, tuple[int, float]]  # silo -> (releases, epsilon) from its own ledger
+    silo_ledgers: dict[str, dict]  # silo -> {"epsilon", "releases"} from its own ledger
 
 
 def simulate(config: Config, run_dir: Path, *, clients: int | None = None, rounds: int | None = None,
@@ -54,7 +53,7 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
 
     outcome = Outcome()
     server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome)
-    client_app = make_client_app(state_root=run_dir / SILOS_DIR)
+    client_app = make_client_app(state_root=RunLayout(run_dir).silos)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.clients)),
                              "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}}
@@ -88,16 +87,7 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
     if outcome.result is None:
         raise SeedtuneError(f"the simulation stopped before finishing; see the log above. Finished rounds are "
                             f"in {run_dir}: resume with seedtune simulate --resume --out {run_dir}")
-    return SimulationResult(run_dir, outcome.result, silo_ledgers(run_dir, config))
-
-
-def silo_ledgers(run_dir: Path, config: Config) -> dict[str, tuple[int, float]]:
-    """Each simulated silo's own ledger: releases made and epsilon spent."""
-    result = {}
-    for path in sorted((run_dir / SILOS_DIR).glob("*/ledger.sqlite")):
-        with PrivacyLedger.existing(path) as ledger:
-            result[path.parent.name] = (ledger.releases, ledger.spent())
-    return result
+    return SimulationResult(run_dir, outcome.result, silo_ledgers(run_dir))
 
 
 def _stop_ray() -> None:

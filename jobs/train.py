@@ -21,11 +21,9 @@ from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.server.rounds import Played, run_rounds
-from seedtune.server.runs import LOG_FILE, Run, finish_run, open_run
+from seedtune.server.runs import Run, finish_run, open_run
 
-__all__ = ["LEDGER_FILE", "LOG_FILE", "train"]
-
-LEDGER_FILE = "ledger.sqlite"
+__all__ = ["train"]
 
 
 class NonPrivateRunWarning(UserWarning):
@@ -94,7 +92,7 @@ def _local_silo(run: Run, public_size: int | None, randomness: SecretRandomness 
         log.set_meta("public_size", int(public_size or len(data.train)))
     ledger = None
     if config.privacy.enabled:
-        ledger = PrivacyLedger(run.run_dir / LEDGER_FILE, epsilon=config.privacy.epsilon, delta=config.privacy.delta,
+        ledger = PrivacyLedger(run.layout.ledger, epsilon=config.privacy.epsilon, delta=config.privacy.delta,
                                accountant=config.privacy.accountant)
     randomness = randomness or _randomness(config)
     parts = run.parts

@@ -20,7 +20,8 @@ from seedtune.common.config import Config
 from seedtune.common.wire import serialized_size
 from seedtune.server import plots
 from seedtune.server.federation import Federation, FederationResult, Response, Stopped
-from seedtune.server.runs import LOG_FILE, finish_run, open_run
+from seedtune.common.paths import RunLayout
+from seedtune.server.runs import finish_run, open_run
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Outcome:
 
 
 def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome: Outcome | None = None) -> None:
-    resume = (run_dir / LOG_FILE).exists()
+    resume = RunLayout(run_dir).log.exists()
     run = open_run(config, run_dir, resume=resume, command="federation")
     federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress)
     result = federation.run_all()
@@ -98,7 +99,7 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
                                 for silo in federation.store.silos()},
                       "rejections": result.rejections, "client_evaluation": result.client_evaluation,
                       "stopped_early": result.stopped_early})
-    plots.traffic_plot(federation.store.traffic_rows(), run_dir / "traffic.png")
+    plots.traffic_plot(federation.store.traffic_rows(), run.layout.traffic_plot)
     if outcome is not None:
         outcome.result, outcome.run_dir = result, run_dir
     run.log.close()

@@ -44,8 +44,6 @@ from seedtune.server.store import FederationStore
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "federation.sqlite"
-
 
 class NonPrivateEvaluationWarning(UserWarning):
     """Silos' exact evaluation counts leave them unprotected."""
@@ -120,7 +118,7 @@ class Federation:
         self.transport = transport
         self.progress = progress
         self.config = run.config
-        self.store = FederationStore(run.run_dir / STORE_FILE)
+        self.store = FederationStore(run.layout.store)
         self.versions: dict[int, int | None] = {}  # what each silo's model holds, as last reported
         self.aggregation: RuleCost | None = None
 

@@ -21,7 +21,7 @@ from seedtune.common.config import Config
 from seedtune.common.data import TextData
 from seedtune.common.errors import ConfigError, RunDirError
 from seedtune.common.models import fingerprint
-from seedtune.common.paths import check_creatable, check_resumable
+from seedtune.common.paths import RunLayout, check_creatable, check_resumable
 from seedtune.common.protocol import Release
 from seedtune.common.schedule import Schedule
 from seedtune.common.tasks import evaluate
@@ -30,7 +30,6 @@ from seedtune.common.wire import Setup
 from seedtune.server import plots
 from seedtune.server.coordinator import Coordinator
 
-LOG_FILE = "log.sqlite"
 
 
 @dataclass
@@ -51,6 +50,10 @@ class Run:
         return self.parts.task
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+    @property
     def run_id(self) -> str:
         return self.log.meta("run_id")
 
@@ -69,7 +72,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
     run_dir = Path(run_dir)
     log: UpdateLog | None = None
     if resume:
-        log = UpdateLog.open(run_dir / LOG_FILE)
+        log = UpdateLog.open(RunLayout(run_dir).log)
         config = Config.from_dict(log.config)
         if log.meta("status") == "finished":
             raise RunDirError(f"{run_dir} is a finished run; nothing to resume")
@@ -121,7 +124,7 @@ def _create_log(run_dir: Path, config: Config, reference: dict, parts: ModelPart
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = UpdateLog.create(
-            run_dir / LOG_FILE,
+            RunLayout(run_dir).log,
             config=config.to_dict(),
             base=reference,
             mask=parts.trainable.mask(),
@@ -137,7 +140,7 @@ def _create_log(run_dir: Path, config: Config, reference: dict, parts: ModelPart
         if made:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
-            for leftover in run_dir.glob(LOG_FILE + "*"):
+            for leftover in run_dir.glob(RunLayout(run_dir).log.name + "*"):
                 leftover.unlink(missing_ok=True)
         raise RunDirError(f"cannot create the run in --out {run_dir}: {error}; make it writable or choose another "
                           "--out") from None
@@ -147,8 +150,9 @@ def _create_log(run_dir: Path, config: Config, reference: dict, parts: ModelPart
 def finish_run(run: Run, before: dict, after: dict, epsilon: float | dict, extra: dict | None = None,
                names: dict[str, str] | None = None) -> None:
     """Write final/, metrics.json and the plot, each through a temporary name; mark it finished."""
-    final = run.run_dir / "final"
-    staging = run.run_dir / ".final.partial"
+    layout = run.layout
+    final = layout.final
+    staging = layout.staging(final)
     shutil.rmtree(staging, ignore_errors=True)
     run.task.save(staging)
     shutil.rmtree(final, ignore_errors=True)
@@ -165,11 +169,11 @@ def finish_run(run: Run, before: dict, after: dict, epsilon: float | dict, extra
         **(extra or {}),
         "series": run.log.metrics(),
     }
-    temporary = run.run_dir / ".metrics.json.partial"
+    temporary = layout.staging(layout.metrics)
     temporary.write_text(json.dumps(summary, indent=2, default=_json_default))
-    temporary.rename(run.run_dir / "metrics.json")
+    temporary.rename(layout.metrics)
     worst = max(epsilon.values(), default=0.0) if isinstance(epsilon, dict) else epsilon
-    plots.training_plot(run.log.metrics(), run.run_dir / "training.png", title=_title(config, worst, before, after),
+    plots.training_plot(run.log.metrics(), layout.training_plot, title=_title(config, worst, before, after),
                         names=names)
     run.log.set_meta("status", "finished")
 

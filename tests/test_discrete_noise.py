@@ -199,3 +199,33 @@ def test_pld_with_discrete_noise_is_refused_with_the_fix():
     load_config("tiny", overrides=["privacy.accountant=pld", "privacy.noise=gaussian"], command="train")
     with pytest.raises(ConfigError, match="privacy.noise='laplace'"):
         load_config("tiny", overrides=["privacy.noise=laplace"], command="train")
+
+
+# -- one mechanism for releases, evaluation counts and the audit ---------------------------------
+@pytest.mark.parametrize("noise", ["discrete", "gaussian"])
+def test_one_mechanism_names_the_event_its_noise_is_charged_as(noise):
+    from seedtune.common.privacy.accounting import evaluation_event, release_event
+    from seedtune.common.privacy.mechanism import NoiseMechanism, lattice_sensitivity, lattice_step
+
+    release = NoiseMechanism.for_release(noise, 0.9, 2.0)
+    assert release.event(0.01) == release_event(0.01, 0.9, noise)
+    counts = NoiseMechanism.for_counts(noise, 5.0)
+    assert counts.event() == evaluation_event(5.0, noise)  # sensitivity sqrt 2: sigma = s / sqrt 2
+    expected = 0.9 * float(lattice_sensitivity(2.0, 8)) * lattice_step(2.0) if noise == "discrete" else 0.9 * 2.0
+    assert release.std(8) == pytest.approx(expected, rel=1e-12) and counts.std(2) == 5.0
+    with pytest.raises(ValueError, match="unknown noise 'laplace'"):
+        NoiseMechanism.for_release("laplace", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("noise", ["discrete", "gaussian"])
+def test_noised_counts_have_the_variance_the_event_is_charged_for(noise):
+    from seedtune.common.privacy.mechanism import NoiseMechanism
+    from seedtune.common.privacy.randomness import SeededRandomness
+
+    mechanism = NoiseMechanism.for_counts(noise, 3.0)
+    randomness = SeededRandomness(5, quiet=True)
+    draws = np.array([mechanism.add(np.array([40.0, 100.0]), randomness) for _ in range(4000)])
+    if noise == "discrete":  # counts are integers, and so are their noised values: nothing else leaks
+        assert np.all(draws == np.rint(draws))
+    noise_drawn = draws - np.array([40.0, 100.0])
+    assert abs(noise_drawn.mean()) < 0.15 and noise_drawn.std() == pytest.approx(3.0, rel=0.04)

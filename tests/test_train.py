@@ -105,3 +105,15 @@ def test_a_release_lost_before_its_values_were_kept_is_charged_and_the_run_ends_
     with PrivacyLedger(run_dir / "ledger.sqlite", epsilon=8.0, delta=1e-5) as ledger:
         assert ledger.releases == 12  # round 5 twice: the lost release still counts
         assert ledger.spent() <= 8.0
+
+
+def test_a_finished_run_holds_exactly_the_files_its_layout_names(tmp_path):
+    from seedtune.common.paths import RunLayout
+
+    run_dir = tmp_path / "run"
+    train(_config("schedule.steps=2", "schedule.stages=1"), run_dir, progress=False)
+    layout = RunLayout(run_dir)
+    named = {layout.log, layout.ledger, layout.final, layout.metrics, layout.training_plot}
+    sqlite_sidecars = ("-wal", "-shm", "-journal")
+    assert {path for path in run_dir.iterdir() if not path.name.endswith(sqlite_sidecars)} == named
+    assert not list(run_dir.glob(".*.partial"))  # every file went through its staging name and was renamed

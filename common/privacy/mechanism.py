@@ -36,7 +36,7 @@ from fractions import Fraction
 import dp_accounting
 import numpy as np
 import torch
-from seedtune.common.privacy.accounting import evaluation_event, release_event
+from seedtune.common.privacy.accounting import release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
 
@@ -95,13 +95,13 @@ def private_release(
     ``population`` is N, the silo's public size; ``run_id`` and ``request`` (a digest of what was
     asked) key the release in the ledger, so that the same request can be answered again with the
     same values instead of a second charge."""
+    mechanism = NoiseMechanism.for_release(noise, noise_multiplier, clip_bound)
     rows, zeroed = finite_rows(differences.to(torch.float64))
     total = clip_per_example(rows, clip_bound).sum(dim=0).numpy()
-    event = release_event(sample_rate, noise_multiplier, noise)
+    event = mechanism.event(sample_rate)
     # durable before anything leaves; refuses past the budget or the silo's limits
     release_id = ledger.charge(event, round=round, run_id=run_id, request=request, zeroed=zeroed)
-    noised = add_noise(total, clip_bound=clip_bound, noise_multiplier=noise_multiplier, randomness=randomness,
-                       noise=noise)
+    noised = mechanism.add(total, randomness)
     values = noised / (sample_rate * population)
     check_finite(values, round)
     ledger.attach(release_id, [float(v) for v in values])
@@ -137,6 +137,58 @@ def add_noise(total: np.ndarray, *, clip_bound: float, noise_multiplier: float, 
     return (units + randomness.discrete_gaussian(total.shape[0], sigma * sigma)) * step
 
 
+@dataclass(frozen=True)
+class NoiseMechanism:
+    """The (discrete) Gaussian mechanism: it adds the noise and names the DP event that noise is
+    charged as. A training release (:meth:`for_release`), a silo's private evaluation counts
+    (:meth:`for_counts`) and the audit's expected noise all go through it.
+
+    ``noise_multiplier`` is sigma, the noise's standard deviation over the L2 sensitivity: C for a
+    release (plus the lattice's rounding slack, see :func:`lattice_sensitivity`), sqrt(2) for the
+    counts (correct, examples), which one example moves by at most 1 each. Counts are integers
+    already, so their discrete noise is drawn with variance exactly ``count_std``^2, on step 1."""
+
+    noise: str  # "discrete" or "gaussian"
+    noise_multiplier: float  # sigma
+    clip_bound: float | None = None  # C of a release; None for counts
+    count_std: float | None = None  # s of counts; None for a release
+
+    @classmethod
+    def for_release(cls, noise: str, noise_multiplier: float, clip_bound: float) -> NoiseMechanism:
+        if noise not in ("discrete", "gaussian"):
+            raise ValueError(f"unknown noise {noise!r}; use 'discrete' or 'gaussian'")
+        return cls(noise, noise_multiplier, clip_bound=clip_bound)
+
+    @classmethod
+    def for_counts(cls, noise: str, count_std: float) -> NoiseMechanism:
+        if noise not in ("discrete", "gaussian"):
+            raise ValueError(f"unknown noise {noise!r}; use 'discrete' or 'gaussian'")
+        return cls(noise, count_std / math.sqrt(2), count_std=count_std)
+
+    def event(self, sample_rate: float = 1.0) -> dp_accounting.DpEvent:
+        """What one use costs, on a Poisson sample at ``sample_rate`` (1: no sampling)."""
+        return release_event(sample_rate, self.noise_multiplier, self.noise)
+
+    def add(self, total: np.ndarray, randomness: SecretRandomness) -> np.ndarray:
+        """``total`` plus this mechanism's noise, drawn from ``randomness`` (never a public seed)."""
+        if self.count_std is not None:
+            if self.noise == "discrete":
+                drawn = randomness.discrete_gaussian(total.shape[0], Fraction(self.count_std) ** 2)
+                return total + drawn.astype(np.float64)
+            return total + randomness.normal(total.shape[0]) * self.count_std
+        return add_noise(total, clip_bound=self.clip_bound, noise_multiplier=self.noise_multiplier,
+                         randomness=randomness, noise=self.noise)
+
+    def std(self, dimension: int) -> float:
+        """The noise's standard deviation per coordinate, in the units of the sum."""
+        if self.count_std is not None:
+            return self.count_std
+        if self.noise == "discrete":
+            return (self.noise_multiplier * float(lattice_sensitivity(self.clip_bound, dimension))
+                    * lattice_step(self.clip_bound))
+        return self.noise_multiplier * self.clip_bound
+
+
 def nonprivate_release(differences: torch.Tensor, *, sample_rate: float, population: int) -> Release:
     """The same normalisation without clipping or noise (non-private ZO, MeZO-style)."""
     total = differences.to(torch.float64).sum(dim=0).numpy()
@@ -158,12 +210,9 @@ def private_counts(
     """A silo's evaluation, released privately: (correct, count) plus noise of std s per count
     (integer N_Z(0, s^2) by default: the counts are already on the lattice Z^2), charged first
     as :func:`~seedtune.common.privacy.accounting.evaluation_event`."""
-    release_id = ledger.charge(evaluation_event(noise_multiplier, noise), round=round, note="evaluation",
-                               run_id=run_id, request=request)
-    if noise == "discrete":
-        drawn = randomness.discrete_gaussian(2, Fraction(noise_multiplier) ** 2).astype(np.float64)
-    else:
-        drawn = randomness.normal(2) * noise_multiplier
-    values = [float(correct + drawn[0]), float(count + drawn[1])]
+    mechanism = NoiseMechanism.for_counts(noise, noise_multiplier)
+    release_id = ledger.charge(mechanism.event(), round=round, note="evaluation", run_id=run_id, request=request)
+    noised = mechanism.add(np.array([correct, count], dtype=np.float64), randomness)
+    values = [float(noised[0]), float(noised[1])]
     ledger.attach(release_id, values)
     return values[0], values[1]
