@@ -85,8 +85,8 @@ def handle_train(content: RecordDict, node: SiloNode, *, partition: int | None =
 
 
 def handle_evaluate(content: RecordDict, node: SiloNode) -> RecordDict:
-    request, sync, private, sigma = decode_evaluation(content)
-    correct, count, events = node.evaluate(request, sync, private=private, noise_multiplier=sigma)
+    request, sync = decode_evaluation(content)
+    correct, count, events = node.evaluate(request, sync)
     return encode_evaluation_reply(correct, count, events, silo=node.name)
 
 

@@ -34,7 +34,7 @@ from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import NoiseMechanism, private_counts
 from seedtune.common.privacy.randomness import SecretRandomness
-from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
+from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
 from seedtune.common.wire import Setup, Sync
@@ -225,22 +225,22 @@ class SiloNode:
         with (self.state_dir / TIMINGS_FILE).open("a") as file:
             file.write(line + "\n")
 
-    def evaluate(self, request: TrainRequest, sync: Sync, *, private: bool, noise_multiplier: float
-                 ) -> tuple[float, float, tuple[dict, ...]]:
+    def evaluate(self, request: EvaluationRequest, sync: Sync) -> tuple[float, float, tuple[dict, ...]]:
         """Accuracy counts on this silo's own held-out examples: noised and charged when private."""
+        private = request.private
         run = self.run(request.run_id, sync.setup)
         self.limits.check_evaluation(private=private, noise=run.config.privacy.noise)
         run.catch_up(sync)
         if run.version != request.model_version:
             raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
-        event = NoiseMechanism.for_counts(silo.noise, noise_multiplier).event()
+        event = NoiseMechanism.for_counts(silo.noise, request.noise_std).event() if private else None
         if private:
             if silo.ledger is None:
                 raise SyncError("a private evaluation in a non-private run")
             self.limits.admit(event, 0)  # against the sigma it is charged at: s / sqrt 2 per count
-            digest = request_digest(request, kind=f"evaluate/{noise_multiplier!r}")
-            previous = silo.ledger.answered(request.run_id, request.round, "evaluation")
+            digest = request_digest(request, kind="evaluate")
+            previous = silo.ledger.answered(request.run_id, request.model_version, "evaluation")
             if previous is not None and previous.request == digest and previous.values is not None:
                 return previous.values[0], previous.values[1], (event_codec.event_to_dict(previous.event),)
         shard = self._shard_loader(run.config, run.label_names, "validation")
@@ -249,8 +249,8 @@ class SiloNode:
         correct, count = metrics["accuracy"] * len(shard), float(len(shard))
         if not private:
             return correct, count, ()
-        noisy = private_counts(round(correct), int(count), noise_multiplier=noise_multiplier,
-                               randomness=silo.randomness, ledger=silo.ledger, round=request.round, noise=silo.noise,
+        noisy = private_counts(round(correct), int(count), noise_std=request.noise_std, randomness=silo.randomness,
+                               ledger=silo.ledger, round=request.model_version, noise=silo.noise,
                                run_id=request.run_id, request=digest)
         return noisy[0], noisy[1], (event_codec.event_to_dict(event),)
 

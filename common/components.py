@@ -152,7 +152,7 @@ def noise_multiplier(config: Config) -> float:
                                           also=also, noise=p.noise)
     except ValueError:
         raise ConfigError(
-            f"federation.client_eval_sigma={config.federation.client_eval_sigma} alone spends more than "
+            f"federation.client_eval_std={config.federation.client_eval_std} alone spends more than "
             f"privacy.epsilon={p.epsilon}; raise it, or set federation.client_eval=off"
         ) from None
 
@@ -161,7 +161,7 @@ def planned_evaluation(config: Config):
     """The private client evaluation a run ends with, if any (charged to every silo)."""
     federation = config.federation
     if config.privacy.enabled and federation.client_eval == "private":
-        return evaluation_event(federation.client_eval_sigma, config.privacy.noise)
+        return evaluation_event(federation.client_eval_std, config.privacy.noise)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from importlib import resources
@@ -164,7 +165,7 @@ class FederationConfig:
     round_retries: int = 2  # a round short of min_clients is asked again this often, then the run stops
     max_replay: int = 2000  # a silo further behind than this gets a checkpoint instead of replay
     client_eval: str = "off"  # "off", "private" (noised, charged) or "nonprivate" (warns)
-    client_eval_sigma: float = 5.0  # noise multiplier of a private client evaluation
+    client_eval_std: float = 5.0  # private client evaluation: noise standard deviation per count (not a multiplier)
     aggregation: str = "mean"  # how replies combine: "mean" (weighted by q n), "median", "trimmed-mean"
     trim: float = 0.2  # trimmed-mean: drop floor(trim * N) of the N values at each end of every coordinate
 
@@ -180,7 +181,7 @@ class FederationConfig:
         _check("federation.max_replay", self.max_replay, self.max_replay >= 0, ">= 0")
         _check("federation.client_eval", self.client_eval, self.client_eval in ("off", "private", "nonprivate"),
                "'off', 'private' or 'nonprivate'")
-        _check("federation.client_eval_sigma", self.client_eval_sigma, self.client_eval_sigma > 0, "> 0")
+        _check("federation.client_eval_std", self.client_eval_std, self.client_eval_std > 0, "> 0")
         _check("federation.aggregation", self.aggregation, self.aggregation in RULES,
                ", ".join(repr(name) for name in list(RULES)[:-1]) + f" or {list(RULES)[-1]!r}")
         _check("federation.trim", self.trim, 0 <= self.trim < 0.5,
@@ -226,7 +227,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
-        return _build(cls, data, "").validate()
+        return _build(cls, _renamed(data), "").validate()
 
     def to_flat(self) -> dict:
         """Dotted keys, as Flower's run config holds them: {"privacy.epsilon": 6.0, ...}.
@@ -248,7 +249,7 @@ class Config:
         """Dotted keys over ``base`` (default: the defaults): Flower's run config -> Config."""
         data = (base or cls()).to_dict()
         for key, value in flat.items():
-            _merge(data, key.split("."), value)
+            _merge(data, _current(key).split("."), value)
         return cls.from_dict(data)
 
 
@@ -262,6 +263,40 @@ REMOVED = {
                                    -1),
     "federation.fault_round": ("fault injection is a test hook, not a setting (tests set SEEDTUNE_TEST_KILL_SILO)", -1),
 }
+
+
+# Keys renamed, old name -> new name: the old one is still read (a run logged before the rename
+# resumes), and a config that sets it warns. "sigma" is a noise multiplier everywhere in seedtune;
+# this setting was a standard deviation.
+RENAMED = {"federation.client_eval_sigma": "federation.client_eval_std"}
+
+
+class DeprecatedKeyWarning(FutureWarning):
+    """A config key under its old name."""
+
+
+def _current(dotted: str) -> str:
+    """A dotted key's current name; an old name warns."""
+    if dotted in RENAMED:
+        warnings.warn(f"{dotted} is deprecated: it is now {RENAMED[dotted]}", DeprecatedKeyWarning, stacklevel=3)
+    return RENAMED.get(dotted, dotted)
+
+
+def _renamed(tree: Any, prefix: str = "") -> Any:
+    """``tree`` (nested tables) with every key under its current name; an old name warns."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            new = RENAMED[dotted].rpartition(".")[2]
+            if new in tree:
+                raise ConfigError(f"{RENAMED[dotted]} is set twice, also under its old name {dotted}; keep only "
+                                  f"{RENAMED[dotted]}")
+            key = _current(dotted).rpartition(".")[2]
+        out[key] = _renamed(value, f"{dotted}.")
+    return out
 
 
 def _build(cls: type, data: Any, prefix: str):
@@ -378,18 +413,18 @@ def load_config(
     """The preset, then the TOML file, then each ``--set`` in order; validated."""
     data: dict = Config().to_dict()
     if preset_name:
-        _deep_update(data, preset(preset_name, command))
+        _deep_update(data, _renamed(preset(preset_name, command)))
     if file is not None:
         path = Path(file)
         try:
-            _deep_update(data, tomllib.loads(path.read_text()))
+            _deep_update(data, _renamed(tomllib.loads(path.read_text())))
         except FileNotFoundError:
             raise ConfigError(f"--config {str(path)!r}: no such file") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"--config {str(path)!r} is not valid TOML: {error}") from None
     for text in overrides:
         path, value = parse_override(text)
-        _merge(data, path, value)
+        _merge(data, _current(".".join(path)).split("."), value)
     return Config.from_dict(data)
 
 

@@ -42,6 +42,16 @@ class TrainRequest:
 
 
 @dataclass(frozen=True)
+class EvaluationRequest:
+    """Accuracy counts on a silo's own held-out data, for the model at ``model_version``."""
+
+    run_id: str
+    model_version: int  # steps the silo's model must have applied before evaluating
+    private: bool  # noised and charged; False asks for exact counts, which a silo gives only if allowed
+    noise_std: float  # per count, when private: charged as noise multiplier noise_std / sqrt 2
+
+
+@dataclass(frozen=True)
 class TrainReply:
     round: int
     projected_grads: tuple[float, ...]
@@ -55,7 +65,7 @@ def probe_seeds(run_seed: int, step: int, probes: int) -> tuple[int, ...]:
     return tuple(mix_int(root ^ mix_int(k + 1)) >> 1 for k in range(probes))  # 63 bits: JSON/SQLite-safe
 
 
-def request_digest(request: TrainRequest, kind: str = "train") -> str:
+def request_digest(request: TrainRequest | EvaluationRequest, kind: str = "train") -> str:
     """A digest of everything a request asks: the same digest means the same question, which a
     silo may answer again with the same release instead of a new one."""
     text = json.dumps({"kind": kind, **asdict(request)}, sort_keys=True)

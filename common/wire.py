@@ -2,12 +2,16 @@
 
 A training request is a ``RecordDict`` of
 
-* ``request`` (ConfigRecord): run id, round, model version, probe seeds, beta, C, sigma, q;
+* ``request`` (ConfigRecord): run id, round, model version, probe seeds, beta, and the release
+  parameters (C, sigma, q, noise kind);
 * ``sync`` (ConfigRecord): the updates the silo has not applied, as step records (seeds,
   scalars, lr, beta, prox, anchor step), the version they start from, and on first contact the
   run's setup (public config, base-model fingerprint, pruning mask as indices);
 * ``checkpoint`` (ArrayRecord), only for a silo too far behind to replay: the trainable
   coordinates (and proximal anchor) at the current version.
+
+An evaluation request is a ConfigRecord ``evaluate`` (run id, model version, private, noise std
+per count) with the same ``sync`` and ``checkpoint``.
 
 A reply is one ConfigRecord ``reply``: the round, the silo's model version, the K released
 scalars, its expected batch size and the DP events it charged. Nothing else: no weights, no
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.protocol import NOISES, Release, TrainReply, TrainRequest
+from seedtune.common.protocol import NOISES, EvaluationRequest, Release, TrainReply, TrainRequest
 from seedtune.common.updatelog import StepRecord
 
 MAX_PROBES = 1024
@@ -72,6 +76,11 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
         "sample_rate": float(request.release.sample_rate),
         "noise": request.release.noise,
     })
+    _encode_sync(content, sync)
+    return content
+
+
+def _encode_sync(content: RecordDict, sync: Sync) -> None:
     sync_record = {
         "start_version": sync.start_version,
         "records": json.dumps([_record_to_list(r) for r in sync.records]),
@@ -90,7 +99,6 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
             sync_record["checkpoint_anchor_step"] = int(sync.checkpoint["anchor_step"])
         content["checkpoint"] = ArrayRecord({key: torch.from_numpy(value) for key, value in arrays.items()})
     content["sync"] = ConfigRecord(sync_record)
-    return content
 
 
 def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
@@ -115,6 +123,10 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         raise WireError(f"request.sample_rate={request.release.sample_rate} is outside (0, 1]")
     if request.release.noise not in NOISES:
         raise WireError(f"request.noise={request.release.noise!r} is not one of {', '.join(NOISES)}")
+    return request, _decode_sync(content)
+
+
+def _decode_sync(content: RecordDict) -> Sync:
     sync_record = _config(content, "sync")
     try:
         rows = json.loads(_field(sync_record, "records", str))
@@ -134,7 +146,7 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         anchors = [arrays[f"anchor.{i}"].numpy() for i in range(sum(k.startswith("anchor.") for k in arrays))]
         checkpoint = {"version": _nonnegative_int(sync_record, "checkpoint_version"), "values": values,
                       "anchor": anchors or None, "anchor_step": sync_record.get("checkpoint_anchor_step", -1)}
-    return request, Sync(start, records, setup, checkpoint)
+    return Sync(start, records, setup, checkpoint)
 
 
 # -- replies -----------------------------------------------------------------------------------
@@ -176,21 +188,25 @@ def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[Train
 
 
 # -- evaluation on silos' own data -------------------------------------------------------------
-def encode_evaluation(run_id: str, model_version: int, private: bool, noise_multiplier: float,
-                      sync: Sync) -> RecordDict:
-    content = encode_request(TrainRequest(run_id, model_version, model_version, (1,), 1.0, Release(1.0, 0.0, 1.0)), sync)
-    content["evaluate"] = ConfigRecord({"private": private, "noise_multiplier": float(noise_multiplier)})
+def encode_evaluation(request: EvaluationRequest, sync: Sync) -> RecordDict:
+    content = RecordDict()
+    content["evaluate"] = ConfigRecord({"run_id": request.run_id, "model_version": request.model_version,
+                                        "private": request.private, "noise_std": float(request.noise_std)})
+    _encode_sync(content, sync)
     return content
 
 
-def decode_evaluation(content: RecordDict) -> tuple[TrainRequest, Sync, bool, float]:
-    request, sync = decode_request(content)
+def decode_evaluation(content: RecordDict) -> tuple[EvaluationRequest, Sync]:
     record = _config(content, "evaluate")
-    private = _field(record, "private", bool)
-    sigma = _finite(record, "noise_multiplier", minimum=0.0)
-    if private and sigma <= 0:
-        raise WireError("a private evaluation needs a noise multiplier > 0")
-    return request, sync, private, sigma
+    request = EvaluationRequest(
+        run_id=_field(record, "run_id", str),
+        model_version=_nonnegative_int(record, "model_version"),
+        private=_field(record, "private", bool),
+        noise_std=_finite(record, "noise_std", minimum=0.0),
+    )
+    if request.private and request.noise_std <= 0:
+        raise WireError("a private evaluation needs evaluate.noise_std > 0")
+    return request, _decode_sync(content)
 
 
 def encode_evaluation_reply(correct: float, count: float, events: tuple[dict, ...], silo: str = "") -> RecordDict:

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from flwr.app import RecordDict
 from seedtune.common.errors import BudgetExhausted, SeedtuneError
-from seedtune.common.protocol import TrainReply, TrainRequest
+from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest
 from seedtune.common.wire import (
     Sync,
     WireError,
@@ -283,8 +283,8 @@ class Federation:
                 NonPrivateEvaluationWarning, stacklevel=2)
         coordinator = self.run.coordinator
         nodes = sorted(self.transport.nodes())
-        messages = {node: encode_evaluation(self.run.run_id, coordinator.step, private,
-                                            federation.client_eval_sigma, self.sync_for(node)) for node in nodes}
+        request = EvaluationRequest(self.run.run_id, coordinator.step, private, federation.client_eval_std)
+        messages = {node: encode_evaluation(request, self.sync_for(node)) for node in nodes}
         correct = count = 0.0
         answered = 0
         for response in self.transport.exchange(messages, round=coordinator.step, timeout=federation.round_timeout,

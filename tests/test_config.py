@@ -93,3 +93,19 @@ def test_fault_injection_is_a_test_hook_not_a_setting(key):
     section, name = key.split(".")
     logged[section][name] = -1
     assert Config.from_dict(logged) == Config()
+
+
+def test_a_renamed_key_still_works_under_its_old_name_and_warns():
+    from seedtune.common.config import DeprecatedKeyWarning
+
+    with pytest.warns(DeprecatedKeyWarning, match="federation.client_eval_sigma is deprecated: it is now "
+                                                  "federation.client_eval_std"):
+        config = load_config("tiny", overrides=["federation.client_eval_sigma=3.5"])
+    assert config.federation.client_eval_std == 3.5
+    logged = Config().to_dict()  # a run logged before the rename resumes with its own value
+    logged["federation"]["client_eval_sigma"] = logged["federation"].pop("client_eval_std") * 2
+    with pytest.warns(DeprecatedKeyWarning):
+        assert Config.from_dict(logged).federation.client_eval_std == 10.0
+    logged["federation"]["client_eval_std"] = 1.0
+    with pytest.raises(ConfigError, match="client_eval_std is set twice, also under its old name"):
+        Config.from_dict(logged)

@@ -398,7 +398,7 @@ def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_strea
 @pytest.mark.parametrize("mode", ["private", "nonprivate"])
 @pytest.mark.slow
 def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode):
-    config = _config(f"federation.client_eval={mode}", "federation.clients=2", "federation.client_eval_sigma=2.0")
+    config = _config(f"federation.client_eval={mode}", "federation.clients=2", "federation.client_eval_std=2.0")
     run = open_run(config, tmp_path / "run", resume=False)
     limits = Limits(allow_nonprivate=mode == "nonprivate")  # a deployed silo must opt in to exact counts
     nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k, limits=limits) for k in range(2)}

@@ -14,7 +14,7 @@ from seedtune.common.config import load_config
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.privacy.accounting import release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.protocol import MIN_BETA, Release, TrainRequest
+from seedtune.common.protocol import MIN_BETA, EvaluationRequest, Release, TrainRequest
 from seedtune.common.wire import Sync
 from seedtune.server.federation import DirectTransport, Federation, FederationError
 from seedtune.server.runs import open_run
@@ -35,6 +35,11 @@ def _with(request: TrainRequest, **changes) -> TrainRequest:
     """``request`` with some of its own fields or its release parameters changed."""
     release = {key: changes.pop(key) for key in list(changes) if key in Release.__dataclass_fields__}
     return dataclasses.replace(request, release=dataclasses.replace(request.release, **release), **changes)
+
+
+def _evaluation(request: TrainRequest, private: bool, noise_std: float) -> EvaluationRequest:
+    """An evaluation of the model ``request`` is for."""
+    return EvaluationRequest(request.run_id, request.model_version, private, noise_std)
 
 
 def test_node_config_sets_the_limits_and_a_bad_value_names_its_key():
@@ -85,12 +90,12 @@ def test_max_releases_counts_the_ledger_not_the_round_a_request_names(tmp_path):
     again, _ = node.answer(request, first)  # the same question: the same release, nothing new charged
     assert node.ledger.releases == 1 and again.projected_grads == node.answer(request, first)[0].projected_grads
     node.answer(_with(request, probe_seeds=(7, 8, 9, 10)), first)  # round 0 again, another question
-    node.evaluate(request, first, private=True, noise_multiplier=5.0)  # an evaluation is a release too
+    node.evaluate(_evaluation(request, True, 5.0), first)  # an evaluation is a release too
     assert node.ledger.releases == 3
     with pytest.raises(RequestRefused, match="max-releases"):
         node.answer(_with(request, probe_seeds=(11, 12, 13, 14)), first)
     with pytest.raises(RequestRefused, match="max-releases"):
-        node.evaluate(_with(request, round=0), first, private=True, noise_multiplier=6.0)
+        node.evaluate(_evaluation(request, True, 6.0), first)
     assert node.ledger.releases == 3
 
 
@@ -101,9 +106,9 @@ def test_the_noise_floor_is_checked_against_the_sigma_the_evaluation_is_charged_
     request, first = run.coordinator.request(), Sync(0, tuple(run.log.steps()), run.setup())
     node = SiloNode(tmp_path / "silo", _shard, partition=0, limits=Limits(min_noise_multiplier=1.0))
     with pytest.raises(RequestRefused, match=r"noise multiplier 0.848"):
-        node.evaluate(request, first, private=True, noise_multiplier=1.2)
+        node.evaluate(_evaluation(request, True, 1.2), first)
     assert node.ledger is None or node.ledger.releases == 0
-    node.evaluate(request, first, private=True, noise_multiplier=1.5)  # 1.5 / sqrt 2 = 1.06 >= 1
+    node.evaluate(_evaluation(request, True, 1.5), first)  # 1.5 / sqrt 2 = 1.06 >= 1
     assert node.ledger.releases == 1
 
 
@@ -131,7 +136,7 @@ def test_a_run_that_switches_privacy_off_is_refused_unless_the_silo_allows_it(tm
     with pytest.raises(RequestRefused, match="allow-nonprivate"):
         strict.answer(request, first)
     with pytest.raises(RequestRefused, match="allow-nonprivate"):
-        strict.evaluate(request, first, private=False, noise_multiplier=0.0)
+        strict.evaluate(_evaluation(request, False, 0.0), first)
     willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_nonprivate=True))
     reply, _ = willing.answer(request, first)
     assert reply.events == ()  # answered, without noise, as its operator allowed
@@ -156,7 +161,7 @@ def test_a_run_asking_for_floating_point_noise_is_refused_unless_the_silo_allows
     with pytest.raises(RequestRefused, match="allow-float-noise"):
         strict.answer(request, first)
     with pytest.raises(RequestRefused, match="allow-float-noise"):
-        strict.evaluate(request, first, private=True, noise_multiplier=5.0)
+        strict.evaluate(_evaluation(request, True, 5.0), first)
     assert strict.ledger is None or strict.ledger.releases == 0
     willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_float_noise=True))
     reply, _ = willing.answer(request, first)

@@ -66,17 +66,17 @@ def test_a_train_request_decodes_or_is_refused(request, sync, steps, keep_steps)
 
 
 @FUZZ
-@given(request=records(REQUEST_KEYS), sync=records(SYNC_KEYS), evaluate=records(["private", "noise_multiplier"]))
-def test_an_evaluation_request_decodes_or_is_refused(request, sync, evaluate):
-    content = RecordDict({"request": ConfigRecord(request), "sync": ConfigRecord(sync),
-                          "evaluate": ConfigRecord(evaluate)})
+@given(sync=records(SYNC_KEYS), evaluate=records(["run_id", "model_version", "private", "noise_std"]))
+def test_an_evaluation_request_decodes_or_is_refused(sync, evaluate):
+    content = RecordDict({"sync": ConfigRecord(sync), "evaluate": ConfigRecord(evaluate)})
     try:
-        decoded, _, private, sigma = decode_evaluation(content)
+        decoded, _ = decode_evaluation(content)
     except WireError:
         return
-    # What a silo would noise its counts with: a finite multiplier, positive whenever it is private
-    assert isinstance(private, bool) and math.isfinite(sigma) and sigma >= 0 and (sigma > 0 or not private)
-    assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.release.sample_rate <= 1
+    # What a silo would noise its counts with: a finite standard deviation, positive whenever it is private
+    assert isinstance(decoded.private, bool) and math.isfinite(decoded.noise_std) and decoded.noise_std >= 0
+    assert decoded.noise_std > 0 or not decoded.private
+    assert isinstance(decoded.run_id, str) and isinstance(decoded.model_version, int) and decoded.model_version >= 0
 
 
 @FUZZ
@@ -154,3 +154,13 @@ def test_a_setup_that_would_allocate_without_bound_is_refused():
             decode_request(with_setup(blob))
     finally:
         wire.MAX_INDEX_BYTES = original
+
+
+def test_the_fuzzed_evaluation_shape_can_also_decode():
+    evaluate = {"run_id": "r", "model_version": 3, "private": True, "noise_std": 5.0}
+    decoded, sync = decode_evaluation(RecordDict({"evaluate": ConfigRecord(evaluate),
+                                                  "sync": ConfigRecord({"start_version": 3, "records": "[]"})}))
+    assert (decoded.run_id, decoded.model_version, decoded.private, decoded.noise_std) == ("r", 3, True, 5.0)
+    with pytest.raises(WireError, match="noise_std > 0"):
+        decode_evaluation(RecordDict({"evaluate": ConfigRecord({**evaluate, "noise_std": 0.0}),
+                                      "sync": ConfigRecord({"start_version": 3, "records": "[]"})}))

@@ -199,7 +199,7 @@ def private_counts(
     correct: int,
     count: int,
     *,
-    noise_multiplier: float,
+    noise_std: float,
     randomness: SecretRandomness,
     ledger: PrivacyLedger,
     round: int,
@@ -210,7 +210,7 @@ def private_counts(
     """A silo's evaluation, released privately: (correct, count) plus noise of std s per count
     (integer N_Z(0, s^2) by default: the counts are already on the lattice Z^2), charged first
     as :func:`~seedtune.common.privacy.accounting.evaluation_event`."""
-    mechanism = NoiseMechanism.for_counts(noise, noise_multiplier)
+    mechanism = NoiseMechanism.for_counts(noise, noise_std)
     release_id = ledger.charge(mechanism.event(), round=round, note="evaluation", run_id=run_id, request=request)
     noised = mechanism.add(np.array([correct, count], dtype=np.float64), randomness)
     values = [float(noised[0]), float(noised[1])]
