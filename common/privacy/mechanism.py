@@ -132,9 +132,9 @@ def add_noise(total: np.ndarray, *, clip_bound: float, noise_multiplier: float, 
     if noise != "discrete":
         raise ValueError(f"unknown noise {noise!r}; use 'discrete' or 'gaussian'")
     step = lattice_step(clip_bound)
-    sigma = Fraction(noise_multiplier) * lattice_sensitivity(clip_bound, total.shape[0])
+    std_units = Fraction(noise_multiplier) * lattice_sensitivity(clip_bound, total.shape[0])  # in lattice units
     units = np.rint(total / step)  # exact: step is a power of two
-    return (units + randomness.discrete_gaussian(total.shape[0], sigma * sigma)) * step
+    return (units + randomness.discrete_gaussian(total.shape[0], std_units * std_units)) * step
 
 
 @dataclass(frozen=True)
