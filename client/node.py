@@ -36,7 +36,7 @@ from seedtune.common.privacy.mechanism import NoiseMechanism, private_counts
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import evaluate
-from seedtune.common.updatelog import UpdateApplier, UpdateLog
+from seedtune.common.updatelog import Checkpoint, UpdateApplier, UpdateLog
 from seedtune.common.wire import Setup, Sync
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _Run:
         self._first_step = self.log.first_step
         start = 0
         if checkpoint.exists():
-            start = self._restore(torch.load(checkpoint, weights_only=True))
+            start = self._restore(Checkpoint.load(checkpoint))
         self._checkpointed = start
         self.applier.apply_all(list(self.log.steps(start)))
         self.estimator = ZerothOrderEstimator(
@@ -89,18 +89,9 @@ class _Run:
     def version(self) -> int:
         return self.applier.version
 
-    def _restore(self, checkpoint: dict) -> int:
-        with torch.no_grad():
-            for entry, values in zip(self.parts.trainable, checkpoint["values"]):
-                values = torch.as_tensor(values, dtype=entry.param.dtype)
-                if entry.index is None:
-                    entry.flat.copy_(values)
-                else:
-                    entry.flat[entry.index] = values
-        self.applier = UpdateApplier(self.parts.trainable, self.parts.directions, version=checkpoint["version"])
-        if checkpoint.get("anchor") is not None:
-            self.applier.restore_anchor([torch.as_tensor(a) for a in checkpoint["anchor"]], checkpoint["anchor_step"])
-        return checkpoint["version"]
+    def _restore(self, checkpoint: Checkpoint) -> int:
+        self.applier = checkpoint.restore(self.parts.trainable, self.parts.directions)
+        return checkpoint.version
 
     def refresh(self) -> bool:
         """Apply steps another process serving this silo logged; False if it must be rebuilt
@@ -110,31 +101,19 @@ class _Run:
         self.applier.apply_all(list(self.log.steps(self.version)))
         return True
 
-    def _save_checkpoint(self, checkpoint: dict) -> None:
-        def tensors(arrays):  # torch.load(weights_only=True) reads tensors, not numpy arrays
-            return None if arrays is None else [torch.as_tensor(a).clone() for a in arrays]
-
-        checkpoint = {**checkpoint, "values": tensors(checkpoint["values"]), "anchor": tensors(checkpoint["anchor"])}
-        staging = self.directory / f"checkpoint.pt.{os.getpid()}.partial"
-        torch.save(checkpoint, staging)
-        staging.replace(self.directory / "checkpoint.pt")  # atomic: readers see the old one or the new
-        self._checkpointed = checkpoint["version"]
+    def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        checkpoint.save(self.directory / "checkpoint.pt")
+        self._checkpointed = checkpoint.version
 
     def checkpoint_now(self) -> None:
         """Keep the replica's own checkpoint near its head: Flower's deployment engine starts a
         fresh ClientApp process for every message, and each would otherwise replay the whole log."""
-        anchor, anchor_step = self.applier.anchor
-        self._save_checkpoint({
-            "version": self.version,
-            "values": [entry.values() for entry in self.parts.trainable],
-            "anchor": anchor,
-            "anchor_step": anchor_step,
-        })
+        self._save_checkpoint(Checkpoint.of(self.parts.trainable, self.applier))
 
     def catch_up(self, sync: Sync) -> None:
-        if sync.checkpoint is not None and sync.checkpoint["version"] > self.version:
-            self._save_checkpoint(dict(sync.checkpoint))
-            self.log.restart_at(sync.checkpoint["version"])
+        if sync.checkpoint is not None and sync.checkpoint.version > self.version:
+            self._save_checkpoint(sync.checkpoint)
+            self.log.restart_at(sync.checkpoint.version)
             self._first_step = self.log.first_step
             self._restore(sync.checkpoint)
         if sync.start_version > self.version:

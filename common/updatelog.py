@@ -303,6 +303,55 @@ class UpdateApplier:
         self.version += len(records)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """The trainable coordinates, and the proximal anchor, at one model version: what a silo too
+    far behind gets instead of a replay, and what a silo keeps on disk so that it need not replay
+    from the base model. ``values`` and ``anchor`` hold one array per trainable entry, in order."""
+
+    version: int
+    values: tuple
+    anchor: tuple | None = None
+    anchor_step: int = -1
+
+    @classmethod
+    def of(cls, trainable: TrainableSet, applier: UpdateApplier) -> Checkpoint:
+        """The live model's checkpoint (copies on the CPU, so later steps do not change it)."""
+        anchor, anchor_step = applier.anchor
+        copy = lambda tensors: tuple(t.detach().cpu().clone() for t in tensors)  # noqa: E731
+        return cls(applier.version, copy(entry.values() for entry in trainable),
+                   None if anchor is None else copy(anchor), anchor_step)
+
+    def restore(self, trainable: TrainableSet, directions: DirectionField) -> UpdateApplier:
+        """Write the coordinates into the model; the applier that continues from this version."""
+        with torch.no_grad():
+            for entry, values in zip(trainable, self.values):
+                values = torch.as_tensor(values, dtype=entry.param.dtype)
+                if entry.index is None:
+                    entry.flat.copy_(values)
+                else:
+                    entry.flat[entry.index] = values
+        applier = UpdateApplier(trainable, directions, version=self.version)
+        if self.anchor is not None:
+            applier.restore_anchor([torch.as_tensor(a) for a in self.anchor], self.anchor_step)
+        return applier
+
+    def save(self, path: Path) -> None:
+        """Atomically, as tensors (``torch.load(weights_only=True)`` reads them back)."""
+        tensors = lambda arrays: None if arrays is None else [torch.as_tensor(a).clone() for a in arrays]  # noqa: E731
+        staging = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        torch.save({"version": self.version, "values": tensors(self.values), "anchor": tensors(self.anchor),
+                    "anchor_step": self.anchor_step}, staging)
+        staging.replace(path)  # readers see the old one or the new
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        saved = torch.load(path, weights_only=True)
+        anchor = saved.get("anchor")
+        return cls(int(saved["version"]), tuple(saved["values"]), None if anchor is None else tuple(anchor),
+                   int(saved.get("anchor_step", -1)))
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")

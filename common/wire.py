@@ -33,7 +33,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.protocol import NOISES, EvaluationRequest, Release, TrainReply, TrainRequest
-from seedtune.common.updatelog import StepRecord
+from seedtune.common.updatelog import Checkpoint, StepRecord
 
 MAX_PROBES = 1024
 
@@ -59,7 +59,7 @@ class Sync:
     start_version: int
     records: tuple[StepRecord, ...]
     setup: Setup | None = None
-    checkpoint: dict | None = None  # {"version": int, "values": [np arrays], "anchor": [...] | None}
+    checkpoint: Checkpoint | None = None  # for a silo too far behind to replay
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -92,11 +92,11 @@ def _encode_sync(content: RecordDict, sync: Sync) -> None:
             "mask_order": list(sync.setup.mask),
         }).encode()
     if sync.checkpoint is not None:
-        sync_record["checkpoint_version"] = int(sync.checkpoint["version"])
-        arrays = {f"value.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint["values"])}
-        if sync.checkpoint.get("anchor") is not None:
-            arrays.update({f"anchor.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint["anchor"])})
-            sync_record["checkpoint_anchor_step"] = int(sync.checkpoint["anchor_step"])
+        sync_record["checkpoint_version"] = int(sync.checkpoint.version)
+        arrays = {f"value.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint.values)}
+        if sync.checkpoint.anchor is not None:
+            arrays.update({f"anchor.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint.anchor)})
+            sync_record["checkpoint_anchor_step"] = int(sync.checkpoint.anchor_step)
         content["checkpoint"] = ArrayRecord({key: torch.from_numpy(value) for key, value in arrays.items()})
     content["sync"] = ConfigRecord(sync_record)
 
@@ -144,8 +144,11 @@ def _decode_sync(content: RecordDict) -> Sync:
         arrays = content.array_records["checkpoint"]
         values = [arrays[f"value.{i}"].numpy() for i in range(sum(k.startswith("value.") for k in arrays))]
         anchors = [arrays[f"anchor.{i}"].numpy() for i in range(sum(k.startswith("anchor.") for k in arrays))]
-        checkpoint = {"version": _nonnegative_int(sync_record, "checkpoint_version"), "values": values,
-                      "anchor": anchors or None, "anchor_step": sync_record.get("checkpoint_anchor_step", -1)}
+        anchor_step = sync_record.get("checkpoint_anchor_step", -1)
+        if isinstance(anchor_step, bool) or not isinstance(anchor_step, int) or anchor_step < -1:
+            raise WireError("sync.checkpoint_anchor_step must be an integer >= -1")
+        checkpoint = Checkpoint(_nonnegative_int(sync_record, "checkpoint_version"), tuple(values),
+                                tuple(anchors) or None, anchor_step)
     return Sync(start, records, setup, checkpoint)
 
 

@@ -93,6 +93,7 @@ from seedtune.common.privacy.audit import (
 from seedtune.common.privacy.mechanism import NoiseMechanism
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import Release, TrainRequest, probe_seeds
+from seedtune.common.updatelog import Checkpoint
 from seedtune.common.wire import Setup, Sync, WireError, encode_request
 from tqdm.auto import tqdm
 
@@ -284,7 +285,7 @@ class _Experiment:
     seeds: tuple[int, ...]
     beta: float
     version: int
-    checkpoint: dict | None
+    checkpoint: Checkpoint | None
     worlds: tuple[dict, dict]  # D, D' (columns "text" and "label")
     canary: str
     canary_norm: float  # |s| / C
@@ -553,7 +554,7 @@ def _rows(task, estimator, texts: list[str], labels: list[int], seeds, beta: flo
     return estimator.estimate_examples(task, texts, labels, seeds, beta).differences.to(torch.float64)
 
 
-def _overflowing_checkpoint(task, parts, canary_text: str, canary_label: int, others: list[str]) -> dict:
+def _overflowing_checkpoint(task, parts, canary_text: str, canary_label: int, others: list[str]) -> Checkpoint:
     """A checkpoint of the trainable coordinates (what a coordinator may send a silo) that makes the
     canary's loss, and only the canary's, infinite or NaN in float32.
 
@@ -598,8 +599,7 @@ def _overflowing_checkpoint(task, parts, canary_text: str, canary_label: int, ot
         raise ConfigError("--attack nonfinite needs the input embeddings or the whole classification head "
                           "trainable (prune.enabled=false, or prune.always = ['classifier.*'] with "
                           "model.task=sequence-classification)")
-    return {"version": 1, "values": [values[entry.name].cpu().numpy() for entry in parts.trainable],
-            "anchor": None, "anchor_step": -1}
+    return Checkpoint(1, tuple(values[entry.name].cpu() for entry in parts.trainable))
 
 
 def _input_embeddings(module):

@@ -29,6 +29,7 @@ from typing import Protocol
 from flwr.app import RecordDict
 from seedtune.common.errors import BudgetExhausted, SeedtuneError
 from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest
+from seedtune.common.updatelog import Checkpoint
 from seedtune.common.wire import (
     Sync,
     WireError,
@@ -130,18 +131,8 @@ class Federation:
         setup = self.run.setup() if known is None else None
         start = known or 0
         if coordinator.step - start > self.config.federation.max_replay:
-            return Sync(coordinator.step, (), setup, self._checkpoint())
+            return Sync(coordinator.step, (), setup, Checkpoint.of(self.run.parts.trainable, coordinator.applier))
         return Sync(start, tuple(self.run.log.steps(start)), setup)
-
-    def _checkpoint(self) -> dict:
-        applier = self.run.coordinator.applier
-        anchor, anchor_step = applier.anchor
-        return {
-            "version": applier.version,
-            "values": [entry.values().cpu().numpy() for entry in self.run.parts.trainable],
-            "anchor": None if anchor is None else [a.cpu().numpy() for a in anchor],
-            "anchor_step": anchor_step,
-        }
 
     def select(self, nodes: Sequence[int], round: int, attempt: int) -> list[int]:
         """The silos asked this round: a public, seeded sample of ``federation.fraction``."""
