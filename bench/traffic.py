@@ -55,7 +55,6 @@ def bench_comm(progress: bool = True) -> dict:
     from flwr.app import ArrayRecord, Message, MessageType, RecordDict
     from seedtune.common import components
     from seedtune.common.config import load_config
-    from seedtune.common.privacy import events as event_codec
     from seedtune.common.privacy.accounting import release_event
     from seedtune.common.protocol import Release, TrainReply, TrainRequest, probe_seeds
     from seedtune.common.updatelog import StepRecord
@@ -70,7 +69,7 @@ def bench_comm(progress: bool = True) -> dict:
     schedule = components.make_schedule(config)
     sigma = components.noise_multiplier(config)
     p = config.privacy
-    event = event_codec.event_to_dict(release_event(p.sample_rate, sigma))
+    event = release_event(p.sample_rate, sigma)
     noise = np.random.default_rng()
 
     def record(step: int, probes: int) -> StepRecord:
@@ -164,7 +163,6 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
     from seedtune.client.node import _Run
     from seedtune.common import components
     from seedtune.common.config import with_changes
-    from seedtune.common.privacy import events as event_codec
     from seedtune.common.privacy.accounting import release_event
     from seedtune.common.protocol import Release, TrainReply
     from seedtune.common.updatelog import UpdateApplier, UpdateLog
@@ -174,7 +172,7 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
     config = with_changes(work.config, schedule={"steps": rounds}, zo={"probes": probes})
     parts = components.model_parts(config, work.task, mask)
     noise = np.random.default_rng()
-    event = event_codec.event_to_dict(release_event(0.01, 1.0))
+    event = release_event(0.01, 1.0)
     with tempfile.TemporaryDirectory() as scratch:
         log = UpdateLog.create(Path(scratch) / "log.sqlite", config=config.to_dict(),
                                base=components.base_reference(config, work.task, work.label_names),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import dp_accounting
 import torch
 from seedtune.client.limits import Limits, RequestRefused
 from seedtune.client.silo import Silo
@@ -30,7 +31,6 @@ from seedtune.common.errors import SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import LEDGER_FILE
-from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import NoiseMechanism, private_counts
 from seedtune.common.privacy.randomness import SecretRandomness
@@ -204,7 +204,7 @@ class SiloNode:
         with (self.state_dir / TIMINGS_FILE).open("a") as file:
             file.write(line + "\n")
 
-    def evaluate(self, request: EvaluationRequest, sync: Sync) -> tuple[float, float, tuple[dict, ...]]:
+    def evaluate(self, request: EvaluationRequest, sync: Sync) -> tuple[float, float, tuple[dp_accounting.DpEvent, ...]]:
         """Accuracy counts on this silo's own held-out examples: noised and charged when private."""
         private = request.private
         run = self.run(request.run_id, sync.setup)
@@ -221,7 +221,7 @@ class SiloNode:
             digest = request_digest(request, kind="evaluate")
             previous = silo.ledger.answered(request.run_id, request.model_version, "evaluation")
             if previous is not None and previous.request == digest and previous.values is not None:
-                return previous.values[0], previous.values[1], (event_codec.event_to_dict(previous.event),)
+                return previous.values[0], previous.values[1], (previous.event,)
         shard = self._shard_loader(run.config, run.label_names, "validation")
         # Fixed shapes: whether one example counts as correct must not depend on which others are here.
         metrics = evaluate(run.task, shard, micro_batch=self._micro_batch or run.config.eval.batch_size)
@@ -231,7 +231,7 @@ class SiloNode:
         noisy = private_counts(round(correct), int(count), noise_std=request.noise_std, randomness=silo.randomness,
                                ledger=silo.ledger, round=request.model_version, noise=silo.noise,
                                run_id=request.run_id, request=digest)
-        return noisy[0], noisy[1], (event_codec.event_to_dict(event),)
+        return noisy[0], noisy[1], (event,)
 
     def _silo(self, run_id: str, run: _Run) -> Silo:
         if run_id not in self._silos:

@@ -14,7 +14,6 @@ import time
 
 import datasets
 from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
-from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import nonprivate_release, private_release
 from seedtune.common.privacy.randomness import SecretRandomness
@@ -101,7 +100,7 @@ class Silo:
                 request=digest,
             )
         self.last_loss, self.last_batch_size, self.last_zeroed = estimate.loss, len(chosen), release.zeroed
-        events = () if release.event is None else (event_codec.event_to_dict(release.event),)
+        events = () if release.event is None else (release.event,)
         return TrainReply(
             round=request.round,
             projected_grads=tuple(float(v) for v in release.values),
@@ -120,5 +119,5 @@ class Silo:
             round=request.round,
             projected_grads=tuple(previous.values),
             expected_batch_size=request.release.sample_rate * self.public_size,
-            events=(event_codec.event_to_dict(previous.event),),
+            events=(previous.event,),
         )

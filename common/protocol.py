@@ -10,6 +10,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+import dp_accounting
+
 from seedtune.common.directions import mix_int
 
 # The smallest ZO scale a silo accepts unless its operator lowers it (node config min-beta): below
@@ -56,7 +58,7 @@ class TrainReply:
     round: int
     projected_grads: tuple[float, ...]
     expected_batch_size: float  # q * n: the aggregation weight
-    events: tuple[dict, ...]  # serialized DP events charged for this reply
+    events: tuple[dp_accounting.DpEvent, ...]  # the DP events charged for this reply (the wire serialises them)
 
 
 def probe_seeds(run_seed: int, step: int, probes: int) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import dp_accounting
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -162,7 +163,7 @@ def encode_reply(reply: TrainReply, model_version: int, silo: str = "") -> Recor
         "model_version": model_version,
         "projected_grads": [float(g) for g in reply.projected_grads],
         "expected_batch_size": float(reply.expected_batch_size),
-        "events": [json.dumps(event, sort_keys=True) for event in reply.events],
+        "events": [event_codec.dumps(event) for event in reply.events],
     })
     return content
 
@@ -180,7 +181,7 @@ def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[Train
         raise WireError("reply has a projected gradient that is not a finite number")
     events = _field(record, "events", list)
     try:
-        decoded = tuple(event_codec.event_to_dict(event_codec.loads(text)) for text in events)
+        decoded = tuple(event_codec.loads(text) for text in events)
     except (event_codec.EventDecodeError, TypeError) as error:
         raise WireError(f"reply.events: {error}") from None
     reply = TrainReply(reply_round, tuple(grads), _positive(record, "expected_batch_size"), decoded)
@@ -212,11 +213,12 @@ def decode_evaluation(content: RecordDict) -> tuple[EvaluationRequest, Sync]:
     return request, _decode_sync(content)
 
 
-def encode_evaluation_reply(correct: float, count: float, events: tuple[dict, ...], silo: str = "") -> RecordDict:
+def encode_evaluation_reply(correct: float, count: float, events: tuple[dp_accounting.DpEvent, ...],
+                            silo: str = "") -> RecordDict:
     content = RecordDict()
     content["evaluation"] = ConfigRecord({
         "silo": silo, "correct": float(correct), "count": float(count),
-        "events": [json.dumps(event, sort_keys=True) for event in events],
+        "events": [event_codec.dumps(event) for event in events],
     })
     return content
 
@@ -231,7 +233,7 @@ def decode_evaluation_reply(content: RecordDict) -> tuple[float, float, tuple[di
             raise WireError(f"evaluation.{key} must be a finite number")
         values.append(value)
     try:
-        events = tuple(event_codec.event_to_dict(event_codec.loads(text)) for text in _field(record, "events", list))
+        events = tuple(event_codec.loads(text) for text in _field(record, "events", list))
     except (event_codec.EventDecodeError, TypeError) as error:
         raise WireError(f"evaluation.events: {error}") from None
     silo = record.get("silo", "")

@@ -20,6 +20,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import dp_accounting
+
 from seedtune.common.errors import RunDirError
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import epsilon_of
@@ -72,13 +74,15 @@ class FederationStore:
         self._db.close()
 
     # -- writing -------------------------------------------------------------------------------
-    def record_release(self, silo: str, round: int, events: tuple[dict, ...], kind: str = "train") -> None:
+    def record_release(self, silo: str, round: int, events: tuple[dp_accounting.DpEvent, ...],
+                       kind: str = "train") -> None:
         """The events of ``silo``'s reply for ``round`` (a training round or an ``"evaluation"``);
         recorded when the reply is accepted, before the step is logged. The same silo, round and
         kind again is the same release and is not counted twice."""
         with self._db:
             self._db.execute("INSERT OR IGNORE INTO silo_events VALUES (?, ?, ?, ?)",
-                             (silo, round, kind, json.dumps(list(events), sort_keys=True)))
+                             (silo, round, kind,
+                              json.dumps([event_codec.event_to_dict(e) for e in events], sort_keys=True)))
 
     def record_traffic(self, round: int, attempt: int, node: int, bytes_down: int, bytes_up: int) -> None:
         with self._db:

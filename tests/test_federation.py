@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_requests_and_replies_round_trip():
     request = _request()
     decoded, sync = decode_request(encode_request(request, Sync(3, ())))
     assert decoded == request and sync.records == () and sync.setup is None
-    reply = TrainReply(3, (0.25, -1.5), 4.0, ({"type": "GaussianDpEvent", "noise_multiplier": 0.8},))
+    reply = TrainReply(3, (0.25, -1.5), 4.0, (dp_accounting.GaussianDpEvent(0.8),))
     assert decode_reply(encode_reply(reply, 3, "silo-a"), round=3, probes=2) == (reply, 3, "silo-a")
 
 
@@ -207,7 +208,7 @@ class FakeSilo:
     def __call__(self, content):
         request, _ = decode_request(content)
         grads = tuple(math.sin(self.seed * 7.1 + request.round * 1.3 + k) for k in range(len(request.probe_seeds)))
-        event = {"type": "GaussianDpEvent", "noise_multiplier": 1.0}
+        event = dp_accounting.GaussianDpEvent(1.0)
         return encode_reply(TrainReply(request.round, grads, 10.0 + self.seed, (event,)), request.model_version,
                             f"fake-{self.seed}")
 

@@ -165,4 +165,4 @@ def test_a_run_asking_for_floating_point_noise_is_refused_unless_the_silo_allows
     assert strict.ledger is None or strict.ledger.releases == 0
     willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_float_noise=True))
     reply, _ = willing.answer(request, first)
-    assert [event["event"]["type"] for event in reply.events] == ["GaussianDpEvent"]
+    assert [type(event.event).__name__ for event in reply.events] == ["GaussianDpEvent"]

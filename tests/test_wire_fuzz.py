@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import dp_accounting
 import pytest
-
 from flwr.app import ConfigRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -91,6 +91,7 @@ def test_a_reply_decodes_only_into_finite_values_of_the_round_asked(reply, probe
     assert decoded.round == round and len(decoded.projected_grads) == probes
     assert all(math.isfinite(g) for g in decoded.projected_grads) and decoded.expected_batch_size > 0
     assert version >= 0 and isinstance(silo, str)
+    assert all(isinstance(event, dp_accounting.DpEvent) for event in decoded.events)
 
 
 @FUZZ
@@ -116,7 +117,7 @@ def test_an_evaluation_reply_decodes_only_into_finite_counts_and_known_events(ev
         return
     # What the coordinator would divide and account: finite numbers, events it can read, a short name
     assert math.isfinite(correct) and math.isfinite(count)
-    assert all(isinstance(event, dict) for event in events)
+    assert all(isinstance(event, dp_accounting.DpEvent) for event in events)  # accountable events only
     assert isinstance(silo, str) and len(silo) <= 128
 
 
