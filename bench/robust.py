@@ -41,7 +41,7 @@ QUICK_ROUNDS = 4
 SETTINGS = ("data.synthetic_size=6000", "prune.enabled=true", "prune.ratio=0",
             "prune.always=classifier.*,*word_embeddings*", "privacy.epsilon=9", "privacy.sample_rate=0.3",
             "privacy.clip_bound=5", "privacy.noise_multiplier=1.5", "schedule.kind=constant",
-            "schedule.steps=40", "schedule.lr=0.3", "eval.every=0", f"federation.clients={SILOS}",
+            "schedule.steps=40", "schedule.lr=0.3", "eval.every=0", f"federation.silos={SILOS}",
             "federation.round_timeout=5", "federation.round_retries=0")
 
 
@@ -84,7 +84,7 @@ class Silos:
         from seedtune.common.privacy.randomness import SeededRandomness
 
         privacy = config.privacy
-        count = config.federation.clients
+        count = config.federation.silos
         every_run = with_changes(config, schedule={"steps": runs * config.schedule.steps})
         budget = components.planned_epsilon(every_run, privacy.noise_multiplier)
         budget *= 1 + 1e-9  # the ledger recomputes it: equal, not a rounding error short

@@ -286,7 +286,7 @@ def simulate_and_measure(clients: int, rounds: int) -> dict:
     from seedtune.client.node import TIMINGS_FILE
     from seedtune.common.config import load_config
 
-    config = load_config("tiny", overrides=["eval.every=0", f"federation.clients={clients}",
+    config = load_config("tiny", overrides=["eval.every=0", f"federation.silos={clients}",
                                             f"schedule.steps={rounds}"], command="simulate")
     peak = {"bytes": 0}
     done = threading.Event()

@@ -81,7 +81,7 @@ def method_config(base: Config, method: str, epsilon: float | None, seed: int, p
         return with_changes(config, schedule={**constant, "lr": plan.dpzero_lr}, prune={"enabled": False},
                             lora={"enabled": False}, zo={"distribution": "rademacher", "probes": 1})
     if method == "federated":
-        return with_changes(config, federation={"clients": plan.federated_clients, "min_clients": 1})
+        return with_changes(config, federation={"silos": plan.federated_clients, "min_silos": 1})
     return config
 
 

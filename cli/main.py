@@ -89,7 +89,8 @@ def _add_train(commands) -> None:
 def _add_simulate(commands) -> None:
     simulate = commands.add_parser("simulate", help="a federation of silos on this machine (Flower simulation)")
     _settings(simulate, "default (MiniLM, Rotten Tomatoes, 3 silos) or tiny", "federation.partition=label-skew")
-    simulate.add_argument("--clients", type=int, help="number of silos (federation.clients)")
+    simulate.add_argument("--silos", "--clients", dest="silos", type=int,
+                          help="number of silos (federation.silos; --clients is its old name)")
     simulate.add_argument("--rounds", type=int, help="number of rounds (schedule.steps)")
     simulate.add_argument("--out", type=Path, help="run directory (default: runs/sim-<preset>-<time>)")
     simulate.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
@@ -101,7 +102,8 @@ def _add_partition(commands) -> None:
     partition = commands.add_parser(
         "partition", help="write each silo's share of a preset's data to its own file (for a deployment)")
     _settings(partition, "whose data and split to use (default, tiny)", "federation.partition=quantity-skew")
-    partition.add_argument("--clients", type=int, help="number of silos (federation.clients)")
+    partition.add_argument("--silos", "--clients", dest="silos", type=int,
+                           help="number of silos (federation.silos; --clients is its old name)")
     partition.add_argument("--out", type=Path, required=True, help="folder for silo-<i>.jsonl")
     partition.set_defaults(run=_partition)
 
@@ -286,13 +288,13 @@ def _simulate(args) -> int:
 
     if args.resume and args.out is None:
         raise SeedtuneError("--resume needs --out RUN_DIR, the run to continue")
-    for flag, value in (("--clients", args.clients), ("--rounds", args.rounds)):
+    for flag, value in (("--silos", args.silos), ("--rounds", args.rounds)):
         if value is not None and value < 1:
             raise SeedtuneError(f"{flag} {value} must be >= 1")
     config = Config() if args.resume else load_config(args.preset, args.config, args.overrides, command="simulate")
     out = args.out or Path("runs") / f"sim-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     _SIMULATED = True
-    result = simulate(config, out, clients=args.clients, rounds=args.rounds, resume=args.resume,
+    result = simulate(config, out, silos=args.silos, rounds=args.rounds, resume=args.resume,
                       progress=not args.no_progress)
     print_simulation(result)
     return 0
@@ -302,11 +304,11 @@ def _partition(args) -> int:
     from seedtune.common import components
     from seedtune.common.config import load_config
 
-    if args.clients is not None and args.clients < 1:
-        raise SeedtuneError(f"--clients {args.clients} must be >= 1")
-    overrides = list(args.overrides) + ([f"federation.clients={args.clients}"] if args.clients else [])
+    if args.silos is not None and args.silos < 1:
+        raise SeedtuneError(f"--silos {args.silos} must be >= 1")
+    overrides = list(args.overrides) + ([f"federation.silos={args.silos}"] if args.silos else [])
     config = load_config(args.preset, args.config, overrides, command="simulate")
-    silos = config.federation.clients
+    silos = config.federation.silos
     names = components.load_data(config).label_names
     existing = [args.out / f"silo-{i}.jsonl" for i in range(silos) if (args.out / f"silo-{i}.jsonl").exists()]
     if existing:

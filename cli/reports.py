@@ -167,8 +167,8 @@ def print_simulation(result) -> None:
     for name in ("accuracy", "loss"):
         if name in federation.before:
             print(f"test {name}: {federation.before[name]:.4f} before -> {federation.after[name]:.4f} after")
-    if federation.client_evaluation:
-        evaluation = federation.client_evaluation
+    if federation.silo_evaluation:
+        evaluation = federation.silo_evaluation
         kind = "noised, charged" if evaluation["private"] else "NOT private"
         print(f"accuracy on the silos' own held-out data ({kind}): {evaluation['accuracy']:.4f}")
     print()

@@ -152,16 +152,16 @@ def noise_multiplier(config: Config) -> float:
                                           also=also, noise=p.noise)
     except ValueError:
         raise ConfigError(
-            f"federation.client_eval_std={config.federation.client_eval_std} alone spends more than "
-            f"privacy.epsilon={p.epsilon}; raise it, or set federation.client_eval=off"
+            f"federation.silo_eval_std={config.federation.silo_eval_std} alone spends more than "
+            f"privacy.epsilon={p.epsilon}; raise it, or set federation.silo_eval=off"
         ) from None
 
 
 def planned_evaluation(config: Config):
     """The private client evaluation a run ends with, if any (charged to every silo)."""
     federation = config.federation
-    if config.privacy.enabled and federation.client_eval == "private":
-        return evaluation_event(federation.client_eval_std, config.privacy.noise)
+    if config.privacy.enabled and federation.silo_eval == "private":
+        return evaluation_event(federation.silo_eval_std, config.privacy.noise)
     return None
 
 

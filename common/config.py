@@ -156,32 +156,32 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    clients: int = 3  # silos in a simulation (a deployment has as many as connect)
+    silos: int = 3  # silos in a simulation (a deployment has as many as connect)
     fraction: float = 1.0  # share of silos asked each round (sampled from public randomness)
-    min_clients: int = 1  # a round is applied only with at least this many valid replies
+    min_silos: int = 1  # a round is applied only with at least this many valid replies
     partition: str = "iid"  # how a simulation splits the training set: "iid", "label-skew", "quantity-skew"
     alpha: float = 0.5  # label/quantity skew: Dirichlet concentration (small = more skewed)
     round_timeout: float = 300.0  # seconds to wait for replies
     round_retries: int = 2  # a round short of min_clients is asked again this often, then the run stops
     max_replay: int = 2000  # a silo further behind than this gets a checkpoint instead of replay
-    client_eval: str = "off"  # "off", "private" (noised, charged) or "nonprivate" (warns)
-    client_eval_std: float = 5.0  # private client evaluation: noise standard deviation per count (not a multiplier)
+    silo_eval: str = "off"  # evaluation on silos' own data: "off", "private" (noised, charged) or "nonprivate" (warns)
+    silo_eval_std: float = 5.0  # private silo evaluation: noise standard deviation per count (not a multiplier)
     aggregation: str = "mean"  # how replies combine: "mean" (weighted by q n), "median", "trimmed-mean"
     trim: float = 0.2  # trimmed-mean: drop floor(trim * N) of the N values at each end of every coordinate
 
     def validate(self) -> None:
-        _check("federation.clients", self.clients, 1 <= self.clients <= 1000, "an integer in [1, 1000]")
+        _check("federation.silos", self.silos, 1 <= self.silos <= 1000, "an integer in [1, 1000]")
         _check("federation.fraction", self.fraction, 0 < self.fraction <= 1, "in (0, 1]")
-        _check("federation.min_clients", self.min_clients, self.min_clients >= 1, "an integer >= 1")
+        _check("federation.min_silos", self.min_silos, self.min_silos >= 1, "an integer >= 1")
         _check("federation.partition", self.partition, self.partition in ("iid", "label-skew", "quantity-skew"),
                "'iid', 'label-skew' or 'quantity-skew'")
         _check("federation.alpha", self.alpha, self.alpha > 0, "> 0")
         _check("federation.round_timeout", self.round_timeout, self.round_timeout > 0, "> 0 seconds")
         _check("federation.round_retries", self.round_retries, self.round_retries >= 0, ">= 0")
         _check("federation.max_replay", self.max_replay, self.max_replay >= 0, ">= 0")
-        _check("federation.client_eval", self.client_eval, self.client_eval in ("off", "private", "nonprivate"),
+        _check("federation.silo_eval", self.silo_eval, self.silo_eval in ("off", "private", "nonprivate"),
                "'off', 'private' or 'nonprivate'")
-        _check("federation.client_eval_std", self.client_eval_std, self.client_eval_std > 0, "> 0")
+        _check("federation.silo_eval_std", self.silo_eval_std, self.silo_eval_std > 0, "> 0")
         _check("federation.aggregation", self.aggregation, self.aggregation in RULES,
                ", ".join(repr(name) for name in list(RULES)[:-1]) + f" or {list(RULES)[-1]!r}")
         _check("federation.trim", self.trim, 0 <= self.trim < 0.5,
@@ -266,9 +266,15 @@ REMOVED = {
 
 
 # Keys renamed, old name -> new name: the old one is still read (a run logged before the rename
-# resumes), and a config that sets it warns. "sigma" is a noise multiplier everywhere in seedtune;
-# this setting was a standard deviation.
-RENAMED = {"federation.client_eval_sigma": "federation.client_eval_std"}
+# resumes), and a config that sets it warns. A participant is a "silo" everywhere (Flower's
+# "client" and "node" name only Flower's own parts), and "sigma" always a noise multiplier: the
+# evaluation's was a standard deviation.
+RENAMED = {
+    "federation.clients": "federation.silos",
+    "federation.min_clients": "federation.min_silos",
+    "federation.client_eval": "federation.silo_eval",
+    "federation.client_eval_sigma": "federation.silo_eval_std",
+}
 
 
 class DeprecatedKeyWarning(FutureWarning):

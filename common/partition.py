@@ -82,7 +82,7 @@ def partition_indices(
         if empty is not None:
             raise ConfigError(
                 f"quantity-skew (alpha={alpha}) leaves silo {empty} of {partitions} with none of the {len(labels)} "
-                "examples; use a larger federation.alpha or fewer federation.clients"
+                "examples; use a larger federation.alpha or fewer federation.silos"
             )
     return parts
 

@@ -3,7 +3,7 @@
 # `flwr run`, stream its log, and exit 0 only if the run finished (its metrics.json exists).
 #   SEEDTUNE_SUPERLINK   host:port of the SuperLink's API          (default superlink:9093)
 #   SEEDTUNE_RUN_NAME    the run's folder under /runs; an unfinished run of that name resumes
-#   SEEDTUNE_RUN_CONFIG  run-config overrides, e.g. 'schedule.steps=100 federation.clients=3'
+#   SEEDTUNE_RUN_CONFIG  run-config overrides, e.g. 'schedule.steps=100 federation.silos=3'
 set -eu
 SUPERLINK="${SEEDTUNE_SUPERLINK:-superlink:9093}"
 RUN_DIR="/runs/${SEEDTUNE_RUN_NAME:-default}"

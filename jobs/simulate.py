@@ -31,12 +31,12 @@ class SimulationResult:
     silo_ledgers: dict[str, dict]  # silo -> {"epsilon", "releases"} from its own ledger
 
 
-def simulate(config: Config, run_dir: Path, *, clients: int | None = None, rounds: int | None = None,
+def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds: int | None = None,
              resume: bool = False, progress: bool = True) -> SimulationResult:
     run_dir = Path(run_dir)
     changes = {}
-    if clients is not None:
-        changes["federation"] = {"clients": clients}
+    if silos is not None:
+        changes["federation"] = {"silos": silos}
     if rounds is not None:
         changes["schedule"] = {"steps": rounds}
     if changes and not resume:
@@ -55,7 +55,7 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
     server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome)
     client_app = make_client_app(state_root=RunLayout(run_dir).silos)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.clients)),
+               "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.silos)),
                              "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}}
     # Flower announces that run_simulation is deprecated in favour of `flwr run` (which also works
     # with these apps, see the README); Ray warns about a future default. Neither is actionable here.
@@ -72,7 +72,7 @@ def simulate(config: Config, run_dir: Path, *, clients: int | None = None, round
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=config.federation.clients, backend_config=backend)
+                           num_supernodes=config.federation.silos, backend_config=backend)
     except (KeyboardInterrupt, Stopped):
         outcome.stop.set()
         raise RunDirError(f"interrupted; every finished round is in the log: resume with "

@@ -97,7 +97,7 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
                extra={"silos": {silo: {"epsilon": result.epsilons.get(silo), "releases": releases.get(silo, 0),
                                        **result.traffic.get(silo, {})}
                                 for silo in federation.store.silos()},
-                      "rejections": result.rejections, "client_evaluation": result.client_evaluation,
+                      "rejections": result.rejections, "silo_evaluation": result.silo_evaluation,
                       "stopped_early": result.stopped_early})
     plots.traffic_plot(federation.store.traffic_rows(), run.layout.traffic_plot)
     if outcome is not None:

@@ -3,7 +3,7 @@
 Each round: sample silos from public randomness, send each the request plus the updates it has
 not applied (or, far behind, a checkpoint), collect replies until the timeout, reject the
 malformed ones with a recorded reason, and apply the round only with at least
-``federation.min_clients`` valid replies. A round short of replies is asked again (a silo that already answered
+``federation.min_silos`` valid replies. A round short of replies is asked again (a silo that already answered
 gets the very same request and answers with the same release from its ledger, uncharged) and
 after ``federation.round_retries`` retries the run stops with its log intact: a round is never
 half applied. The log, written before each update, is what a restarted coordinator resumes from;
@@ -106,7 +106,7 @@ class FederationResult:
     epsilons: dict[str, float]  # silo name -> epsilon recomputed from its reported events
     traffic: dict[str, dict[str, int]]  # silo name -> messages and bytes
     rejections: list[dict] = field(default_factory=list)
-    client_evaluation: dict | None = None
+    silo_evaluation: dict | None = None
     aggregation: RuleCost | None = None  # the rule's sensitivity and noise, over the last round's silos
     stopped_early: str | None = None  # why the run ended before its planned rounds (silos out of budget)
 
@@ -138,7 +138,7 @@ class Federation:
         """The silos asked this round: a public, seeded sample of ``federation.fraction``."""
         nodes = sorted(nodes)
         fraction = self.config.federation.fraction
-        count = max(self.config.federation.min_clients, math.ceil(fraction * len(nodes)))
+        count = max(self.config.federation.min_silos, math.ceil(fraction * len(nodes)))
         if count >= len(nodes):
             return nodes
         chooser = random.Random(f"{self.config.seed}/{round}/{attempt}")
@@ -189,24 +189,24 @@ class Federation:
             asked = {node: encode_request(request, self.sync_for(node)) for node in nodes}
             responses = self.transport.exchange(asked, round=request.round, timeout=federation.round_timeout)
             valid = self.collect(request, responses, asked, attempt)
-            if len(valid) >= federation.min_clients:
+            if len(valid) >= federation.min_silos:
                 replies = [valid[node] for node in sorted(valid)]
                 _stop_mid_round(request.round)
                 coordinator.apply(request, replies)
                 self._note_cost(request.round, replies)
                 return len(valid)
             log.warning("round %d attempt %d: %d valid replies of %d asked, need %d",
-                        request.round, attempt, len(valid), len(asked), federation.min_clients)
+                        request.round, attempt, len(valid), len(asked), federation.min_silos)
             spent = {r["silo"]: r["reason"] for r in self.store.rejections()
                      if r["round"] == request.round and "BudgetExhausted" in r["reason"]}
-            if spent and len(valid) + len(asked) - len(spent) < federation.min_clients:
+            if spent and len(valid) + len(asked) - len(spent) < federation.min_silos:
                 raise OutOfBudget(
                     f"round {request.round} of {self.run.schedule.steps}: {len(spent)} silo(s) refuse for lack of "
-                    "privacy budget, so fewer than federation.min_clients="
-                    f"{federation.min_clients} can answer; the run ends with the {coordinator.step} rounds it has. "
+                    "privacy budget, so fewer than federation.min_silos="
+                    f"{federation.min_silos} can answer; the run ends with the {coordinator.step} rounds it has. "
                     + "; ".join(f"{silo}: {reason.split('BudgetExhausted: ')[-1]}" for silo, reason in spent.items()))
         raise FederationError(
-            f"round {request.round} got fewer than federation.min_clients={federation.min_clients} valid "
+            f"round {request.round} got fewer than federation.min_silos={federation.min_silos} valid "
             f"replies in {federation.round_retries + 1} attempts; every earlier round is in the log "
             f"({self.run.run_dir}), so the run can resume once enough silos are back"
         )
@@ -228,23 +228,23 @@ class Federation:
 
     def wait_for_silos(self, expected: int, patience: float) -> list[int]:
         """Silos register with the coordinator asynchronously: wait until ``expected`` have (or
-        ``patience`` seconds pass), then go on with at least ``federation.min_clients``."""
+        ``patience`` seconds pass), then go on with at least ``federation.min_silos``."""
         deadline = time.monotonic() + patience
         while True:
             nodes = list(self.transport.nodes())
             if len(nodes) >= expected or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        if len(nodes) < self.config.federation.min_clients:
+        if len(nodes) < self.config.federation.min_silos:
             raise FederationError(
                 f"only {len(nodes)} silo(s) connected within {patience:.0f} s; "
-                f"federation.min_clients={self.config.federation.min_clients}"
+                f"federation.min_silos={self.config.federation.min_silos}"
             )
         return nodes
 
     def run_all(self) -> FederationResult:
         run, federation = self.run, self.config.federation
-        for node in self.wait_for_silos(federation.clients, federation.round_timeout):
+        for node in self.wait_for_silos(federation.silos, federation.round_timeout):
             self.store.register(node)
 
         def play() -> Played:
@@ -255,26 +255,28 @@ class Federation:
             return {f"epsilon.{silo}": value for silo, value in self.epsilons().items()}
 
         loop = run_rounds(run, play, epsilons, progress=self.progress, desc="simulate", unit="round")
-        client_evaluation = None
-        if federation.client_eval != "off":
-            client_evaluation = run.log.meta("client_evaluation") or self.evaluate_on_silos()
-            run.log.set_meta("client_evaluation", client_evaluation)
+        silo_evaluation = None
+        if federation.silo_eval != "off":
+            # "client_evaluation": where a run logged before the rename keeps its (charged) result
+            silo_evaluation = (run.log.meta("silo_evaluation") or run.log.meta("client_evaluation")
+                               or self.evaluate_on_silos())
+            run.log.set_meta("silo_evaluation", silo_evaluation)
         return FederationResult(run.coordinator.step, loop.before, loop.after, self.epsilons(), self.store.traffic(),
-                                self.store.rejections(), client_evaluation, self.aggregation, loop.stopped_early)
+                                self.store.rejections(), silo_evaluation, self.aggregation, loop.stopped_early)
 
     def evaluate_on_silos(self) -> dict:
         """Accuracy of the final model on the silos' own held-out data: noised and charged to
         every silo's ledger ("private"), or exact and unprotected ("nonprivate", which warns)."""
         federation = self.config.federation
-        private = federation.client_eval == "private"
+        private = federation.silo_eval == "private"
         if not private:
             warnings.warn(
-                "federation.client_eval=nonprivate: silos report exact accuracy counts on their own data, "
-                "which are NOT differentially private; use client_eval=private to noise and charge them",
+                "federation.silo_eval=nonprivate: silos report exact accuracy counts on their own data, "
+                "which are NOT differentially private; use silo_eval=private to noise and charge them",
                 NonPrivateEvaluationWarning, stacklevel=2)
         coordinator = self.run.coordinator
         nodes = sorted(self.transport.nodes())
-        request = EvaluationRequest(self.run.run_id, coordinator.step, private, federation.client_eval_std)
+        request = EvaluationRequest(self.run.run_id, coordinator.step, private, federation.silo_eval_std)
         messages = {node: encode_evaluation(request, self.sync_for(node)) for node in nodes}
         correct = count = 0.0
         answered = 0

@@ -21,7 +21,7 @@ def test_each_method_is_the_configuration_it_claims():
     assert not dpzero.prune.enabled and dpzero.zo.probes == 1 and dpzero.schedule.lr < base.schedule.lr
     zoso = method_config(base, "dp-zoso", 6.0, 2)
     assert zoso.schedule.kind == "stagewise" and zoso.prune == base.prune and zoso.privacy.epsilon == 6.0
-    assert method_config(base, "federated", 6.0, 0, QUICK).federation.clients == 3
+    assert method_config(base, "federated", 6.0, 0, QUICK).federation.silos == 3
     for method in METHODS:  # the budget's sigma is always calibrated afresh
         assert method_config(base, method, 2.0, 0).privacy.noise_multiplier is None
 

@@ -156,8 +156,8 @@ def test_partition_writes_each_silo_its_share_by_label_name_and_never_overwrites
     from seedtune.common.config import load_config
     from seedtune.common.errors import SeedtuneError
 
-    assert main(["partition", "--preset", "tiny", "--clients", "3", "--out", str(tmp_path)]) == 0
-    config = load_config("tiny", overrides=["federation.clients=3"], command="simulate")
+    assert main(["partition", "--preset", "tiny", "--clients", "3", "--out", str(tmp_path)]) == 0  # its old name
+    config = load_config("tiny", overrides=["federation.silos=3"], command="simulate")
     data = components.load_data(config)
     rows = [json.loads(line) for i in range(3) for line in (tmp_path / f"silo-{i}.jsonl").read_text().splitlines()]
     assert len(rows) == len(data.train) + len(data.validation)  # every example in exactly one silo

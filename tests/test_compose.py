@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The run is calibrated to epsilon = 3 and each silo's ledger holds 6 (SILO_EPSILON's default):
 # a round retried on a slow machine is charged again, and must not exhaust the silos mid-run.
 RUN_CONFIG = ('model.name="tiny" data.name="synthetic" schedule.stages=1 eval.every=0 privacy.sample_rate=0.05 '
-              'privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 schedule.steps=6 federation.clients=3 '
-              'federation.min_clients=2 federation.round_timeout=180 privacy.epsilon=3.0')
+              'privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 schedule.steps=6 federation.silos=3 '
+              'federation.min_silos=2 federation.round_timeout=180 privacy.epsilon=3.0')
 
 
 def _docker(*args, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
@@ -86,7 +86,7 @@ def stack(tmp_path_factory):
     subprocess.run([str(ROOT / "deploy" / "wheelhouse.sh")], check=True, capture_output=True, cwd=ROOT)
     subprocess.run([sys.executable, str(ROOT / "deploy" / "credentials.py"), "--out", str(root / "credentials"),
                     "--silos", "3"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "seedtune.cli.main", "partition", "--preset", "tiny", "--clients", "3",
+    subprocess.run([sys.executable, "-m", "seedtune.cli.main", "partition", "--preset", "tiny", "--silos", "3",
                     "--out", str(root / "shards")], check=True, capture_output=True)
     stack = Stack(root)
     try:
@@ -147,4 +147,4 @@ def test_a_restarted_supernode_keeps_its_ledger_and_the_ledger_still_binds_it(st
         if any("past its budget" in reason for reason in reasons):
             refused.append(silo)
         assert stack.spent(silo) <= 6.0 + 1e-9  # never past it, whatever was asked
-    assert len(refused) >= 2  # enough silos refused that no round could reach min_clients=2
+    assert len(refused) >= 2  # enough silos refused that no round could reach min_silos=2

@@ -99,13 +99,25 @@ def test_a_renamed_key_still_works_under_its_old_name_and_warns():
     from seedtune.common.config import DeprecatedKeyWarning
 
     with pytest.warns(DeprecatedKeyWarning, match="federation.client_eval_sigma is deprecated: it is now "
-                                                  "federation.client_eval_std"):
+                                                  "federation.silo_eval_std"):
         config = load_config("tiny", overrides=["federation.client_eval_sigma=3.5"])
-    assert config.federation.client_eval_std == 3.5
+    assert config.federation.silo_eval_std == 3.5
     logged = Config().to_dict()  # a run logged before the rename resumes with its own value
-    logged["federation"]["client_eval_sigma"] = logged["federation"].pop("client_eval_std") * 2
+    logged["federation"]["client_eval_sigma"] = logged["federation"].pop("silo_eval_std") * 2
     with pytest.warns(DeprecatedKeyWarning):
-        assert Config.from_dict(logged).federation.client_eval_std == 10.0
-    logged["federation"]["client_eval_std"] = 1.0
-    with pytest.raises(ConfigError, match="client_eval_std is set twice, also under its old name"):
+        assert Config.from_dict(logged).federation.silo_eval_std == 10.0
+    logged["federation"]["silo_eval_std"] = 1.0
+    with pytest.raises(ConfigError, match="silo_eval_std is set twice, also under its old name"):
         Config.from_dict(logged)
+
+
+@pytest.mark.parametrize("old, new, value", [("federation.clients", "federation.silos", 4),
+                                             ("federation.min_clients", "federation.min_silos", 2),
+                                             ("federation.client_eval", "federation.silo_eval", "private")])
+def test_silos_are_silos_and_the_old_client_keys_still_work(old, new, value):
+    from seedtune.common.config import DeprecatedKeyWarning
+
+    with pytest.warns(DeprecatedKeyWarning, match=f"{old} is deprecated: it is now {new}"):
+        config = load_config("tiny", overrides=[f"{old}={value}"], command="simulate")
+    section, name = new.split(".")
+    assert getattr(getattr(config, section), name) == value

@@ -20,7 +20,7 @@ SETTINGS = ('model.name="tiny" data.name="synthetic" schedule.stages=1 eval.ever
 
 def _shards(tmp_path, silos):
     out = tmp_path / "shards"
-    subprocess.run([sys.executable, "-m", "seedtune.cli.main", "partition", "--preset", "tiny", "--clients",
+    subprocess.run([sys.executable, "-m", "seedtune.cli.main", "partition", "--preset", "tiny", "--silos",
                     str(silos), "--out", str(out)], check=True, capture_output=True)
     return [out / f"silo-{i}.jsonl" for i in range(silos)]
 
@@ -52,8 +52,8 @@ def deployed(tmp_path_factory):
     try:
         _bring_up(deployment, _shards(root, 2))
         run_dir = root / "out"
-        result = deployment.run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=4 federation.clients=2 '
-                                           'federation.min_clients=2')
+        result = deployment.run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=4 federation.silos=2 '
+                                           'federation.min_silos=2')
         yield deployment, run_dir, result
     finally:
         assert deployment.close() == []
@@ -109,8 +109,8 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_the_others(tmp_path):
     try:
         _bring_up(deployment, _shards(tmp_path, 3))
         run_dir = tmp_path / "out"
-        run = deployment.start_run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=6 federation.clients=3 '
-                                              'federation.min_clients=2 federation.round_timeout=120')
+        run = deployment.start_run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=6 federation.silos=3 '
+                                              'federation.min_silos=2 federation.round_timeout=120')
         ledger = tmp_path / "silo-2" / "ledger.sqlite"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (ledger.exists() and _releases(deployment, 2) >= 2):

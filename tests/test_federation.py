@@ -33,7 +33,7 @@ from seedtune.server.federation import (
 from seedtune.server.runs import open_run
 
 TINY = ["schedule.steps=8", "schedule.stages=2", "eval.every=0", "data.synthetic_size=200",
-        "federation.clients=1", "federation.round_timeout=5"]
+        "federation.silos=1", "federation.round_timeout=5"]
 
 
 def _config(*extra):
@@ -134,7 +134,7 @@ def test_quantity_skew_skews_sizes_but_not_labels_and_an_empty_silo_is_an_error(
     iid = [len(p) for p in partition_indices(texts, labels, 5, scheme="iid")]
     assert sum(iid) == 4000 and all(abs(size - 800) < 5 * math.sqrt(4000 * 0.2 * 0.8) for size in iid)
     with pytest.raises(ConfigError, match=r"leaves silo \d of 6 with none of the 6 examples; use a larger "
-                                          r"federation.alpha or fewer federation.clients"):
+                                          r"federation.alpha or fewer federation.silos"):
         partition_indices(texts[:6], labels[:6], 6, scheme="quantity-skew", alpha=0.01, seed=3)
     with pytest.raises(ConfigError, match="leaves silo"):
         partition_indices(texts[:3], labels[:3], 4, scheme="quantity-skew")
@@ -248,13 +248,13 @@ def test_malformed_replies_never_touch_the_model(tmp_path):
 
 
 def test_a_round_short_of_replies_is_retried_then_stops_without_half_applying(tmp_path):
-    run = open_run(_config("federation.min_clients=2", "federation.round_retries=1"), tmp_path / "run", resume=False)
+    run = open_run(_config("federation.min_silos=2", "federation.round_retries=1"), tmp_path / "run", resume=False)
 
     def broken(content):
         raise RuntimeError("silo down")
 
     federation = Federation(run, DirectTransport({1: FakeSilo(1), 2: broken}), progress=False)
-    with pytest.raises(FederationError, match="fewer than federation.min_clients=2"):
+    with pytest.raises(FederationError, match="fewer than federation.min_silos=2"):
         federation.run_all()
     assert run.log.num_steps == 0 and run.coordinator.step == 0
     assert len([r for r in federation.store.rejections() if "silo down" in r["reason"]]) == 2  # asked twice
@@ -296,7 +296,7 @@ def test_a_coordinator_stopped_after_the_replies_resumes_without_charging_the_ro
     resumed coordinator asks the same round again and every silo answers with the same release,
     uncharged. σ is calibrated to spend the budget in exactly the planned rounds, so a second charge
     would make the last round impossible."""
-    config = _config("federation.clients=3", "privacy.epsilon=3.0")
+    config = _config("federation.silos=3", "privacy.epsilon=3.0")
     run = open_run(config, tmp_path / "run", resume=False)
     nodes = _silo_nodes(tmp_path, 3)
     handlers = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
@@ -323,7 +323,7 @@ def test_a_coordinator_stopped_after_the_replies_resumes_without_charging_the_ro
 
 
 def test_silos_out_of_budget_end_the_run_with_the_numbers_and_the_rounds_it_has(tmp_path):
-    config = _config("federation.clients=2", "federation.min_clients=2", "federation.round_retries=0")
+    config = _config("federation.silos=2", "federation.min_silos=2", "federation.round_retries=0")
     run = open_run(config, tmp_path / "run", resume=False)
     budget = epsilon_for(run.sigma, config.privacy.sample_rate, 3, config.privacy.delta) * 1.0001  # 3 of 8 rounds
     nodes = _silo_nodes(tmp_path, 2, budget=(budget, config.privacy.delta, "rdp"))
@@ -338,7 +338,7 @@ def test_silos_out_of_budget_end_the_run_with_the_numbers_and_the_rounds_it_has(
 def test_the_coordinators_view_keys_silos_by_name_across_node_ids(tmp_path):
     """After a resume every silo comes back under a new node id; the view lists it once, with
     everything it spent."""
-    config = _config("federation.clients=2")
+    config = _config("federation.silos=2")
     run = open_run(config, tmp_path / "run", resume=False)
     nodes = _silo_nodes(tmp_path, 2)
     first = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
@@ -399,7 +399,7 @@ def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_strea
 @pytest.mark.parametrize("mode", ["private", "nonprivate"])
 @pytest.mark.slow
 def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode):
-    config = _config(f"federation.client_eval={mode}", "federation.clients=2", "federation.client_eval_std=2.0")
+    config = _config(f"federation.silo_eval={mode}", "federation.silos=2", "federation.silo_eval_std=2.0")
     run = open_run(config, tmp_path / "run", resume=False)
     limits = Limits(allow_nonprivate=mode == "nonprivate")  # a deployed silo must opt in to exact counts
     nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k, limits=limits) for k in range(2)}
@@ -410,8 +410,8 @@ def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode)
             result = Federation(run, transport, progress=False).run_all()
     else:
         result = Federation(run, transport, progress=False).run_all()
-    assert result.client_evaluation["silos"] == 2 and result.client_evaluation["private"] == (mode == "private")
-    assert 0.0 <= result.client_evaluation["accuracy"] <= 1.2  # noised counts may overshoot a little
+    assert result.silo_evaluation["silos"] == 2 and result.silo_evaluation["private"] == (mode == "private")
+    assert 0.0 <= result.silo_evaluation["accuracy"] <= 1.2  # noised counts may overshoot a little
     for node in nodes.values():
         notes = [release["note"] for release in node.ledger.history()]
         assert notes.count("evaluation") == (1 if mode == "private" else 0)
@@ -495,7 +495,7 @@ def test_one_silo_federation_ends_with_the_same_model_as_seedtune_train(tmp_path
     from seedtune.jobs.train import train
     from seedtune.common.privacy.randomness import SeededRandomness
 
-    overrides = ["schedule.steps=12", "schedule.stages=2", "eval.every=0", "federation.clients=1",
+    overrides = ["schedule.steps=12", "schedule.stages=2", "eval.every=0", "federation.silos=1",
                  "prune.enabled=true", "prune.ratio=0.2"]
     config = load_config("tiny", overrides=overrides)
     train(config, tmp_path / "local", progress=False, randomness=SeededRandomness(11, quiet=True))
@@ -516,7 +516,7 @@ def test_the_tiny_simulate_preset_beats_zero_shot_over_seeds(tmp_path):
         config = load_config("tiny", overrides=[f"seed={seed}", f"data.split_seed={seed}", "eval.every=0"],
                              command="simulate")
         run = open_run(config, tmp_path / f"run{seed}", resume=False)
-        count = config.federation.clients
+        count = config.federation.silos
         nodes = _silo_nodes(tmp_path / f"silos{seed}", count)
         handlers = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
         result = Federation(run, DirectTransport(handlers), progress=False).run_all()

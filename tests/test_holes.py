@@ -28,7 +28,7 @@ from seedtune.common.wire import Setup, Sync, WireError, encode_request
 from seedtune.server.runs import open_run
 
 TINY = ["schedule.steps=4", "schedule.stages=2", "eval.every=0", "data.synthetic_size=200",
-        "federation.clients=1", "privacy.sample_rate=0.2"]
+        "federation.silos=1", "privacy.sample_rate=0.2"]
 
 
 class NoNoise(SecretRandomness):

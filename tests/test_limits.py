@@ -20,7 +20,7 @@ from seedtune.server.federation import DirectTransport, Federation, FederationEr
 from seedtune.server.runs import open_run
 
 TINY = ["schedule.steps=4", "schedule.stages=2", "eval.every=0", "data.synthetic_size=200",
-        "federation.clients=1", "federation.round_timeout=5", "federation.round_retries=1"]
+        "federation.silos=1", "federation.round_timeout=5", "federation.round_retries=1"]
 
 
 def _config(*extra):

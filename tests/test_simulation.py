@@ -145,12 +145,12 @@ def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path):
 
 def test_a_failed_simulation_is_a_one_line_error_and_stops_what_it_started(tmp_path):
     marker = uuid.uuid4().hex
-    result = seedtune("simulate", "--preset", "tiny", "--clients", 2, "--out", tmp_path / "run", "--no-progress",
-                      "--set", "federation.min_clients=3", "--set", "federation.round_timeout=3",
+    result = seedtune("simulate", "--preset", "tiny", "--silos", 2, "--out", tmp_path / "run", "--no-progress",
+                      "--set", "federation.min_silos=3", "--set", "federation.round_timeout=3",
                       env={"SEEDTUNE_TEST_MARKER": marker})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("seedtune: error:")
-    assert "min_clients=3" in result.stderr
+    assert "min_silos=3" in result.stderr
     assert wait_gone(marker) == []
 
 
@@ -163,7 +163,7 @@ def test_flwr_run_drives_the_same_apps_against_a_local_simulation_federation(tmp
            "SEEDTUNE_STATE_DIR": str(tmp_path / "silos"), "SEEDTUNE_EPSILON": "6.0", "SEEDTUNE_TEST_MARKER": marker}
     run_dir = tmp_path / "out"
     settings = (f'run-dir="{run_dir}" model.name="tiny" data.name="synthetic" schedule.steps=4 schedule.stages=1 '
-                'federation.clients=2 eval.every=0 privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01')
+                'federation.silos=2 eval.every=0 privacy.sample_rate=0.05 privacy.clip_bound=15.0 schedule.lr=0.01')
     flwr = Path(bin_dir) / "flwr"
     try:
         result = subprocess.run(
