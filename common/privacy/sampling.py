@@ -13,9 +13,8 @@ from seedtune.common.privacy.randomness import SecretRandomness
 
 
 def poisson_sample(population: int, sample_rate: float, randomness: SecretRandomness) -> np.ndarray:
-    """Sorted indices of the examples drawn, each independently with probability ``sample_rate``."""
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    """Sorted indices of the examples drawn, each independently with probability ``sample_rate``
+    (in (0, 1]: checked where it enters, by the config and by the wire)."""
     if sample_rate == 1.0:
         return np.arange(population)
     return np.flatnonzero(randomness.uniform(population) < sample_rate)
