@@ -56,7 +56,7 @@ def bench_comm(progress: bool = True) -> dict:
     from seedtune.common import components
     from seedtune.common.config import load_config
     from seedtune.common.privacy.accounting import release_event
-    from seedtune.common.protocol import Release, TrainReply, TrainRequest, probe_seeds
+    from seedtune.common.protocol import ReleaseParameters, TrainReply, TrainRequest, probe_seeds
     from seedtune.common.updatelog import StepRecord
     from seedtune.common.wire import Setup, Sync, encode_reply, encode_request, serialized_size
 
@@ -79,7 +79,7 @@ def bench_comm(progress: bool = True) -> dict:
 
     def request(round: int, probes: int, missed: int, first: bool = False) -> Message:
         ask = TrainRequest("bench", round, round, probe_seeds(0, round, probes), 1e-3,
-                           Release(p.clip_bound, sigma, p.sample_rate, p.noise))
+                           ReleaseParameters(p.clip_bound, sigma, p.sample_rate, p.noise))
         sync = Sync(round - missed, tuple(record(s, probes) for s in range(round - missed, round)),
                     setup if first else None)
         return Message(encode_request(ask, sync), dst_node_id=7, message_type=MessageType.TRAIN,
@@ -164,7 +164,7 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
     from seedtune.common import components
     from seedtune.common.config import with_changes
     from seedtune.common.privacy.accounting import release_event
-    from seedtune.common.protocol import Release, TrainReply
+    from seedtune.common.protocol import ReleaseParameters, TrainReply
     from seedtune.common.updatelog import UpdateApplier, UpdateLog
     from seedtune.common.wire import Setup, Sync
     from seedtune.server.coordinator import Coordinator
@@ -179,7 +179,7 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
                                mask=mask, numels={n: p.numel() for n, p in work.task.module.named_parameters()})
         snapshot = parts.trainable.snapshot()
         coordinator = Coordinator(run_id="bench", run_seed=0, probes=config.zo.probes,
-                                  schedule=components.make_schedule(config), release=Release(2.0, 1.0, 0.01), log=log,
+                                  schedule=components.make_schedule(config), release=ReleaseParameters(2.0, 1.0, 0.01), log=log,
                                   applier=UpdateApplier(parts.trainable, parts.directions))
         times = []
         while not coordinator.done:

@@ -32,7 +32,7 @@ from seedtune.common.estimator import ZerothOrderEstimator
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import LEDGER_FILE
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import NoiseMechanism, private_counts
+from seedtune.common.privacy.mechanism import LedgerKey, NoiseMechanism, private_counts
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import evaluate
@@ -213,7 +213,8 @@ class SiloNode:
         if run.version != request.model_version:
             raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
         silo = self._silo(request.run_id, run)
-        event = NoiseMechanism.for_counts(silo.noise, request.noise_std).event() if private else None
+        mechanism = NoiseMechanism.for_counts(silo.noise, request.noise_std)
+        event = mechanism.event()
         if private:
             if silo.ledger is None:
                 raise SyncError("a private evaluation in a non-private run")
@@ -228,9 +229,8 @@ class SiloNode:
         correct, count = metrics["accuracy"] * len(shard), float(len(shard))
         if not private:
             return correct, count, ()
-        noisy = private_counts(round(correct), int(count), noise_std=request.noise_std, randomness=silo.randomness,
-                               ledger=silo.ledger, round=request.model_version, noise=silo.noise,
-                               run_id=request.run_id, request=digest)
+        noisy = private_counts(round(correct), int(count), mechanism=mechanism, randomness=silo.randomness,
+                               ledger=silo.ledger, key=LedgerKey(request.model_version, request.run_id, digest))
         return noisy[0], noisy[1], (event,)
 
     def _silo(self, run_id: str, run: _Run) -> Silo:

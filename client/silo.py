@@ -15,7 +15,7 @@ import time
 import datasets
 from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import nonprivate_release, private_release
+from seedtune.common.privacy.mechanism import LedgerKey, nonprivate_release, private_release
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.privacy.sampling import poisson_sample
 from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
@@ -94,10 +94,8 @@ class Silo:
                 population=self.public_size,
                 randomness=self.randomness,
                 ledger=self.ledger,
-                round=request.round,
+                key=LedgerKey(request.round, request.run_id, digest),
                 noise=self.noise,
-                run_id=request.run_id,
-                request=digest,
             )
         self.last_loss, self.last_batch_size, self.last_zeroed = estimate.loss, len(chosen), release.zeroed
         events = () if release.event is None else (release.event,)

@@ -23,7 +23,7 @@ NOISES = ("discrete", "gaussian")  # privacy.noise: exact lattice noise, or floa
 
 
 @dataclass(frozen=True)
-class Release:
+class ReleaseParameters:
     """How a silo is asked to release: one object, so that every value is checked together (the
     silo refuses a noise kind other than its run's setup names, and its limits bound the rest)."""
 
@@ -40,7 +40,7 @@ class TrainRequest:
     model_version: int  # steps the silo's model must have applied before answering
     probe_seeds: tuple[int, ...]
     beta: float
-    release: Release
+    release: ReleaseParameters
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.protocol import NOISES, EvaluationRequest, Release, TrainReply, TrainRequest
+from seedtune.common.protocol import NOISES, EvaluationRequest, ReleaseParameters, TrainReply, TrainRequest
 from seedtune.common.updatelog import Checkpoint, StepRecord
 
 MAX_PROBES = 1024
@@ -113,7 +113,7 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         model_version=_nonnegative_int(record, "model_version"),
         probe_seeds=tuple(seeds),
         beta=_positive(record, "beta"),
-        release=Release(
+        release=ReleaseParameters(
             clip_bound=_positive(record, "clip_bound"),
             noise_multiplier=_finite(record, "noise_multiplier", minimum=0.0),
             sample_rate=_finite(record, "sample_rate", minimum=0.0),

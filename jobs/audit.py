@@ -92,7 +92,7 @@ from seedtune.common.privacy.audit import (
 )
 from seedtune.common.privacy.mechanism import NoiseMechanism
 from seedtune.common.privacy.randomness import SecretRandomness
-from seedtune.common.protocol import Release, TrainRequest, probe_seeds
+from seedtune.common.protocol import ReleaseParameters, TrainRequest, probe_seeds
 from seedtune.common.updatelog import Checkpoint
 from seedtune.common.wire import Setup, Sync, WireError, encode_request
 from tqdm.auto import tqdm
@@ -431,7 +431,7 @@ def _play(silos: list[_Silo], experiment: _Experiment, trials: int, sigma: float
     for trial in tqdm(range(0 if refused else trials), disable=not progress, unit="trial",
                       desc=f"audit ({attack})", dynamic_ncols=True):
         request = TrainRequest(experiment.run_id, trial, experiment.version, experiment.seeds, experiment.beta,
-                               Release(clip_bound, sigma, sample_rate, experiment.setup.config["privacy"]["noise"]))
+                               ReleaseParameters(clip_bound, sigma, sample_rate, experiment.setup.config["privacy"]["noise"]))
         try:
             for world, role in ((0, 0), (0, 1), (1, 0), (1, 1)):
                 releases[world, role, trial] = _answer(silos[world + 2 * role], request, experiment)

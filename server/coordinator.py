@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 
 from seedtune.common.errors import SeedtuneError
-from seedtune.common.protocol import Release, TrainReply, TrainRequest, probe_seeds
+from seedtune.common.protocol import ReleaseParameters, TrainReply, TrainRequest, probe_seeds
 from seedtune.common.schedule import Schedule
 from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
 from seedtune.common.aggregation import RuleCost, aggregate, describe, rule_named
@@ -30,7 +30,7 @@ class Coordinator:
         run_seed: int,
         probes: int,
         schedule: Schedule,
-        release: Release,
+        release: ReleaseParameters,
         log: UpdateLog,
         applier: UpdateApplier,
         aggregation: str = "mean",

@@ -22,7 +22,7 @@ from seedtune.common.data import TextData
 from seedtune.common.errors import ConfigError, RunDirError
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import RunLayout, check_creatable, check_resumable
-from seedtune.common.protocol import Release
+from seedtune.common.protocol import ReleaseParameters
 from seedtune.common.schedule import Schedule
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
@@ -109,7 +109,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
     applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
     coordinator = Coordinator(
         run_id=log.meta("run_id"), run_seed=config.seed, probes=config.zo.probes, schedule=schedule,
-        release=Release(config.privacy.clip_bound, sigma, config.privacy.sample_rate, config.privacy.noise),
+        release=ReleaseParameters(config.privacy.clip_bound, sigma, config.privacy.sample_rate, config.privacy.noise),
         log=log, applier=applier,
         aggregation=config.federation.aggregation, trim=config.federation.trim,
     )

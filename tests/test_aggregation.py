@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from seedtune.common.config import load_config
 from seedtune.common.errors import ConfigError
-from seedtune.common.protocol import Release, TrainReply
+from seedtune.common.protocol import ReleaseParameters, TrainReply
 from seedtune.common.schedule import ConstantSchedule
 from seedtune.common.aggregation import RULES, aggregate, describe, sensitivities, trimmed_count
 from seedtune.server.coordinator import Coordinator, NonFiniteStep
@@ -141,7 +141,7 @@ class _Applier:
 @pytest.mark.parametrize("rule", RULES)
 def test_the_coordinator_steps_with_the_configured_rule(rule):
     coordinator = Coordinator(run_id="r", run_seed=0, probes=2, schedule=ConstantSchedule(4, 0.1, 1e-3),
-                              release=Release(1.0, 1.0, 0.1), log=_Log(),
+                              release=ReleaseParameters(1.0, 1.0, 0.1), log=_Log(),
                               applier=_Applier(), aggregation=rule, trim=0.2)
     replies_ = [TrainReply(0, (float(i), -float(i) ** 2), 5.0 + i, ()) for i in (3, 1, 4, 1, 5)]
     record = coordinator.apply(coordinator.request(), replies_)
@@ -150,13 +150,13 @@ def test_the_coordinator_steps_with_the_configured_rule(rule):
     assert coordinator.cost(replies_).rule == rule
     with pytest.raises(ValueError, match="unknown aggregation rule"):
         Coordinator(run_id="r", run_seed=0, probes=2, schedule=ConstantSchedule(4, 0.1, 1e-3), 
-                    release=Release(1.0, 1.0, 0.1), log=_Log(), applier=_Applier(), aggregation="mode")
+                    release=ReleaseParameters(1.0, 1.0, 0.1), log=_Log(), applier=_Applier(), aggregation="mode")
 
 
 def test_an_aggregate_that_overflows_is_refused_before_it_is_logged():
     log, applier = _Log(), _Applier()
     coordinator = Coordinator(run_id="r", run_seed=0, probes=2, schedule=ConstantSchedule(4, 0.1, 1e-3),
-                              release=Release(1.0, 1.0, 0.1), log=log, applier=applier)
+                              release=ReleaseParameters(1.0, 1.0, 0.1), log=log, applier=applier)
     huge = TrainReply(0, (1.7976931348623157e308, 1.0), 5.0, ())  # finite, so the decoder accepts it
     with pytest.raises(NonFiniteStep, match="not finite"):
         coordinator.apply(coordinator.request(), [huge, huge])

@@ -19,7 +19,7 @@ from seedtune.common.config import load_config
 from seedtune.common.errors import BudgetExhausted, ConfigError
 from seedtune.common.partition import partition_indices
 from seedtune.common.privacy.accounting import epsilon_for
-from seedtune.common.protocol import Release, TrainReply, TrainRequest
+from seedtune.common.protocol import ReleaseParameters, TrainReply, TrainRequest
 from seedtune.common.wire import (
     Sync, WireError, decode_reply, decode_request, encode_reply, encode_request, serialized_size,
 )
@@ -41,7 +41,7 @@ def _config(*extra):
 
 
 def _request(round=3, probes=2):
-    return TrainRequest("run", round, round, tuple(range(1, probes + 1)), 1e-3, Release(1.0, 0.8, 0.05))
+    return TrainRequest("run", round, round, tuple(range(1, probes + 1)), 1e-3, ReleaseParameters(1.0, 0.8, 0.05))
 
 
 # -- wire --------------------------------------------------------------------------------------

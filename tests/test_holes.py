@@ -22,7 +22,7 @@ from seedtune.common import components
 from seedtune.common.config import load_config
 from seedtune.common.errors import ConfigError, SeedtuneError
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import private_release
+from seedtune.common.privacy.mechanism import LedgerKey, private_release
 from seedtune.common.privacy.randomness import SecretRandomness, SeededRandomness
 from seedtune.common.wire import Setup, Sync, WireError, encode_request
 from seedtune.server.runs import open_run
@@ -89,10 +89,10 @@ def test_a_row_that_is_not_finite_contributes_zero_and_is_counted_in_the_ledger_
     rows = torch.tensor([[0.5, -0.25], [0.75, 1.0], [2.0, 3.0]], dtype=torch.float64)
     settings = dict(clip_bound=10.0, noise_multiplier=1.0, sample_rate=0.5, population=10, randomness=NoNoise(),
                     ledger=ledger)
-    honest = private_release(rows[:2], round=0, **settings)
+    honest = private_release(rows[:2], key=LedgerKey(0), **settings)
     for poison in (float("nan"), float("inf"), -float("inf")):
         poisoned = torch.cat([rows[:2], torch.tensor([[1.0, poison]], dtype=torch.float64)])
-        release = private_release(poisoned, round=1, **settings)
+        release = private_release(poisoned, key=LedgerKey(1), **settings)
         assert np.all(np.isfinite(release.values))
         assert np.array_equal(release.values, honest.values)  # as if the example were absent
         assert release.zeroed == 1
@@ -105,7 +105,7 @@ def test_a_huge_finite_row_is_clipped_or_zeroed_never_released_as_infinity(tmp_p
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     rows = torch.tensor([[1e308, 1e308], [0.5, 0.5]], dtype=torch.float64)  # its norm overflows
     release = private_release(rows, clip_bound=1.0, noise_multiplier=1.0, sample_rate=0.5, population=4,
-                              randomness=NoNoise(), ledger=ledger, round=0)
+                              randomness=NoNoise(), ledger=ledger, key=LedgerKey(0))
     assert np.all(np.isfinite(release.values))
 
 

@@ -14,7 +14,7 @@ from seedtune.common.config import load_config
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.privacy.accounting import release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.protocol import MIN_BETA, EvaluationRequest, Release, TrainRequest
+from seedtune.common.protocol import MIN_BETA, EvaluationRequest, ReleaseParameters, TrainRequest
 from seedtune.common.wire import Sync
 from seedtune.server.federation import DirectTransport, Federation, FederationError
 from seedtune.server.runs import open_run
@@ -33,7 +33,7 @@ def _shard(config, label_names, split="train"):
 
 def _with(request: TrainRequest, **changes) -> TrainRequest:
     """``request`` with some of its own fields or its release parameters changed."""
-    release = {key: changes.pop(key) for key in list(changes) if key in Release.__dataclass_fields__}
+    release = {key: changes.pop(key) for key in list(changes) if key in ReleaseParameters.__dataclass_fields__}
     return dataclasses.replace(request, release=dataclasses.replace(request.release, **release), **changes)
 
 

@@ -22,7 +22,7 @@ from seedtune.common.privacy.accounting import (
     release_event,
 )
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import clip_per_example, private_release
+from seedtune.common.privacy.mechanism import LedgerKey, clip_per_example, private_release
 from seedtune.common.privacy.randomness import InsecureRandomnessWarning, SecretRandomness, SeededRandomness
 from seedtune.common.privacy.sampling import poisson_sample
 
@@ -64,7 +64,7 @@ def test_adding_or_removing_one_example_moves_the_sum_by_at_most_c(rows, clip_bo
 def _release(ledger, randomness, differences=None, noise="discrete"):
     differences = torch.ones(10, 3, dtype=torch.float64) if differences is None else differences
     return private_release(differences, clip_bound=1.0, noise_multiplier=1.0, sample_rate=0.1,
-                           population=100, randomness=randomness, ledger=ledger, round=0, noise=noise).values
+                           population=100, randomness=randomness, ledger=ledger, key=LedgerKey(0), noise=noise).values
 
 
 def test_identical_runs_release_different_noise(tmp_path):
@@ -123,7 +123,7 @@ def test_release_is_normalised_by_the_expected_not_the_realised_batch_size(tmp_p
 
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     values = private_release(torch.full((7, 2), 0.5, dtype=torch.float64), clip_bound=10.0, noise_multiplier=1.0,
-                             sample_rate=0.1, population=100, randomness=NoNoise(), ledger=ledger, round=0).values
+                             sample_rate=0.1, population=100, randomness=NoNoise(), ledger=ledger, key=LedgerKey(0)).values
     assert np.allclose(values, 7 * 0.5 / (0.1 * 100))
 
 

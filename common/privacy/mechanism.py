@@ -50,6 +50,16 @@ class Release:
     zeroed: int = 0  # rows with a non-finite entry that contributed zero (not released)
 
 
+@dataclass(frozen=True)
+class LedgerKey:
+    """Where a release is kept in the silo's ledger: the same key (run, round, and the digest of the
+    request asked) lets the same request be answered again with the same values, uncharged."""
+
+    round: int
+    run_id: str = ""
+    request: str = ""
+
+
 class ReleaseError(RuntimeError):
     """A release that would not be finite: refused before anything leaves (a bug, never data)."""
 
@@ -85,25 +95,22 @@ def private_release(
     population: int,
     randomness: SecretRandomness,
     ledger: PrivacyLedger,
-    round: int,
+    key: LedgerKey,
     noise: str = "discrete",
-    run_id: str = "",
-    request: str = "",
 ) -> Release:
     """Zero non-finite rows, clip, sum, charge the ledger, add secret noise, divide by q N.
 
-    ``population`` is N, the silo's public size; ``run_id`` and ``request`` (a digest of what was
-    asked) key the release in the ledger, so that the same request can be answered again with the
-    same values instead of a second charge."""
+    ``population`` is N, the silo's public size; ``key`` keeps the release in the ledger, so that
+    the same request can be answered again with the same values instead of a second charge."""
     mechanism = NoiseMechanism.for_release(noise, noise_multiplier, clip_bound)
     rows, zeroed = finite_rows(differences.to(torch.float64))
     total = clip_per_example(rows, clip_bound).sum(dim=0).numpy()
     event = mechanism.event(sample_rate)
     # durable before anything leaves; refuses past the budget or the silo's limits
-    release_id = ledger.charge(event, round=round, run_id=run_id, request=request, zeroed=zeroed)
+    release_id = ledger.charge(event, round=key.round, run_id=key.run_id, request=key.request, zeroed=zeroed)
     noised = mechanism.add(total, randomness)
     values = noised / (sample_rate * population)
-    check_finite(values, round)
+    check_finite(values, key.round)
     ledger.attach(release_id, [float(v) for v in values])
     return Release(values, event, zeroed)
 
@@ -199,19 +206,16 @@ def private_counts(
     correct: int,
     count: int,
     *,
-    noise_std: float,
+    mechanism: NoiseMechanism,
     randomness: SecretRandomness,
     ledger: PrivacyLedger,
-    round: int,
-    noise: str = "discrete",
-    run_id: str = "",
-    request: str = "",
+    key: LedgerKey,
 ) -> tuple[float, float]:
     """A silo's evaluation, released privately: (correct, count) plus noise of std s per count
     (integer N_Z(0, s^2) by default: the counts are already on the lattice Z^2), charged first
     as :func:`~seedtune.common.privacy.accounting.evaluation_event`."""
-    mechanism = NoiseMechanism.for_counts(noise, noise_std)
-    release_id = ledger.charge(mechanism.event(), round=round, note="evaluation", run_id=run_id, request=request)
+    release_id = ledger.charge(mechanism.event(), round=key.round, note="evaluation", run_id=key.run_id,
+                               request=key.request)
     noised = mechanism.add(np.array([correct, count], dtype=np.float64), randomness)
     values = [float(noised[0]), float(noised[1])]
     ledger.attach(release_id, values)
