@@ -34,7 +34,7 @@ import torch  # noqa: F401  (Ray workers need torch imported by the ClientApp mo
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from seedtune.client.message_log import message_log_mod
-from seedtune.client.limits import Limits
+from seedtune.client.limits import Limits, NodeConfigError, node_setting
 from seedtune.client.node import SiloNode
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -99,9 +99,6 @@ def own_data(path: Path, config: Config, label_names: tuple[str, ...], split: st
                           labels=tuple(label_names))
     return getattr(data, split)
 
-
-class NodeConfigError(SeedtuneError):
-    """A SuperNode's node configuration that a silo cannot run with."""
 
 
 def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode, int | None]:
@@ -175,16 +172,8 @@ def _public_size(node_config) -> int | None:
 
 
 def _positive_int(node_config, key: str, example: str = "") -> int | None:
-    if key not in node_config:
-        return None
-    raw = node_config[key]
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        value = 0
-    if isinstance(raw, bool) or value < 1 or str(value) != str(raw).strip():
-        raise NodeConfigError(f"node config {key}={raw!r} must be a whole number >= 1{', ' + example if example else ''}")
-    return value
+    return node_setting(node_config, key, None, int, lambda v: v >= 1,
+                        f"a whole number >= 1{', ' + example if example else ''}")
 
 
 def make_client_app(state_root: Path | None = None) -> ClientApp:

@@ -51,6 +51,27 @@ from seedtune.common.privacy.accounting import DiscreteGaussianDpEvent
 from seedtune.common.protocol import MIN_BETA, TrainRequest
 from seedtune.common.wire import MAX_PROBES
 
+
+class NodeConfigError(SeedtuneError):
+    """A SuperNode's node configuration that a silo cannot run with."""
+
+
+def node_setting(node_config: Mapping, key: str, default, kind: type, valid, rule: str):
+    """``node_config[key]`` as ``kind`` (an int only from a whole number: 3.7 is not 3), or
+    ``default`` when it is not set; a value that is not ``valid`` is a one-line error naming it."""
+    if key not in node_config:
+        return default
+    raw = node_config[key]
+    try:
+        value = kind(raw)
+        if kind is int and str(value) != str(raw).strip():
+            value = None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or isinstance(raw, bool) or not valid(value):
+        raise NodeConfigError(f"node config {key}={raw!r} must be {rule}")
+    return value
+
 RENAMED = {"max-rounds": "max-releases"}
 
 
@@ -77,16 +98,7 @@ class Limits:
                                     f"ledger, not the round a request names): write {new}={node_config[old]}")
 
         def number(key: str, default, kind, valid, rule: str):
-            if key not in node_config:
-                return default
-            raw = node_config[key]
-            try:
-                value = kind(raw)
-            except (TypeError, ValueError):
-                value = None
-            if value is None or isinstance(raw, bool) or not valid(value):
-                raise SeedtuneError(f"node config {key}={raw!r} must be {rule}")
-            return value
+            return node_setting(node_config, key, default, kind, valid, rule)
 
         def flag(key: str) -> bool:
             value = node_config.get(key, allow_nonprivate)

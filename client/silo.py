@@ -86,17 +86,9 @@ class Silo:
                 estimate.differences, sample_rate=asked.sample_rate, population=self.public_size
             )
         else:
-            release = private_release(
-                estimate.differences,
-                clip_bound=asked.clip_bound,
-                noise_multiplier=asked.noise_multiplier,
-                sample_rate=asked.sample_rate,
-                population=self.public_size,
-                randomness=self.randomness,
-                ledger=self.ledger,
-                key=LedgerKey(request.round, request.run_id, digest),
-                noise=self.noise,
-            )
+            release = private_release(estimate.differences, asked, population=self.public_size,
+                                      randomness=self.randomness, ledger=self.ledger,
+                                      key=LedgerKey(request.round, request.run_id, digest))
         self.last_loss, self.last_batch_size, self.last_zeroed = estimate.loss, len(chosen), release.zeroed
         events = () if release.event is None else (release.event,)
         return TrainReply(

@@ -9,7 +9,7 @@ and a half-made directory; found first, it is one line that names the path and t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from seedtune.common.errors import RunDirError
@@ -56,50 +56,27 @@ LEDGER_FILE = "ledger.sqlite"  # a silo's ledger, in its state directory (and in
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Every file a run directory holds: the one place their names are written.
-
-    ``log.sqlite`` (config, base, mask, every step, metrics), ``final/`` (the model), ``metrics.json``
-    and ``training.png``; a ``train`` run's one silo keeps its ``ledger.sqlite`` beside them; a
-    federation adds the coordinator's ``federation.sqlite`` and ``traffic.png``, and a simulation
-    each silo's state directory under ``silos/<name>/``. Files are written through a staging name
-    and renamed, so none is ever half-written."""
+    """Every file a run directory holds: the one place their names are written. Files are written
+    through a staging name (:meth:`staging`) and renamed, so none is ever half-written."""
 
     root: Path
+    log: Path = field(init=False)  # log.sqlite: config, base, mask, every step, metrics
+    ledger: Path = field(init=False)  # a train run's one silo's ledger
+    store: Path = field(init=False)  # a federation: the coordinator's view of each silo (federation.sqlite)
+    silos: Path = field(init=False)  # a simulation: each silo's state directory, silos/<name>/
+    final: Path = field(init=False)  # the model, loadable with transformers
+    metrics: Path = field(init=False)  # metrics.json: the summary, with every logged series
+    training_plot: Path = field(init=False)  # training.png
+    traffic_plot: Path = field(init=False)  # traffic.png (a federation)
 
     def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.sqlite"
-
-    @property
-    def ledger(self) -> Path:
-        return self.root / LEDGER_FILE
-
-    @property
-    def store(self) -> Path:
-        return self.root / "federation.sqlite"
-
-    @property
-    def silos(self) -> Path:
-        return self.root / "silos"
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def training_plot(self) -> Path:
-        return self.root / "training.png"
-
-    @property
-    def traffic_plot(self) -> Path:
-        return self.root / "traffic.png"
+        root = Path(self.root)
+        paths = {"root": root, "log": root / "log.sqlite", "ledger": root / LEDGER_FILE,
+                 "store": root / "federation.sqlite", "silos": root / "silos", "final": root / "final",
+                 "metrics": root / "metrics.json", "training_plot": root / "training.png",
+                 "traffic_plot": root / "traffic.png"}
+        for name, path in paths.items():
+            object.__setattr__(self, name, path)
 
     def staging(self, path: Path) -> Path:
         """Where ``path`` is written before it is renamed into place."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from seedtune.common import durable
 from seedtune.common.errors import RunDirError
 from seedtune.common.trainable import DirectionField, TrainableSet
 from seedtune.common.update import apply_update, step_piece
@@ -83,7 +84,7 @@ class UpdateLog:
         path = Path(path)
         if path.exists():
             raise RunDirError(f"update log {path} already exists")
-        db = _connect(path)
+        db = durable.connect(path, _SCHEMA)
         with db:
             db.execute("BEGIN IMMEDIATE")
             for key, value in {
@@ -103,11 +104,9 @@ class UpdateLog:
 
     @classmethod
     def open(cls, path: str | Path) -> UpdateLog:
-        path = Path(path)
-        if not path.is_file():
-            raise RunDirError(f"no update log at {path}: is this a seedtune run directory?")
+        path = durable.existing(path, f"no update log at {path}: is this a seedtune run directory?")
         try:
-            db = _connect(path)
+            db = durable.connect(path, _SCHEMA)
             version = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         except sqlite3.DatabaseError as error:
             hint = ""
@@ -350,14 +349,6 @@ class Checkpoint:
         anchor = saved.get("anchor")
         return cls(int(saved["version"]), tuple(saved["values"]), None if anchor is None else tuple(anchor),
                    int(saved.get("anchor_step", -1)))
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(_SCHEMA)
-    return db
 
 
 def _pack(index: torch.Tensor) -> bytes:

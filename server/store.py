@@ -22,6 +22,7 @@ from pathlib import Path
 
 import dp_accounting
 
+from seedtune.common import durable
 from seedtune.common.errors import RunDirError
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import epsilon_of
@@ -47,10 +48,7 @@ class FederationStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db = durable.connect(self.path, _SCHEMA)
             self._migrate()
         except sqlite3.Error as error:
             raise RunDirError(f"cannot open the federation store {self.path}: {error}") from None

@@ -40,6 +40,7 @@ from seedtune.common.privacy.mechanism import (
     private_release,
 )
 from seedtune.common.privacy.randomness import SecretRandomness, SeededRandomness, sample_discrete_gaussian
+from seedtune.common.protocol import ReleaseParameters
 
 
 def _pmf(sigma_squared: float, support: np.ndarray) -> np.ndarray:
@@ -106,7 +107,7 @@ def test_a_discrete_release_is_a_lattice_point_with_the_promised_noise(tmp_path)
     differences = torch.full((9, probes), 0.1, dtype=torch.float64)
     randomness = SeededRandomness(3, quiet=True)
     released = np.array([
-        private_release(differences, clip_bound=clip_bound, noise_multiplier=sigma, sample_rate=1.0, population=9,
+        private_release(differences, ReleaseParameters(clip_bound, sigma, 1.0), population=9,
                         randomness=randomness, ledger=ledger, key=LedgerKey(r)).values * 9
         for r in range(1500)])
     step = lattice_step(clip_bound)
@@ -121,8 +122,8 @@ def test_a_discrete_release_is_a_lattice_point_with_the_promised_noise(tmp_path)
 
 def test_gaussian_noise_is_still_available_and_charged_as_such(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e9, delta=1e-5)
-    private_release(torch.ones(4, 2, dtype=torch.float64), clip_bound=1.0, noise_multiplier=1.0, sample_rate=0.5,
-                    population=8, randomness=SecretRandomness(), ledger=ledger, key=LedgerKey(0), noise="gaussian")
+    private_release(torch.ones(4, 2, dtype=torch.float64), ReleaseParameters(1.0, 1.0, 0.5, "gaussian"),
+                    population=8, randomness=SecretRandomness(), ledger=ledger, key=LedgerKey(0))
     assert ledger.events() == [release_event(0.5, 1.0, "gaussian")]
     with pytest.raises(ValueError, match="unknown noise"):
         add_noise(np.zeros(2), clip_bound=1.0, noise_multiplier=1.0, randomness=SecretRandomness(), noise="uniform")

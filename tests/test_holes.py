@@ -24,6 +24,7 @@ from seedtune.common.errors import ConfigError, SeedtuneError
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import LedgerKey, private_release
 from seedtune.common.privacy.randomness import SecretRandomness, SeededRandomness
+from seedtune.common.protocol import ReleaseParameters
 from seedtune.common.wire import Setup, Sync, WireError, encode_request
 from seedtune.server.runs import open_run
 
@@ -87,8 +88,7 @@ def test_a_request_whose_noise_kind_contradicts_the_setup_is_refused_before_anyt
 def test_a_row_that_is_not_finite_contributes_zero_and_is_counted_in_the_ledger_only(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     rows = torch.tensor([[0.5, -0.25], [0.75, 1.0], [2.0, 3.0]], dtype=torch.float64)
-    settings = dict(clip_bound=10.0, noise_multiplier=1.0, sample_rate=0.5, population=10, randomness=NoNoise(),
-                    ledger=ledger)
+    settings = dict(parameters=ReleaseParameters(10.0, 1.0, 0.5), population=10, randomness=NoNoise(), ledger=ledger)
     honest = private_release(rows[:2], key=LedgerKey(0), **settings)
     for poison in (float("nan"), float("inf"), -float("inf")):
         poisoned = torch.cat([rows[:2], torch.tensor([[1.0, poison]], dtype=torch.float64)])
@@ -104,8 +104,8 @@ def test_a_row_that_is_not_finite_contributes_zero_and_is_counted_in_the_ledger_
 def test_a_huge_finite_row_is_clipped_or_zeroed_never_released_as_infinity(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     rows = torch.tensor([[1e308, 1e308], [0.5, 0.5]], dtype=torch.float64)  # its norm overflows
-    release = private_release(rows, clip_bound=1.0, noise_multiplier=1.0, sample_rate=0.5, population=4,
-                              randomness=NoNoise(), ledger=ledger, key=LedgerKey(0))
+    release = private_release(rows, ReleaseParameters(1.0, 1.0, 0.5), population=4, randomness=NoNoise(),
+                              ledger=ledger, key=LedgerKey(0))
     assert np.all(np.isfinite(release.values))
 
 

@@ -25,6 +25,7 @@ from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import LedgerKey, clip_per_example, private_release
 from seedtune.common.privacy.randomness import InsecureRandomnessWarning, SecretRandomness, SeededRandomness
 from seedtune.common.privacy.sampling import poisson_sample
+from seedtune.common.protocol import ReleaseParameters
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -63,8 +64,8 @@ def test_adding_or_removing_one_example_moves_the_sum_by_at_most_c(rows, clip_bo
 # -- noise -------------------------------------------------------------------------------------
 def _release(ledger, randomness, differences=None, noise="discrete"):
     differences = torch.ones(10, 3, dtype=torch.float64) if differences is None else differences
-    return private_release(differences, clip_bound=1.0, noise_multiplier=1.0, sample_rate=0.1,
-                           population=100, randomness=randomness, ledger=ledger, key=LedgerKey(0), noise=noise).values
+    return private_release(differences, ReleaseParameters(1.0, 1.0, 0.1, noise), population=100,
+                           randomness=randomness, ledger=ledger, key=LedgerKey(0)).values
 
 
 def test_identical_runs_release_different_noise(tmp_path):
@@ -122,8 +123,8 @@ def test_release_is_normalised_by_the_expected_not_the_realised_batch_size(tmp_p
             return np.zeros(n, dtype=np.int64)
 
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
-    values = private_release(torch.full((7, 2), 0.5, dtype=torch.float64), clip_bound=10.0, noise_multiplier=1.0,
-                             sample_rate=0.1, population=100, randomness=NoNoise(), ledger=ledger, key=LedgerKey(0)).values
+    values = private_release(torch.full((7, 2), 0.5, dtype=torch.float64), ReleaseParameters(10.0, 1.0, 0.1),
+                             population=100, randomness=NoNoise(), ledger=ledger, key=LedgerKey(0)).values
     assert np.allclose(values, 7 * 0.5 / (0.1 * 100))
 
 

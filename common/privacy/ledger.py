@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import dp_accounting
+from seedtune.common import durable
 from seedtune.common.errors import BudgetExhausted, RunDirError
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import ACCOUNTANTS, epsilon_of
@@ -89,10 +90,7 @@ class PrivacyLedger:
             raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
         self.path = Path(path)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db = durable.connect(self.path, _SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(releases)")}
             for name, kind in _LATER_COLUMNS:
                 if name not in columns:
@@ -123,9 +121,7 @@ class PrivacyLedger:
     @classmethod
     def existing(cls, path: str | Path) -> PrivacyLedger:
         """Open a ledger that exists, with the budget it was created with (for reading it)."""
-        path = Path(path)
-        if not path.is_file():
-            raise RunDirError(f"no privacy ledger at {path}")
+        path = durable.existing(path, f"no privacy ledger at {path}")
         try:
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
                 row = db.execute("SELECT epsilon, delta, accountant FROM budget").fetchone()

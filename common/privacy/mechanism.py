@@ -39,6 +39,7 @@ import torch
 from seedtune.common.privacy.accounting import release_event
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
+from seedtune.common.protocol import ReleaseParameters
 
 
 @dataclass(frozen=True)
@@ -88,28 +89,27 @@ def clip_per_example(differences: torch.Tensor, clip_bound: float) -> torch.Tens
 
 def private_release(
     differences: torch.Tensor,
+    parameters: ReleaseParameters,
     *,
-    clip_bound: float,
-    noise_multiplier: float,
-    sample_rate: float,
     population: int,
     randomness: SecretRandomness,
     ledger: PrivacyLedger,
     key: LedgerKey,
-    noise: str = "discrete",
 ) -> Release:
     """Zero non-finite rows, clip, sum, charge the ledger, add secret noise, divide by q N.
 
-    ``population`` is N, the silo's public size; ``key`` keeps the release in the ledger, so that
-    the same request can be answered again with the same values instead of a second charge."""
-    mechanism = NoiseMechanism.for_release(noise, noise_multiplier, clip_bound)
+    ``parameters``: C, sigma, q and the noise kind, as the request asked (the silo has checked
+    them); ``population`` is N, the silo's public size; ``key`` keeps the release in the ledger, so
+    that the same request can be answered again with the same values instead of a second charge."""
+    p = parameters
+    mechanism = NoiseMechanism.for_release(p.noise, p.noise_multiplier, p.clip_bound)
     rows, zeroed = finite_rows(differences.to(torch.float64))
-    total = clip_per_example(rows, clip_bound).sum(dim=0).numpy()
-    event = mechanism.event(sample_rate)
+    total = clip_per_example(rows, p.clip_bound).sum(dim=0).numpy()
+    event = mechanism.event(p.sample_rate)
     # durable before anything leaves; refuses past the budget or the silo's limits
     release_id = ledger.charge(event, round=key.round, run_id=key.run_id, request=key.request, zeroed=zeroed)
     noised = mechanism.add(total, randomness)
-    values = noised / (sample_rate * population)
+    values = noised / (p.sample_rate * population)
     check_finite(values, key.round)
     ledger.attach(release_id, [float(v) for v in values])
     return Release(values, event, zeroed)
