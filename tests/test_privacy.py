@@ -99,6 +99,7 @@ def test_noise_comes_from_the_os_csprng_and_not_from_any_public_seed(tmp_path, m
             assert not np.allclose(candidate, noise)
 
 
+@pytest.mark.slow
 def test_a_fixed_noise_seed_is_reproducible_and_warns(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5)
     with pytest.warns(InsecureRandomnessWarning, match="NO privacy guarantee"):
@@ -114,6 +115,7 @@ def test_secure_gaussian_has_unit_variance():
     assert abs(draws.mean()) < 0.01 and abs(draws.std() - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_release_is_normalised_by_the_expected_not_the_realised_batch_size(tmp_path):
     class NoNoise(SecretRandomness):
         def normal(self, n):
@@ -185,6 +187,7 @@ def test_mixed_events_are_checked_by_full_composition(tmp_path):
 
 
 # -- accounting --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_calibration_matches_dp_accounting_reference_values():
     assert calibrate_noise_multiplier(2.0, 1e-5, 0.01, 1000, "rdp") == pytest.approx(1.0223, abs=5e-4)
     assert calibrate_noise_multiplier(2.0, 1e-5, 0.01, 1000, "pld") == pytest.approx(0.9591, abs=5e-4)
@@ -192,6 +195,7 @@ def test_calibration_matches_dp_accounting_reference_values():
 
 @given(epsilon=st.floats(0.3, 10), log_delta=st.floats(-9, -3), q=st.floats(1e-3, 1.0), steps=st.integers(1, 3000))
 @settings(max_examples=15, deadline=None)
+@pytest.mark.slow
 def test_calibrated_sigma_never_overshoots_and_is_tight(epsilon, log_delta, q, steps):
     delta = 10**log_delta
     sigma = calibrate_noise_multiplier(epsilon, delta, q, steps)
