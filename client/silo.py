@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 
 import datasets
+from seedtune.common.errors import SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import LedgerKey, nonprivate_release, private_release
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.privacy.sampling import poisson_sample
 from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
-from seedtune.common.errors import SeedtuneError
 from seedtune.common.tasks import Task
 
 
