@@ -77,20 +77,20 @@ def bench_comm(progress: bool = True) -> dict:
         return StepRecord(step, plan.stage, probe_seeds(0, step, probes), tuple(noise.normal(size=probes)),
                           plan.lr, plan.beta, plan.prox, plan.anchor_step)
 
-    def request(round: int, probes: int, missed: int, first: bool = False) -> Message:
-        ask = TrainRequest("bench", round, round, probe_seeds(0, round, probes), 1e-3,
+    def request(step: int, probes: int, missed: int, first: bool = False) -> Message:
+        ask = TrainRequest("bench", step, probe_seeds(0, step, probes), 1e-3,
                            ReleaseParameters(p.clip_bound, sigma, p.sample_rate, p.noise))
-        sync = Sync(round - missed, tuple(record(s, probes) for s in range(round - missed, round)),
+        sync = Sync(step - missed, tuple(record(s, probes) for s in range(step - missed, step)),
                     setup if first else None)
         return Message(encode_request(ask, sync), dst_node_id=7, message_type=MessageType.TRAIN,
-                       group_id=str(round))
+                       group_id=str(step))
 
     rows = []
     with _flower_identity():
         for probes in _progress(PROBES, progress, "comm"):
             asked = request(500, probes, 1)
             reply = TrainReply(500, tuple(noise.normal(size=probes)), p.sample_rate * 3400, (event,))
-            answer = Message(encode_reply(reply, 500, "silo-0"), reply_to=asked)
+            answer = Message(encode_reply(reply, "silo-0"), reply_to=asked)
             down, up = serialized_size(asked), serialized_size(answer)
             first = serialized_size(request(0, probes, 0, first=True))
             every_third = serialized_size(request(501, probes, 3))
@@ -184,7 +184,7 @@ def _server_row(work, label: str, mask: dict, probes: int, rounds: int, profile:
         times = []
         while not coordinator.done:
             ask = coordinator.request()
-            replies = [TrainReply(ask.round, tuple(noise.normal(size=len(ask.probe_seeds))), 34.0, (event,))
+            replies = [TrainReply(ask.step, tuple(noise.normal(size=len(ask.probe_seeds))), 34.0, (event,))
                        for _ in range(3)]
             start = time.perf_counter()
             coordinator.apply(ask, replies)
@@ -318,7 +318,7 @@ def simulate_and_measure(clients: int, rounds: int) -> dict:
     # Round r's duration: from the commit of step r-1 to that of step r (the first round, which
     # also starts the silos, is left out).
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
-    later = [t for t in timings if t["round"] >= 1]
+    later = [t for t in timings if t["step"] >= 1]
     forward = sum(t["forward_s"] for t in later) / max(len(durations), 1)
     silo_total = sum(t["total_s"] for t in later) / max(len(durations), 1)
     round_s = statistics.median(durations) if durations else math.nan

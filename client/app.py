@@ -54,7 +54,7 @@ REFUSED = 100  # Flower error code of a request the silo refused, with the reaso
 _NODES: dict[str, SiloNode] = {}  # one per state directory, for the life of this process
 
 
-KILL_HOOK = "SEEDTUNE_TEST_KILL_SILO"  # tests: "<partition>:<round>"
+KILL_HOOK = "SEEDTUNE_TEST_KILL_SILO"  # tests: "<partition>:<step>"
 
 
 class InjectedFault(RuntimeError):
@@ -62,12 +62,12 @@ class InjectedFault(RuntimeError):
 
 
 def _killed_at(partition: int | None) -> int | None:
-    """Tests only: the round from which ``partition`` dies after releasing, if the hook names it."""
+    """Tests only: the step from which ``partition`` dies after releasing, if the hook names it."""
     hook = os.environ.get(KILL_HOOK, "")
     if partition is None or not hook:
         return None
-    victim, _, round = hook.partition(":")
-    return int(round) if int(victim) == partition else None
+    victim, _, step = hook.partition(":")
+    return int(step) if int(victim) == partition else None
 
 
 def handle_train(content: RecordDict, node: SiloNode, *, partition: int | None = None) -> RecordDict:
@@ -76,12 +76,12 @@ def handle_train(content: RecordDict, node: SiloNode, *, partition: int | None =
     dead = node.state_dir / "injected-fault"
     if dead.exists():
         raise InjectedFault(f"injected fault: silo {partition} is dead")
-    reply, version = node.answer(request, sync)
+    reply = node.answer(request, sync)
     killed_at = _killed_at(partition)
-    if killed_at is not None and request.round >= killed_at:
+    if killed_at is not None and request.step >= killed_at:
         dead.touch()  # from now on it answers nothing, like a killed process
-        raise InjectedFault(f"injected fault: silo {partition} dies at round {request.round} after releasing")
-    return encode_reply(reply, version, silo=node.name)
+        raise InjectedFault(f"injected fault: silo {partition} dies at step {request.step} after releasing")
+    return encode_reply(reply, silo=node.name)
 
 
 def handle_evaluate(content: RecordDict, node: SiloNode) -> RecordDict:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import datasets
 import dp_accounting
-import torch
 from seedtune.client.limits import Limits, RequestRefused
 from seedtune.client.silo import Silo
 from seedtune.common import components
@@ -49,7 +48,7 @@ TIMINGS_FILE = "timings.jsonl"
 
 
 class SyncError(SeedtuneError):
-    """The silo cannot reach the model version a request needs."""
+    """The silo cannot reach the model (the step) a request needs."""
 
 
 class _Run:
@@ -86,24 +85,25 @@ class _Run:
         )
 
     @property
-    def version(self) -> int:
-        return self.applier.version
+    def step(self) -> int:
+        """The steps this replica has applied."""
+        return self.applier.step
 
     def _restore(self, checkpoint: Checkpoint) -> int:
         self.applier = checkpoint.restore(self.parts.trainable, self.parts.directions)
-        return checkpoint.version
+        return checkpoint.step
 
     def refresh(self) -> bool:
         """Apply steps another process serving this silo logged; False if it must be rebuilt
         (the replica restarted from a checkpoint meanwhile)."""
         if self.log.first_step != self._first_step:
             return False
-        self.applier.apply_all(list(self.log.steps(self.version)))
+        self.applier.apply_all(list(self.log.steps(self.step)))
         return True
 
     def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
         checkpoint.save(self.directory / "checkpoint.pt")
-        self._checkpointed = checkpoint.version
+        self._checkpointed = checkpoint.step
 
     def checkpoint_now(self) -> None:
         """Keep the replica's own checkpoint near its head: Flower's deployment engine starts a
@@ -111,17 +111,17 @@ class _Run:
         self._save_checkpoint(Checkpoint.of(self.parts.trainable, self.applier))
 
     def catch_up(self, sync: Sync) -> None:
-        if sync.checkpoint is not None and sync.checkpoint.version > self.version:
+        if sync.checkpoint is not None and sync.checkpoint.step > self.step:
             self._save_checkpoint(sync.checkpoint)
-            self.log.restart_at(sync.checkpoint.version)
+            self.log.restart_at(sync.checkpoint.step)
             self._first_step = self.log.first_step
             self._restore(sync.checkpoint)
-        if sync.start_version > self.version:
-            raise SyncError(f"updates start at version {sync.start_version} but this silo is at {self.version}")
+        if sync.start_step > self.step:
+            raise SyncError(f"updates start at step {sync.start_step} but this silo's model has {self.step} steps")
         # Durable before any is applied; steps another process serving this silo logged are kept.
         self.log.extend([record for record in sync.records if record.step >= self.log.next_step])
-        self.applier.apply_all([record for record in sync.records if record.step >= self.version])
-        if self.version - self._checkpointed >= CHECKPOINT_EVERY:
+        self.applier.apply_all([record for record in sync.records if record.step >= self.step])
+        if self.step - self._checkpointed >= CHECKPOINT_EVERY:
             self.checkpoint_now()
 
 
@@ -175,7 +175,7 @@ class SiloNode:
             self._runs[run_id] = _Run(self.state_dir / "runs" / _safe(run_id), setup)
         return self._runs[run_id]
 
-    def answer(self, request: TrainRequest, sync: Sync) -> tuple[TrainReply, int]:
+    def answer(self, request: TrainRequest, sync: Sync) -> TrainReply:
         """Catch up, then sample -> estimate -> clip -> sum -> record -> noise -> scale."""
         start = time.perf_counter()
         run = self.run(request.run_id, sync.setup)
@@ -183,24 +183,24 @@ class SiloNode:
                                    noise=run.config.privacy.noise)
         run.catch_up(sync)
         caught_up = time.perf_counter()
-        if run.version != request.model_version:
-            raise SyncError(f"asked to answer at version {request.model_version}, but this silo is at {run.version}")
+        if run.step != request.step:
+            raise SyncError(f"asked to answer after {request.step} steps, but this silo's model has {run.step}")
         silo = self._silo(request.run_id, run)
         if silo.ledger is not None:  # refused here costs nothing; the ledger checks again as it charges
             asked = request.release
             mechanism = NoiseMechanism.for_release(silo.noise, asked.noise_multiplier, asked.clip_bound)
             self.limits.admit(mechanism.event(asked.sample_rate), 0)
         reply = silo.answer(request)
-        self._record_timing(request.round, {
+        self._record_timing(request.step, {
             "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,
             "total_s": time.perf_counter() - start, "replayed": len(sync.records), "zeroed": silo.last_zeroed,
             "reused": silo.last_reused})
-        return reply, run.version
+        return reply
 
-    def _record_timing(self, round: int, timing: dict) -> None:
+    def _record_timing(self, step: int, timing: dict) -> None:
         """Where this silo's time went, per request, in ``timings.jsonl`` of its state directory
         (local only; ``seedtune bench scale`` reads it)."""
-        line = json.dumps({"round": round, "time": time.time(), "pid": os.getpid(), **timing})
+        line = json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), **timing})
         with (self.state_dir / TIMINGS_FILE).open("a") as file:
             file.write(line + "\n")
 
@@ -210,8 +210,8 @@ class SiloNode:
         run = self.run(request.run_id, sync.setup)
         self.limits.check_evaluation(private=private, noise=run.config.privacy.noise)
         run.catch_up(sync)
-        if run.version != request.model_version:
-            raise SyncError(f"asked to evaluate version {request.model_version}, but this silo is at {run.version}")
+        if run.step != request.step:
+            raise SyncError(f"asked to evaluate after {request.step} steps, but this silo's model has {run.step}")
         silo = self._silo(request.run_id, run)
         mechanism = NoiseMechanism.for_counts(silo.noise, request.noise_std)
         event = mechanism.event()
@@ -220,7 +220,7 @@ class SiloNode:
                 raise SyncError("a private evaluation in a non-private run")
             self.limits.admit(event, 0)  # against the sigma it is charged at: s / sqrt 2 per count
             digest = request_digest(request, kind="evaluate")
-            previous = silo.ledger.answered(request.run_id, request.model_version, "evaluation")
+            previous = silo.ledger.answered(request.run_id, request.step, "evaluation")
             if previous is not None and previous.request == digest and previous.values is not None:
                 return previous.values[0], previous.values[1], (previous.event,)
         shard = self._shard_loader(run.config, run.label_names, "validation")
@@ -230,7 +230,7 @@ class SiloNode:
         if not private:
             return correct, count, ()
         noisy = private_counts(round(correct), int(count), mechanism=mechanism, randomness=silo.randomness,
-                               ledger=silo.ledger, key=LedgerKey(request.model_version, request.run_id, digest))
+                               ledger=silo.ledger, key=LedgerKey(request.step, request.run_id, digest))
         return noisy[0], noisy[1], (event,)
 
     def _silo(self, run_id: str, run: _Run) -> Silo:

@@ -3,9 +3,9 @@
 The private step reads top to bottom: sample -> estimate -> clip -> sum -> record -> noise ->
 scale. Only the released scalars leave; the batch loss stays with the silo (``last_loss``).
 
-A request the silo has already answered (same run, round and request digest; the values are in its
+A request the silo has already answered (same run, step and request digest; the values are in its
 ledger) is answered again with the same values: a coordinator that crashed before logging the
-round learns nothing new, and the silo is not charged twice.
+step learns nothing new, and the silo is not charged twice.
 """
 
 from __future__ import annotations
@@ -88,11 +88,11 @@ class Silo:
         else:
             release = private_release(estimate.differences, asked, population=self.public_size,
                                       randomness=self.randomness, ledger=self.ledger,
-                                      key=LedgerKey(request.round, request.run_id, digest))
+                                      key=LedgerKey(request.step, request.run_id, digest))
         self.last_loss, self.last_batch_size, self.last_zeroed = estimate.loss, len(chosen), release.zeroed
         events = () if release.event is None else (release.event,)
         return TrainReply(
-            round=request.round,
+            step=request.step,
             projected_grads=tuple(float(v) for v in release.values),
             expected_batch_size=asked.sample_rate * self.public_size,
             events=events,
@@ -102,11 +102,11 @@ class Silo:
         """The reply already released for this very request, if its values are in the ledger."""
         if self.ledger is None:
             return None
-        previous = self.ledger.answered(request.run_id, request.round)
+        previous = self.ledger.answered(request.run_id, request.step)
         if previous is None or previous.request != digest or previous.values is None:
             return None
         return TrainReply(
-            round=request.round,
+            step=request.step,
             projected_grads=tuple(previous.values),
             expected_batch_size=request.release.sample_rate * self.public_size,
             events=(previous.event,),

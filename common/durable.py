@@ -9,6 +9,7 @@ writer opens its own transactions (``BEGIN IMMEDIATE`` where it must read and wr
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from seedtune.common.errors import RunDirError
@@ -20,6 +21,21 @@ def connect(path: str | Path, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(schema)
+    return db
+
+
+def open_upgraded(path: str | Path, schema: str, upgrade: Callable[[sqlite3.Connection], None],
+                  what: str) -> sqlite3.Connection:
+    """:func:`connect`, then ``upgrade(db)`` brings a file an earlier version wrote to ``schema``,
+    inside one write transaction (two processes opening the same old file must not both change
+    it). A SQLite error becomes a :class:`RunDirError` naming ``what``."""
+    try:
+        db = connect(path, schema)
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            upgrade(db)
+    except sqlite3.Error as error:
+        raise RunDirError(f"cannot open {what} {path}: {error}") from None
     return db
 
 

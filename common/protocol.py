@@ -36,8 +36,7 @@ class ReleaseParameters:
 @dataclass(frozen=True)
 class TrainRequest:
     run_id: str
-    round: int  # = the step this round produces
-    model_version: int  # steps the silo's model must have applied before answering
+    step: int  # the step this request contributes to: the silo answers on the model after exactly `step` steps
     probe_seeds: tuple[int, ...]
     beta: float
     release: ReleaseParameters
@@ -45,17 +44,17 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class EvaluationRequest:
-    """Accuracy counts on a silo's own held-out data, for the model at ``model_version``."""
+    """Accuracy counts on a silo's own held-out data, for the model after ``step`` steps."""
 
     run_id: str
-    model_version: int  # steps the silo's model must have applied before evaluating
+    step: int  # the silo evaluates the model after exactly `step` steps
     private: bool  # noised and charged; False asks for exact counts, which a silo gives only if allowed
     noise_std: float  # per count, when private: charged as noise multiplier noise_std / sqrt 2
 
 
 @dataclass(frozen=True)
 class TrainReply:
-    round: int
+    step: int  # the request's step: the silo answered on the model after exactly this many steps
     projected_grads: tuple[float, ...]
     expected_batch_size: float  # q * n: the aggregation weight
     events: tuple[dp_accounting.DpEvent, ...]  # the DP events charged for this reply (the wire serialises them)

@@ -223,10 +223,10 @@ def record_to_dict(record: StepRecord) -> dict:
 class UpdateApplier:
     """Applies logged steps to a model in order: the one code path for training and replay."""
 
-    def __init__(self, trainable: TrainableSet, directions: DirectionField, version: int = 0):
+    def __init__(self, trainable: TrainableSet, directions: DirectionField, step: int = 0):
         self.trainable = trainable
         self.directions = directions
-        self.version = version  # number of steps applied
+        self.step = step  # the steps applied, which is the next step to apply (0-based)
         self._anchor: list[torch.Tensor] | None = None
         self._anchor_step = -1
 
@@ -239,8 +239,8 @@ class UpdateApplier:
         self._anchor, self._anchor_step = anchor, anchor_step
 
     def apply(self, record: StepRecord) -> None:
-        if record.step != self.version:
-            raise ValueError(f"step {record.step} applied to a model at version {self.version}")
+        if record.step != self.step:
+            raise ValueError(f"step {record.step} applied to a model after {self.step} steps")
         anchor = None
         if record.prox > 0:
             if record.anchor_step == record.step:
@@ -257,7 +257,7 @@ class UpdateApplier:
             record.prox,
             anchor,
         )
-        self.version += 1
+        self.step += 1
 
     @torch.no_grad()
     def apply_all(self, records: Sequence[StepRecord]) -> None:
@@ -273,8 +273,8 @@ class UpdateApplier:
             return
         anchor_step = self._anchor_step if self._anchor is not None else None
         for offset, record in enumerate(records):
-            if record.step != self.version + offset:
-                raise ValueError(f"step {record.step} applied to a model at version {self.version + offset}")
+            if record.step != self.step + offset:
+                raise ValueError(f"step {record.step} applied to a model after {self.step + offset} steps")
             if record.prox > 0:
                 if record.anchor_step == record.step:
                     anchor_step = record.step
@@ -299,16 +299,16 @@ class UpdateApplier:
                     entry.flat[index] = target
         if resets:
             self._anchor, self._anchor_step = new_anchor, anchor_step
-        self.version += len(records)
+        self.step += len(records)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The trainable coordinates, and the proximal anchor, at one model version: what a silo too
+    """The trainable coordinates, and the proximal anchor, after ``step`` steps: what a silo too
     far behind gets instead of a replay, and what a silo keeps on disk so that it need not replay
     from the base model. ``values`` and ``anchor`` hold one array per trainable entry, in order."""
 
-    version: int
+    step: int  # the steps applied to these coordinates
     values: tuple
     anchor: tuple | None = None
     anchor_step: int = -1
@@ -318,11 +318,11 @@ class Checkpoint:
         """The live model's checkpoint (copies on the CPU, so later steps do not change it)."""
         anchor, anchor_step = applier.anchor
         copy = lambda tensors: tuple(t.detach().cpu().clone() for t in tensors)  # noqa: E731
-        return cls(applier.version, copy(entry.values() for entry in trainable),
+        return cls(applier.step, copy(entry.values() for entry in trainable),
                    None if anchor is None else copy(anchor), anchor_step)
 
     def restore(self, trainable: TrainableSet, directions: DirectionField) -> UpdateApplier:
-        """Write the coordinates into the model; the applier that continues from this version."""
+        """Write the coordinates into the model; the applier that continues from this step."""
         with torch.no_grad():
             for entry, values in zip(trainable, self.values):
                 values = torch.as_tensor(values, dtype=entry.param.dtype)
@@ -330,7 +330,7 @@ class Checkpoint:
                     entry.flat.copy_(values)
                 else:
                     entry.flat[entry.index] = values
-        applier = UpdateApplier(trainable, directions, version=self.version)
+        applier = UpdateApplier(trainable, directions, step=self.step)
         if self.anchor is not None:
             applier.restore_anchor([torch.as_tensor(a) for a in self.anchor], self.anchor_step)
         return applier
@@ -339,7 +339,7 @@ class Checkpoint:
         """Atomically, as tensors (``torch.load(weights_only=True)`` reads them back)."""
         tensors = lambda arrays: None if arrays is None else [torch.as_tensor(a).clone() for a in arrays]  # noqa: E731
         staging = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        torch.save({"version": self.version, "values": tensors(self.values), "anchor": tensors(self.anchor),
+        torch.save({"step": self.step, "values": tensors(self.values), "anchor": tensors(self.anchor),
                     "anchor_step": self.anchor_step}, staging)
         staging.replace(path)  # readers see the old one or the new
 
@@ -347,7 +347,8 @@ class Checkpoint:
     def load(cls, path: Path) -> Checkpoint:
         saved = torch.load(path, weights_only=True)
         anchor = saved.get("anchor")
-        return cls(int(saved["version"]), tuple(saved["values"]), None if anchor is None else tuple(anchor),
+        step = saved["step"] if "step" in saved else saved["version"]  # "version": written before the rename
+        return cls(int(step), tuple(saved["values"]), None if anchor is None else tuple(anchor),
                    int(saved.get("anchor_step", -1)))
 
 

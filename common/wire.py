@@ -2,18 +2,18 @@
 
 A training request is a ``RecordDict`` of
 
-* ``request`` (ConfigRecord): run id, round, model version, probe seeds, beta, and the release
-  parameters (C, sigma, q, noise kind);
+* ``request`` (ConfigRecord): run id, step, probe seeds, beta, and the release parameters (C,
+  sigma, q, noise kind); the silo answers on the model after exactly ``step`` steps;
 * ``sync`` (ConfigRecord): the updates the silo has not applied, as step records (seeds,
-  scalars, lr, beta, prox, anchor step), the version they start from, and on first contact the
+  scalars, lr, beta, prox, anchor step), the step they start from, and on first contact the
   run's setup (public config, base-model fingerprint, pruning mask as indices);
 * ``checkpoint`` (ArrayRecord), only for a silo too far behind to replay: the trainable
-  coordinates (and proximal anchor) at the current version.
+  coordinates (and proximal anchor) after the steps it names.
 
-An evaluation request is a ConfigRecord ``evaluate`` (run id, model version, private, noise std
+An evaluation request is a ConfigRecord ``evaluate`` (run id, step, private, noise std
 per count) with the same ``sync`` and ``checkpoint``.
 
-A reply is one ConfigRecord ``reply``: the round, the silo's model version, the K released
+A reply is one ConfigRecord ``reply``: the request's step, the K released
 scalars, its expected batch size and the DP events it charged. Nothing else: no weights, no
 gradients, no per-example values, no losses. Decoding checks every field and raises
 :class:`WireError` with the reason, so a malformed message never reaches the model.
@@ -57,7 +57,7 @@ class Setup:
 class Sync:
     """Updates to apply before answering: optional setup, optional checkpoint, then records."""
 
-    start_version: int
+    start_step: int  # the first record's step: the silo must hold the model after this many steps
     records: tuple[StepRecord, ...]
     setup: Setup | None = None
     checkpoint: Checkpoint | None = None  # for a silo too far behind to replay
@@ -68,8 +68,7 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
     content = RecordDict()
     content["request"] = ConfigRecord({
         "run_id": request.run_id,
-        "round": request.round,
-        "model_version": request.model_version,
+        "step": request.step,
         "probe_seeds": [int(seed) for seed in request.probe_seeds],
         "beta": float(request.beta),
         "clip_bound": float(request.release.clip_bound),
@@ -83,7 +82,7 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
 
 def _encode_sync(content: RecordDict, sync: Sync) -> None:
     sync_record = {
-        "start_version": sync.start_version,
+        "start_step": sync.start_step,
         "records": json.dumps([_record_to_list(r) for r in sync.records]),
     }
     if sync.setup is not None:
@@ -93,7 +92,7 @@ def _encode_sync(content: RecordDict, sync: Sync) -> None:
             "mask_order": list(sync.setup.mask),
         }).encode()
     if sync.checkpoint is not None:
-        sync_record["checkpoint_version"] = int(sync.checkpoint.version)
+        sync_record["checkpoint_step"] = int(sync.checkpoint.step)
         arrays = {f"value.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint.values)}
         if sync.checkpoint.anchor is not None:
             arrays.update({f"anchor.{i}": np.ascontiguousarray(v) for i, v in enumerate(sync.checkpoint.anchor)})
@@ -109,8 +108,7 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         raise WireError(f"request.probe_seeds must be 1..{MAX_PROBES} integers in [0, 2^63)")
     request = TrainRequest(
         run_id=_field(record, "run_id", str),
-        round=_nonnegative_int(record, "round"),
-        model_version=_nonnegative_int(record, "model_version"),
+        step=_nonnegative_int(record, "step"),
         probe_seeds=tuple(seeds),
         beta=_positive(record, "beta"),
         release=ReleaseParameters(
@@ -134,12 +132,12 @@ def _decode_sync(content: RecordDict) -> Sync:
         records = tuple(_record_from_list(row) for row in rows)
     except (ValueError, TypeError) as error:
         raise WireError(f"sync.records is malformed: {error}") from None
-    start = _nonnegative_int(sync_record, "start_version")
+    start = _nonnegative_int(sync_record, "start_step")
     if any(r.step != start + i for i, r in enumerate(records)):
-        raise WireError("sync.records are not consecutive steps from start_version")
+        raise WireError("sync.records are not consecutive steps from start_step")
     setup = _decode_setup(sync_record["setup"]) if "setup" in sync_record else None
     checkpoint = None
-    if "checkpoint_version" in sync_record:
+    if "checkpoint_step" in sync_record:
         if "checkpoint" not in content.array_records:
             raise WireError("sync names a checkpoint but the message carries none")
         arrays = content.array_records["checkpoint"]
@@ -148,19 +146,18 @@ def _decode_sync(content: RecordDict) -> Sync:
         anchor_step = sync_record.get("checkpoint_anchor_step", -1)
         if isinstance(anchor_step, bool) or not isinstance(anchor_step, int) or anchor_step < -1:
             raise WireError("sync.checkpoint_anchor_step must be an integer >= -1")
-        checkpoint = Checkpoint(_nonnegative_int(sync_record, "checkpoint_version"), tuple(values),
+        checkpoint = Checkpoint(_nonnegative_int(sync_record, "checkpoint_step"), tuple(values),
                                 tuple(anchors) or None, anchor_step)
     return Sync(start, records, setup, checkpoint)
 
 
 # -- replies -----------------------------------------------------------------------------------
-def encode_reply(reply: TrainReply, model_version: int, silo: str = "") -> RecordDict:
+def encode_reply(reply: TrainReply, silo: str = "") -> RecordDict:
     """``silo`` is the name the silo goes by (its operator's choice), shown in summaries."""
     content = RecordDict()
     content["reply"] = ConfigRecord({
         "silo": silo,
-        "round": reply.round,
-        "model_version": model_version,
+        "step": reply.step,
         "projected_grads": [float(g) for g in reply.projected_grads],
         "expected_batch_size": float(reply.expected_batch_size),
         "events": [event_codec.dumps(event) for event in reply.events],
@@ -168,12 +165,12 @@ def encode_reply(reply: TrainReply, model_version: int, silo: str = "") -> Recor
     return content
 
 
-def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[TrainReply, int, str]:
-    """A reply, checked against the round and probe count it answers: (reply, version, silo)."""
+def decode_reply(content: RecordDict, *, step: int, probes: int) -> tuple[TrainReply, str]:
+    """A reply, checked against the step and probe count it answers: (reply, silo)."""
     record = _config(content, "reply")
-    reply_round = _nonnegative_int(record, "round")
-    if reply_round != round:
-        raise WireError(f"reply is for round {reply_round}, not {round}")
+    reply_step = _nonnegative_int(record, "step")
+    if reply_step != step:
+        raise WireError(f"reply is for step {reply_step}, not {step}")
     grads = _field(record, "projected_grads", list)
     if len(grads) != probes:
         raise WireError(f"reply has {len(grads)} projected gradients, expected {probes}")
@@ -184,17 +181,17 @@ def decode_reply(content: RecordDict, *, round: int, probes: int) -> tuple[Train
         decoded = tuple(event_codec.loads(text) for text in events)
     except (event_codec.EventDecodeError, TypeError) as error:
         raise WireError(f"reply.events: {error}") from None
-    reply = TrainReply(reply_round, tuple(grads), _positive(record, "expected_batch_size"), decoded)
+    reply = TrainReply(reply_step, tuple(grads), _positive(record, "expected_batch_size"), decoded)
     silo = record.get("silo", "")
     if not isinstance(silo, str) or len(silo) > 128:
         raise WireError("reply.silo must be a short string")
-    return reply, _nonnegative_int(record, "model_version"), silo
+    return reply, silo
 
 
 # -- evaluation on silos' own data -------------------------------------------------------------
 def encode_evaluation(request: EvaluationRequest, sync: Sync) -> RecordDict:
     content = RecordDict()
-    content["evaluate"] = ConfigRecord({"run_id": request.run_id, "model_version": request.model_version,
+    content["evaluate"] = ConfigRecord({"run_id": request.run_id, "step": request.step,
                                         "private": request.private, "noise_std": float(request.noise_std)})
     _encode_sync(content, sync)
     return content
@@ -204,7 +201,7 @@ def decode_evaluation(content: RecordDict) -> tuple[EvaluationRequest, Sync]:
     record = _config(content, "evaluate")
     request = EvaluationRequest(
         run_id=_field(record, "run_id", str),
-        model_version=_nonnegative_int(record, "model_version"),
+        step=_nonnegative_int(record, "step"),
         private=_field(record, "private", bool),
         noise_std=_finite(record, "noise_std", minimum=0.0),
     )

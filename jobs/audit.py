@@ -284,7 +284,7 @@ class _Experiment:
     setup: Setup
     seeds: tuple[int, ...]
     beta: float
-    version: int
+    step: int  # the first trial's step: the model the coordinator sends is after this many steps
     checkpoint: Checkpoint | None
     worlds: tuple[dict, dict]  # D, D' (columns "text" and "label")
     canary: str
@@ -399,10 +399,10 @@ def _experiment(config: Config, attack: str, beta: float, noise_off: bool) -> _E
     if attack == "noise-seed":
         setup_config["privacy"]["noise_seed"] = ATTACK_NOISE_SEED
     run_id = f"audit-{attack}"
-    version, checkpoint = 0, None
+    step, checkpoint = 0, None
     if attack == "nonfinite":
-        version, checkpoint = 1, _overflowing_checkpoint(task, parts, canary_text, canary_label, worlds[0]["text"])
-    return _Experiment(run_id, Setup(run_id, setup_config, reference, parts.trainable.mask()), seeds, beta, version,
+        step, checkpoint = 1, _overflowing_checkpoint(task, parts, canary_text, canary_label, worlds[0]["text"])
+    return _Experiment(run_id, Setup(run_id, setup_config, reference, parts.trainable.mask()), seeds, beta, step,
                        checkpoint, worlds, canary_text, float(norm) / config.privacy.clip_bound,
                        (canary_row / norm).numpy())
 
@@ -418,7 +418,8 @@ def _silos(root: Path, experiment: _Experiment, delta: float, limits: Limits, no
 
 def _play(silos: list[_Silo], experiment: _Experiment, trials: int, sigma: float, clip_bound: float,
           sample_rate: float, attack: str, progress: bool) -> _Trials:
-    """Ask every silo the same request ``trials`` times (a refusal of the first ends the audit)."""
+    """Ask every silo the same question ``trials`` times, trial t as step ``experiment.step + t`` of an
+    unchanging model, so that each is a fresh release (a refusal of the first ends the audit)."""
     releases = np.zeros((2, 2, trials, len(experiment.seeds)))
     refused = ""
     try:
@@ -430,7 +431,7 @@ def _play(silos: list[_Silo], experiment: _Experiment, trials: int, sigma: float
         refused = f"{type(error).__name__}: {error}"
     for trial in tqdm(range(0 if refused else trials), disable=not progress, unit="trial",
                       desc=f"audit ({attack})", dynamic_ncols=True):
-        request = TrainRequest(experiment.run_id, trial, experiment.version, experiment.seeds, experiment.beta,
+        request = TrainRequest(experiment.run_id, experiment.step + trial, experiment.seeds, experiment.beta,
                                ReleaseParameters(clip_bound, sigma, sample_rate, experiment.setup.config["privacy"]["noise"]))
         try:
             for world, role in ((0, 0), (0, 1), (1, 0), (1, 1)):
@@ -502,9 +503,13 @@ def _answer(silo: _Silo, request: TrainRequest, experiment: _Experiment) -> np.n
     """The silo's answer through the ClientApp's own handler; the released values as they left
     (before any coordinator-side validation, which would refuse a NaN the adversary still sees)."""
     if silo.synced:
-        sync = Sync(experiment.version, ())
+        # The coordinator sent an empty step: the model is unchanged, and the next step's request is
+        # a new question. Logging thousands of empty steps would cost a disk sync each, so the
+        # replica's step counter moves instead.
+        silo.node.run(experiment.run_id).applier.step = request.step
+        sync = Sync(request.step, ())
     else:
-        sync = Sync(experiment.version, (), experiment.setup, experiment.checkpoint)
+        sync = Sync(experiment.step, (), experiment.setup, experiment.checkpoint)
     content = handle_train(encode_request(request, sync), silo.node)
     silo.synced = True
     return np.asarray(content.config_records["reply"]["projected_grads"], dtype=np.float64)

@@ -50,7 +50,7 @@ class Coordinator:
     @property
     def step(self) -> int:
         """The next step to run (= steps applied)."""
-        return self.applier.version
+        return self.applier.step
 
     @property
     def done(self) -> bool:
@@ -60,8 +60,7 @@ class Coordinator:
         plan = self.schedule.plan(self.step)
         return TrainRequest(
             run_id=self.run_id,
-            round=self.step,
-            model_version=self.applier.version,
+            step=self.step,
             probe_seeds=probe_seeds(self.run_seed, self.step, self.probes),
             beta=plan.beta,
             release=self.release,
@@ -70,17 +69,17 @@ class Coordinator:
     def apply(self, request: TrainRequest, replies: Sequence[TrainReply]) -> StepRecord:
         """Aggregate, commit the step to the log, then update the model."""
         if not replies:
-            raise ValueError(f"round {request.round}: no replies to aggregate")
+            raise ValueError(f"step {request.step}: no replies to aggregate")
         grads = aggregate(self.aggregation, [reply.projected_grads for reply in replies],
                           [reply.expected_batch_size for reply in replies], self.trim)
         if not all(math.isfinite(g) for g in grads):  # refused before the log: nothing half-applied
             raise NonFiniteStep(
-                f"round {request.round}: the {self.aggregation} of the replies is not finite (a silo sent "
+                f"step {request.step}: the {self.aggregation} of the replies is not finite (a silo sent "
                 "scalars near the float64 limit); the step was not logged or applied. "
                 "federation.aggregation='trimmed-mean' or 'median' bounds what one silo can do")
-        plan = self.schedule.plan(request.round)
+        plan = self.schedule.plan(request.step)
         record = StepRecord(
-            step=request.round,
+            step=request.step,
             stage=plan.stage,
             probe_seeds=request.probe_seeds,
             projected_grads=grads,

@@ -120,14 +120,14 @@ class Federation:
         self.progress = progress
         self.config = run.config
         self.store = FederationStore(run.layout.store)
-        self.versions: dict[int, int | None] = {}  # what each silo's model holds, as last reported
+        self.held: dict[int, int | None] = {}  # node -> the steps its model holds, as last known (None: unknown)
         self.aggregation: RuleCost | None = None
 
     # -- one round -----------------------------------------------------------------------------
     def sync_for(self, node: int) -> Sync:
         """The updates ``node`` lacks: setup on first contact; a checkpoint if far behind."""
         coordinator = self.run.coordinator
-        known = self.versions.get(node)
+        known = self.held.get(node)
         setup = self.run.setup() if known is None else None
         start = known or 0
         if coordinator.step - start > self.config.federation.max_replay:
@@ -145,12 +145,12 @@ class Federation:
         return sorted(chooser.sample(nodes, count))
 
     def collect(self, request: TrainRequest, responses: list[Response], asked: dict[int, RecordDict],
-                attempt: int) -> dict[int, TrainReply]:
+                round: int, attempt: int) -> dict[int, TrainReply]:
         """Validate every response; keep the good replies, record why the others were refused."""
         valid: dict[int, TrainReply] = {}
         for response in responses:
             node = response.node
-            self.store.record_traffic(request.round, attempt, node, response.bytes_down, response.bytes_up)
+            self.store.record_traffic(round, attempt, node, response.bytes_down, response.bytes_up)
             reason = None
             if node not in asked:
                 reason = "reply from a node that was not asked"
@@ -159,24 +159,20 @@ class Federation:
             elif response.error is not None:
                 reason = f"node reported an error: {response.error}"
                 if "SyncError" in response.error:
-                    self.versions[node] = None  # it lost track: resynchronise it from scratch
+                    self.held[node] = None  # it lost track: resynchronise it from scratch
             else:
                 try:
-                    reply, version, silo = decode_reply(response.content, round=request.round,
-                                                        probes=len(request.probe_seeds))
+                    reply, silo = decode_reply(response.content, step=request.step, probes=len(request.probe_seeds))
                     silo = silo or f"node {node}"
                     self.store.register(node, silo)
-                    self.store.record_release(silo, request.round, reply.events)  # spent, whatever follows
-                    if version != request.model_version:
-                        reason = f"answered at model version {version}, not {request.model_version}"
-                    else:
-                        valid[node] = reply
-                        self.versions[node] = version
+                    self.store.record_release(silo, round, reply.events)  # spent, whatever follows
+                    valid[node] = reply
+                    self.held[node] = request.step  # it answered on the model after request.step steps
                 except WireError as error:
                     reason = f"malformed reply: {error}"
             if reason is not None:
-                log.warning("round %d: rejected node %d: %s", request.round, node, reason)
-                self.store.reject(request.round, node, reason)
+                log.warning("round %d: rejected node %d: %s", round, node, reason)
+                self.store.reject(round, node, reason)
         return valid
 
     def play_round(self) -> int:
@@ -184,29 +180,30 @@ class Federation:
         coordinator = self.run.coordinator
         federation = self.config.federation
         request = coordinator.request()
+        round = request.step  # a round asks for one step, and is numbered by it
         for attempt in range(federation.round_retries + 1):
-            nodes = self.select(self.transport.nodes(), request.round, attempt)
+            nodes = self.select(self.transport.nodes(), round, attempt)
             asked = {node: encode_request(request, self.sync_for(node)) for node in nodes}
-            responses = self.transport.exchange(asked, round=request.round, timeout=federation.round_timeout)
-            valid = self.collect(request, responses, asked, attempt)
+            responses = self.transport.exchange(asked, round=round, timeout=federation.round_timeout)
+            valid = self.collect(request, responses, asked, round, attempt)
             if len(valid) >= federation.min_silos:
                 replies = [valid[node] for node in sorted(valid)]
-                _stop_mid_round(request.round)
+                _stop_mid_round(round)
                 coordinator.apply(request, replies)
-                self._note_cost(request.round, replies)
+                self._note_cost(round, replies)
                 return len(valid)
             log.warning("round %d attempt %d: %d valid replies of %d asked, need %d",
-                        request.round, attempt, len(valid), len(asked), federation.min_silos)
+                        round, attempt, len(valid), len(asked), federation.min_silos)
             spent = {r["silo"]: r["reason"] for r in self.store.rejections()
-                     if r["round"] == request.round and "BudgetExhausted" in r["reason"]}
+                     if r["round"] == round and "BudgetExhausted" in r["reason"]}
             if spent and len(valid) + len(asked) - len(spent) < federation.min_silos:
                 raise OutOfBudget(
-                    f"round {request.round} of {self.run.schedule.steps}: {len(spent)} silo(s) refuse for lack of "
+                    f"round {round} of {self.run.schedule.steps}: {len(spent)} silo(s) refuse for lack of "
                     "privacy budget, so fewer than federation.min_silos="
                     f"{federation.min_silos} can answer; the run ends with the {coordinator.step} rounds it has. "
                     + "; ".join(f"{silo}: {reason.split('BudgetExhausted: ')[-1]}" for silo, reason in spent.items()))
         raise FederationError(
-            f"round {request.round} got fewer than federation.min_silos={federation.min_silos} valid "
+            f"round {round} got fewer than federation.min_silos={federation.min_silos} valid "
             f"replies in {federation.round_retries + 1} attempts; every earlier round is in the log "
             f"({self.run.run_dir}), so the run can resume once enough silos are back"
         )

@@ -23,7 +23,6 @@ from pathlib import Path
 import dp_accounting
 
 from seedtune.common import durable
-from seedtune.common.errors import RunDirError
 from seedtune.common.privacy import events as event_codec
 from seedtune.common.privacy.accounting import epsilon_of
 
@@ -44,29 +43,25 @@ CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, silo TEXT NOT NULL DEFA
 """
 
 
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Stores written before silos were keyed by name held events per node id."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "node_events" not in tables:
+        return
+    grouped: dict[tuple[str, int], list] = defaultdict(list)
+    rows = db.execute("SELECT e.node, e.round, e.event, COALESCE(n.silo, '') FROM node_events e "
+                      "LEFT JOIN nodes n ON n.node = e.node ORDER BY e.id")
+    for node, round, event, silo in rows.fetchall():
+        grouped[(silo or f"node {node}", round)].append(json.loads(event))
+    db.executemany("INSERT OR IGNORE INTO silo_events VALUES (?, ?, 'train', ?)",
+                   [(silo, round, json.dumps(events)) for (silo, round), events in grouped.items()])
+    db.execute("DROP TABLE node_events")
+
+
 class FederationStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._db = durable.connect(self.path, _SCHEMA)
-            self._migrate()
-        except sqlite3.Error as error:
-            raise RunDirError(f"cannot open the federation store {self.path}: {error}") from None
-
-    def _migrate(self) -> None:
-        """Stores written before silos were keyed by name held events per node id."""
-        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "node_events" not in tables:
-            return
-        grouped: dict[tuple[str, int], list] = defaultdict(list)
-        rows = self._db.execute("SELECT e.node, e.round, e.event, COALESCE(n.silo, '') FROM node_events e "
-                                "LEFT JOIN nodes n ON n.node = e.node ORDER BY e.id")
-        for node, round, event, silo in rows.fetchall():
-            grouped[(silo or f"node {node}", round)].append(json.loads(event))
-        with self._db:
-            self._db.executemany("INSERT OR IGNORE INTO silo_events VALUES (?, ?, 'train', ?)",
-                                 [(silo, round, json.dumps(events)) for (silo, round), events in grouped.items()])
-            self._db.execute("DROP TABLE node_events")
+        self._db = durable.open_upgraded(self.path, _SCHEMA, _upgrade, "the federation store")
 
     def close(self) -> None:
         self._db.close()

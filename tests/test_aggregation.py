@@ -132,10 +132,10 @@ class _Log:
 
 
 class _Applier:
-    version = 0
+    step = 0
 
     def apply(self, record):
-        self.version += 1
+        self.step += 1
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -160,7 +160,7 @@ def test_an_aggregate_that_overflows_is_refused_before_it_is_logged():
     huge = TrainReply(0, (1.7976931348623157e308, 1.0), 5.0, ())  # finite, so the decoder accepts it
     with pytest.raises(NonFiniteStep, match="not finite"):
         coordinator.apply(coordinator.request(), [huge, huge])
-    assert log.records == [] and applier.version == 0
+    assert log.records == [] and applier.step == 0
 
 
 # -- noise: describe() against the rules ------------------------------------------------------

@@ -137,7 +137,7 @@ def test_a_crafted_non_finite_loss_is_zeroed_and_the_audit_passes(tiny):
 def test_a_silo_that_lets_a_non_finite_row_through_is_flagged(tiny, monkeypatch):
     """Hole 2 put back: the mechanism without its non-finite guard."""
     monkeypatch.setattr(mechanism, "finite_rows", lambda rows: (rows, 0))
-    monkeypatch.setattr(mechanism, "check_finite", lambda values, round: None)  # and without the final check
+    monkeypatch.setattr(mechanism, "check_finite", lambda values, step: None)  # and without the final check
     result = run_audit(tiny, attack="nonfinite", trials=200)
     assert result.nonfinite_releases > 0 and not result.consistent
 

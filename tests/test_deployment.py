@@ -93,10 +93,9 @@ def test_only_seeds_and_scalars_cross_between_supernode_and_superlink(deployed):
         for message in outgoing:
             assert list(message["records"]) == ["reply"]
             reply = message["records"]["reply"]["values"]
-            assert sorted(reply) == ["events", "expected_batch_size", "model_version", "projected_grads",
-                                     "round", "silo"]
+            assert sorted(reply) == ["events", "expected_batch_size", "projected_grads", "silo", "step"]
             assert len(reply["projected_grads"]) == 4 and all(isinstance(g, float) for g in reply["projected_grads"])
-            assert all(isinstance(reply[k], (int, float)) for k in ("round", "model_version", "expected_batch_size"))
+            assert all(isinstance(reply[k], (int, float)) for k in ("step", "expected_batch_size"))
             assert [json.loads(e)["type"] for e in reply["events"]] == ["PoissonSampledDpEvent"]
         for message in incoming:
             request = message["records"]["request"]["values"]

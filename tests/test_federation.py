@@ -18,7 +18,9 @@ from seedtune.common import components
 from seedtune.common.config import load_config
 from seedtune.common.errors import BudgetExhausted, ConfigError
 from seedtune.common.partition import partition_indices
+from seedtune.common.privacy import events as codec
 from seedtune.common.privacy.accounting import epsilon_for
+from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.protocol import ReleaseParameters, TrainReply, TrainRequest
 from seedtune.common.wire import (
     Sync, WireError, decode_reply, decode_request, encode_reply, encode_request, serialized_size,
@@ -40,8 +42,8 @@ def _config(*extra):
     return load_config("tiny", overrides=[*TINY, *extra], command="simulate")
 
 
-def _request(round=3, probes=2):
-    return TrainRequest("run", round, round, tuple(range(1, probes + 1)), 1e-3, ReleaseParameters(1.0, 0.8, 0.05))
+def _request(step=3, probes=2):
+    return TrainRequest("run", step, tuple(range(1, probes + 1)), 1e-3, ReleaseParameters(1.0, 0.8, 0.05))
 
 
 # -- wire --------------------------------------------------------------------------------------
@@ -50,11 +52,11 @@ def test_requests_and_replies_round_trip():
     decoded, sync = decode_request(encode_request(request, Sync(3, ())))
     assert decoded == request and sync.records == () and sync.setup is None
     reply = TrainReply(3, (0.25, -1.5), 4.0, (dp_accounting.GaussianDpEvent(0.8),))
-    assert decode_reply(encode_reply(reply, 3, "silo-a"), round=3, probes=2) == (reply, 3, "silo-a")
+    assert decode_reply(encode_reply(reply, "silo-a"), step=3, probes=2) == (reply, "silo-a")
 
 
 def _bad_reply(**changes):
-    record = {"silo": "x", "round": 3, "model_version": 3, "projected_grads": [0.1, 0.2],
+    record = {"silo": "x", "step": 3, "projected_grads": [0.1, 0.2],
               "expected_batch_size": 4.0, "events": []}
     record.update(changes)
     return RecordDict({"reply": ConfigRecord(record)})
@@ -64,21 +66,21 @@ def _bad_reply(**changes):
     ({"projected_grads": [0.1, math.nan]}, "finite"),
     ({"projected_grads": [0.1, math.inf]}, "finite"),
     ({"projected_grads": [0.1]}, "expected 2"),
-    ({"round": 4}, "round 4, not 3"),
+    ({"step": 4}, "step 4, not 3"),
     ({"expected_batch_size": -1.0}, "expected_batch_size"),
     ({"events": ['{"type": "os.system"}']}, "unsupported event"),
-    ({"model_version": "3"}, "must be int"),
+    ({"step": "3"}, "must be int"),
 ])
 def test_malformed_replies_are_refused_with_a_reason(changes, reason):
     with pytest.raises(WireError, match=reason):
-        decode_reply(_bad_reply(**changes), round=3, probes=2)
+        decode_reply(_bad_reply(**changes), step=3, probes=2)
     with pytest.raises(WireError, match="no 'reply' record"):
-        decode_reply(RecordDict(), round=3, probes=2)
+        decode_reply(RecordDict(), step=3, probes=2)
 
 
 def test_malformed_requests_are_refused_before_anything_runs():
     good = encode_request(_request(), Sync(3, ()))
-    for key, value in (("sample_rate", 1.5), ("beta", 0.0), ("round", -1), ("noise_multiplier", math.nan),
+    for key, value in (("sample_rate", 1.5), ("beta", 0.0), ("step", -1), ("noise_multiplier", math.nan),
                        ("probe_seeds", [])):
         content = encode_request(_request(), Sync(3, ()))
         content["request"][key] = value
@@ -166,18 +168,17 @@ def test_a_restarted_silo_keeps_its_budget_and_refuses_past_it(tmp_path):
     node = SiloNode(tmp_path / "silo", _shard(0, 1), budget=(budget, config.privacy.delta, "rdp"), partition=0)
     request = run.coordinator.request()
 
-    def other(k):  # the same round asked with other directions: another question, another release
-        return TrainRequest(request.run_id, request.round, request.model_version, (k, k + 1), request.beta,
-                            request.release)
+    def other(k):  # the same step asked with other directions: another question, another release
+        return TrainRequest(request.run_id, request.step, (k, k + 1), request.beta, request.release)
 
-    first, _ = node.answer(request, _first_contact(run))
-    again, _ = node.answer(request, Sync(0, ()))  # the very same request: the same release, not charged again
+    first = node.answer(request, _first_contact(run))
+    again = node.answer(request, Sync(0, ()))  # the very same request: the same release, not charged again
     assert again == first and node.ledger.releases == 1
     node.answer(other(10), Sync(0, ()))
     assert node.ledger.releases == 2
     node.close()
     restarted = SiloNode(tmp_path / "silo", _shard(0, 1), budget=(budget, config.privacy.delta, "rdp"), partition=0)
-    assert restarted.answer(other(10), _first_contact(run))[0].projected_grads  # kept across the restart
+    assert restarted.answer(other(10), _first_contact(run)).projected_grads  # kept across the restart
     assert restarted.ledger.releases == 2
     restarted.answer(other(20), Sync(0, ()))
     assert restarted.ledger.releases == 3
@@ -192,8 +193,8 @@ def test_a_silo_out_of_step_refuses_instead_of_answering_on_the_wrong_model(tmp_
     with pytest.raises(SyncError, match="no setup"):
         node.answer(run.coordinator.request(), Sync(0, ()))
     request = run.coordinator.request()
-    behind = TrainRequest(request.run_id, 4, 4, request.probe_seeds, request.beta, request.release)
-    with pytest.raises(SyncError, match="version 4"):
+    behind = TrainRequest(request.run_id, 4, request.probe_seeds, request.beta, request.release)
+    with pytest.raises(SyncError, match="after 4 steps"):
         node.answer(behind, _first_contact(run))
 
 
@@ -207,10 +208,9 @@ class FakeSilo:
 
     def __call__(self, content):
         request, _ = decode_request(content)
-        grads = tuple(math.sin(self.seed * 7.1 + request.round * 1.3 + k) for k in range(len(request.probe_seeds)))
+        grads = tuple(math.sin(self.seed * 7.1 + request.step * 1.3 + k) for k in range(len(request.probe_seeds)))
         event = dp_accounting.GaussianDpEvent(1.0)
-        return encode_reply(TrainReply(request.round, grads, 10.0 + self.seed, (event,)), request.model_version,
-                            f"fake-{self.seed}")
+        return encode_reply(TrainReply(request.step, grads, 10.0 + self.seed, (event,)), f"fake-{self.seed}")
 
 
 def _final_state(run):
@@ -390,7 +390,7 @@ def test_silos_stay_in_step_and_a_late_silo_gets_a_checkpoint_not_a_weight_strea
     assert all(traffic["bytes_up"] / traffic["messages"] <= 1024 for traffic in result.traffic.values())  # K = 16
     for node in nodes.values():  # every silo's replica is the coordinator's model, bit for bit
         replica = node.run(run.run_id)
-        for record in run.log.steps(replica.version):  # the last round reaches silos with the next request
+        for record in run.log.steps(replica.step):  # the last round reaches silos with the next request
             replica.applier.apply(record)
         for mine, theirs in zip(replica.parts.trainable, run.parts.trainable):
             assert torch.equal(mine.values(), theirs.values())
@@ -439,9 +439,9 @@ def test_a_silo_answering_each_message_from_a_fresh_process_checkpoints_and_stay
     result = Federation(run, DirectTransport({0: fresh_process}), progress=False).run_all()
     assert result.steps == 8 and not result.rejections
     saved = torch.load(next(state.glob("runs/*/checkpoint.pt")), weights_only=True)
-    assert saved["version"] >= 6  # the replica keeps its own checkpoint near its head
+    assert saved["step"] >= 6  # the replica keeps its own checkpoint near its head
     replica = SiloNode(state, _shard(0, 1), partition=0).run(run.run_id)
-    for record in run.log.steps(replica.version):
+    for record in run.log.steps(replica.step):
         replica.applier.apply(record)
     for mine, theirs in zip(replica.parts.trainable, run.parts.trainable):
         assert torch.equal(mine.values(), theirs.values())
@@ -521,3 +521,35 @@ def test_the_tiny_simulate_preset_beats_zero_shot_over_seeds(tmp_path):
         handlers = {k: (lambda content, node=node: handle_train(content, node)) for k, node in nodes.items()}
         result = Federation(run, DirectTransport(handlers), progress=False).run_all()
         assert result.after["accuracy"] >= result.before["accuracy"] + 0.15, (seed, result.before, result.after)
+
+
+# -- durable stores written by earlier versions ------------------------------------------------
+def test_a_store_keyed_by_node_id_is_upgraded_once_and_loses_no_reported_release(tmp_path):
+    import sqlite3
+
+    from seedtune.server.store import FederationStore
+
+    path = tmp_path / "store.sqlite"
+    event = dp_accounting.GaussianDpEvent(1.0)
+    with sqlite3.connect(path) as db:
+        db.executescript("CREATE TABLE node_events (id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT, round INTEGER, "
+                         "event TEXT); CREATE TABLE nodes (node TEXT PRIMARY KEY, silo TEXT NOT NULL DEFAULT '');")
+        db.execute("INSERT INTO nodes VALUES ('7', 'hospital')")
+        db.executemany("INSERT INTO node_events (node, round, event) VALUES (?, ?, ?)",
+                       [("7", 0, codec.dumps(event)), ("7", 1, codec.dumps(event)), ("9", 0, codec.dumps(event))])
+    for _ in range(2):  # a second opening finds nothing left to upgrade
+        store = FederationStore(path)
+        assert store.releases() == {"hospital": 2, "node 9": 1}
+        store.close()
+
+
+def test_a_store_or_ledger_that_is_not_sqlite_is_a_one_line_error_naming_it(tmp_path):
+    from seedtune.common.errors import RunDirError
+    from seedtune.server.store import FederationStore
+
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database, " * 100)
+    with pytest.raises(RunDirError, match=f"cannot open the federation store {junk}"):
+        FederationStore(junk)
+    with pytest.raises(RunDirError, match=f"cannot open privacy ledger {junk}"):
+        PrivacyLedger(junk, epsilon=1.0, delta=1e-5)

@@ -63,7 +63,7 @@ def test_a_setup_asking_for_seeded_noise_is_refused_by_a_deployed_silo(tmp_path)
 def test_two_silos_built_from_the_same_setup_release_different_noise(tmp_path):
     run = open_run(load_config("tiny", overrides=TINY), tmp_path / "run", resume=False)
     request, first = run.coordinator.request(), Sync(0, (), run.setup())
-    replies = [SiloNode(tmp_path / name, _shard, partition=0).answer(request, first)[0].projected_grads
+    replies = [SiloNode(tmp_path / name, _shard, partition=0).answer(request, first).projected_grads
                for name in ("a", "b")]
     assert replies[0] != replies[1]
 
@@ -81,7 +81,7 @@ def test_a_request_whose_noise_kind_contradicts_the_setup_is_refused_before_anyt
     with pytest.raises(SeedtuneError, match=f"asks for {asked!r} noise but this run's setup names"):
         handle_train(encode_request(forged, Sync(0, (), run.setup())), node)
     assert node.ledger.releases == 0  # nothing sampled, computed or charged
-    assert node.answer(request, Sync(0, ()))[0].projected_grads  # the honest request is answered
+    assert node.answer(request, Sync(0, ())).projected_grads  # the honest request is answered
 
 
 # -- 2: a non-finite per-example value contributes zero, and the count stays with the silo -----
@@ -155,7 +155,7 @@ def test_a_silo_divides_by_its_public_size_whatever_its_records(tmp_path):
     for name, rows in (("all", shard), ("one-less", shard.select(range(len(shard) - 1)))):
         node = SiloNode(tmp_path / name, lambda config, labels, split, rows=rows: rows, public_size=1000,
                         randomness=lambda: NoNoise())
-        reply, _ = node.answer(request, first)
+        reply = node.answer(request, first)
         sizes.append(reply.expected_batch_size)
     assert sizes == [request.release.sample_rate * 1000] * 2  # n does not leave, through the weight or the scale
 

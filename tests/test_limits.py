@@ -39,7 +39,7 @@ def _with(request: TrainRequest, **changes) -> TrainRequest:
 
 def _evaluation(request: TrainRequest, private: bool, noise_std: float) -> EvaluationRequest:
     """An evaluation of the model ``request`` is for."""
-    return EvaluationRequest(request.run_id, request.model_version, private, noise_std)
+    return EvaluationRequest(request.run_id, request.step, private, noise_std)
 
 
 def test_node_config_sets_the_limits_and_a_bad_value_names_its_key():
@@ -76,20 +76,20 @@ def test_requests_outside_the_limits_are_refused_before_anything_is_released(tmp
             node.answer(asked, first)
     assert node.ledger is None or node.ledger.releases == 0  # nothing drawn, charged or released
     assert not (tmp_path / "silo" / "timings.jsonl").exists()
-    reply, _ = node.answer(request, first)  # the same request within the limits is answered
+    reply = node.answer(request, first)  # the same request within the limits is answered
     assert len(reply.projected_grads) == 4 and node.ledger.releases == 1
 
 
-def test_max_releases_counts_the_ledger_not_the_round_a_request_names(tmp_path):
-    """Five requests all labelled round 0 used to be answered under max-rounds=1; evaluations were
+def test_max_releases_counts_the_ledger_not_the_step_a_request_names(tmp_path):
+    """Five requests all for step 0 used to be answered under max-rounds=1; evaluations were
     not counted at all. Now every release the ledger holds counts, whatever it is labelled."""
     run = open_run(_config("privacy.sample_rate=0.05"), tmp_path / "run", resume=False)
     node = SiloNode(tmp_path / "silo", _shard, partition=0, limits=Limits(max_releases=3))
     request, first = run.coordinator.request(), Sync(0, tuple(run.log.steps()), run.setup())
     node.answer(request, first)
-    again, _ = node.answer(request, first)  # the same question: the same release, nothing new charged
-    assert node.ledger.releases == 1 and again.projected_grads == node.answer(request, first)[0].projected_grads
-    node.answer(_with(request, probe_seeds=(7, 8, 9, 10)), first)  # round 0 again, another question
+    again = node.answer(request, first)  # the same question: the same release, nothing new charged
+    assert node.ledger.releases == 1 and again.projected_grads == node.answer(request, first).projected_grads
+    node.answer(_with(request, probe_seeds=(7, 8, 9, 10)), first)  # step 0 again, another question
     node.evaluate(_evaluation(request, True, 5.0), first)  # an evaluation is a release too
     assert node.ledger.releases == 3
     with pytest.raises(RequestRefused, match="max-releases"):
@@ -119,13 +119,13 @@ def test_the_ledger_applies_the_limits_inside_its_own_transaction(tmp_path):
     one = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5, admit=limits.admit)
     two = PrivacyLedger(tmp_path / "l.sqlite", epsilon=1e6, delta=1e-5, admit=limits.admit)
     event = release_event(0.1, 1.0, "discrete")
-    one.charge(event, round=0)
-    two.charge(event, round=1)
+    one.charge(event, step=0)
+    two.charge(event, step=1)
     with pytest.raises(RequestRefused, match="max-releases"):
-        one.charge(event, round=2)
+        one.charge(event, step=2)
     with pytest.raises(RequestRefused, match="min-noise-multiplier"):
         PrivacyLedger(tmp_path / "m.sqlite", epsilon=1e6, delta=1e-5,
-                      admit=Limits(min_noise_multiplier=2.0).admit).charge(event, round=0)
+                      admit=Limits(min_noise_multiplier=2.0).admit).charge(event, step=0)
     assert one.releases == 2
 
 
@@ -138,7 +138,7 @@ def test_a_run_that_switches_privacy_off_is_refused_unless_the_silo_allows_it(tm
     with pytest.raises(RequestRefused, match="allow-nonprivate"):
         strict.evaluate(_evaluation(request, False, 0.0), first)
     willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_nonprivate=True))
-    reply, _ = willing.answer(request, first)
+    reply = willing.answer(request, first)
     assert reply.events == ()  # answered, without noise, as its operator allowed
 
 
@@ -164,5 +164,5 @@ def test_a_run_asking_for_floating_point_noise_is_refused_unless_the_silo_allows
         strict.evaluate(_evaluation(request, True, 5.0), first)
     assert strict.ledger is None or strict.ledger.releases == 0
     willing = SiloNode(tmp_path / "willing", _shard, partition=0, limits=Limits(allow_float_noise=True))
-    reply, _ = willing.answer(request, first)
+    reply = willing.answer(request, first)
     assert [type(event.event).__name__ for event in reply.events] == ["GaussianDpEvent"]

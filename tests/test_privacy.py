@@ -178,9 +178,35 @@ def test_a_ledgers_budget_cannot_be_changed_after_creation(tmp_path):
         PrivacyLedger(tmp_path / "l.sqlite", epsilon=20, delta=1e-5)
 
 
+def test_a_ledger_written_before_the_step_rename_keeps_every_release_and_its_reuse(tmp_path):
+    """A silo upgraded mid-run opens its old ledger (a "round" column, none of the later ones):
+    nothing it spent is forgotten, and the release it already made is found under its step."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    event = release_event(0.1, 2.0)
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE budget (id INTEGER PRIMARY KEY CHECK (id = 1), epsilon REAL NOT NULL, "
+            "delta REAL NOT NULL, accountant TEXT NOT NULL, created REAL NOT NULL);"
+            "CREATE TABLE releases (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, "
+            "event TEXT NOT NULL, note TEXT NOT NULL DEFAULT '', created REAL NOT NULL, released TEXT);")
+        db.execute("INSERT INTO budget VALUES (1, 3.0, 1e-5, 'rdp', 0)")
+        db.execute("INSERT INTO releases (round, event, created, released) VALUES (4, ?, 0, '[0.5]')",
+                   (codec.dumps(event),))
+    for _ in range(2):  # the upgrade happens once; a second opening finds nothing to change
+        with PrivacyLedger.existing(path) as ledger:
+            assert ledger.releases == 1 and ledger.spent() == pytest.approx(epsilon_of([event], 1e-5))
+            assert [(entry["step"], entry["released"]) for entry in ledger.history()] == [(4, [0.5])]
+            assert ledger.answered("", 4).values == [0.5] and ledger.answered("", 3) is None
+    with PrivacyLedger.existing(path) as ledger:
+        ledger.charge(event, step=5)
+        assert [entry["step"] for entry in ledger.history()] == [4, 5]
+
+
 def test_mixed_events_are_checked_by_full_composition(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite", epsilon=3.0, delta=1e-5)
-    ledger.charge(release_event(0.1, 2.0), round=0)
+    ledger.charge(release_event(0.1, 2.0), step=0)
     other = release_event(0.2, 1.0)
     expected = epsilon_of([release_event(0.1, 2.0), other], 1e-5) > 3.0
     assert ledger.would_exceed(other) == expected

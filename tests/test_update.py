@@ -15,7 +15,7 @@ from seedtune.common.schedule import ConstantSchedule, StagewiseSchedule
 from seedtune.common import trainable as trainable_module
 from seedtune.common.trainable import DirectionField, TrainableSet
 from seedtune.common.update import apply_update
-from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
+from seedtune.common.updatelog import Checkpoint, StepRecord, UpdateApplier, UpdateLog
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_applying_many_steps_piece_by_piece_equals_one_at_a_time_bit_for_bit(mon
     many.apply_all(records[:7])  # the first stage's anchor is set inside a batch ...
     many.apply_all(records[7:23])  # ... then used by one that starts mid-stage, and reset
     many.apply_all(records[23:])
-    assert many.version == one.version == 40
+    assert many.step == one.step == 40
     assert all(torch.equal(a, b) for a, b in zip(task.module.state_dict().values(), other.state_dict().values()))
     assert many.anchor[1] == one.anchor[1] and all(torch.equal(a, b) for a, b in zip(many.anchor[0], one.anchor[0]))
 
@@ -229,17 +229,31 @@ def test_a_batch_of_steps_with_a_bad_one_changes_nothing():
     trainable = TrainableSet.everything(_model())
     applier = UpdateApplier(trainable, DirectionField(trainable, "rademacher"))
     before = trainable.snapshot()
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(ValueError, match="step 3 applied to a model after 2 steps"):
         applier.apply_all([_record(0), _record(1), _record(3)])
     with pytest.raises(ValueError, match="anchor"):
         applier.apply_all([_record(0), _record(1, prox=0.1, anchor_step=0)])  # step 0 set no anchor
-    assert applier.version == 0 and all(torch.equal(a, b) for a, b in zip(before, trainable.snapshot()))
+    assert applier.step == 0 and all(torch.equal(a, b) for a, b in zip(before, trainable.snapshot()))
 
 
 def test_a_step_cannot_be_applied_out_of_order_or_without_its_anchor():
     trainable = TrainableSet.everything(_model())
     applier = UpdateApplier(trainable, DirectionField(trainable, "rademacher"))
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(ValueError, match="step 1 applied to a model after 0 steps"):
         applier.apply(_record(1))
     with pytest.raises(ValueError, match="anchor"):
         applier.apply(_record(0, prox=0.1, anchor_step=5))
+
+
+def test_a_checkpoint_saved_before_the_step_rename_restores_at_its_step(tmp_path):
+    trainable = TrainableSet.everything(_model())
+    applier = UpdateApplier(trainable, DirectionField(trainable, "rademacher"))
+    applier.apply_all([_record(0), _record(1)])
+    Checkpoint.of(trainable, applier).save(tmp_path / "new.pt")
+    saved = torch.load(tmp_path / "new.pt", weights_only=True)
+    saved["version"] = saved.pop("step")  # what a silo wrote before the rename
+    torch.save(saved, tmp_path / "old.pt")
+    for name in ("new.pt", "old.pt"):
+        restored = Checkpoint.load(tmp_path / name).restore(trainable, DirectionField(trainable, "rademacher"))
+        assert restored.step == 2
+        restored.apply(_record(2))  # it continues from the step it holds

@@ -25,10 +25,10 @@ from seedtune.common.wire import (
 SCALARS = [st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
            st.text(max_size=40), st.binary(max_size=40), st.booleans()]
 VALUES = st.one_of(*SCALARS, *[st.lists(s, max_size=6) for s in SCALARS])
-REQUEST_KEYS = ["run_id", "round", "model_version", "probe_seeds", "beta", "clip_bound", "noise_multiplier",
+REQUEST_KEYS = ["run_id", "step", "probe_seeds", "beta", "clip_bound", "noise_multiplier",
                 "sample_rate", "noise"]
-SYNC_KEYS = ["start_version", "records", "setup", "checkpoint_version", "checkpoint_anchor_step"]
-REPLY_KEYS = ["silo", "round", "model_version", "projected_grads", "expected_batch_size", "events"]
+SYNC_KEYS = ["start_step", "records", "setup", "checkpoint_step", "checkpoint_anchor_step"]
+REPLY_KEYS = ["silo", "step", "projected_grads", "expected_batch_size", "events"]
 
 
 def records(keys: list[str]):
@@ -61,12 +61,12 @@ def test_a_train_request_decodes_or_is_refused(request, sync, steps, keep_steps)
     assert 1 <= len(decoded.probe_seeds) <= MAX_PROBES and 0 < decoded.release.sample_rate <= 1
     assert decoded.release.noise in ("discrete", "gaussian")
     for offset, step in enumerate(synced.records):
-        assert step.step == synced.start_version + offset
+        assert step.step == synced.start_step + offset
         assert all(math.isfinite(x) for x in (step.lr, step.beta, step.prox, *step.projected_grads))
 
 
 @FUZZ
-@given(sync=records(SYNC_KEYS), evaluate=records(["run_id", "model_version", "private", "noise_std"]))
+@given(sync=records(SYNC_KEYS), evaluate=records(["run_id", "step", "private", "noise_std"]))
 def test_an_evaluation_request_decodes_or_is_refused(sync, evaluate):
     content = RecordDict({"sync": ConfigRecord(sync), "evaluate": ConfigRecord(evaluate)})
     try:
@@ -76,21 +76,21 @@ def test_an_evaluation_request_decodes_or_is_refused(sync, evaluate):
     # What a silo would noise its counts with: a finite standard deviation, positive whenever it is private
     assert isinstance(decoded.private, bool) and math.isfinite(decoded.noise_std) and decoded.noise_std >= 0
     assert decoded.noise_std > 0 or not decoded.private
-    assert isinstance(decoded.run_id, str) and isinstance(decoded.model_version, int) and decoded.model_version >= 0
+    assert isinstance(decoded.run_id, str) and isinstance(decoded.step, int) and decoded.step >= 0
 
 
 @FUZZ
-@given(reply=records(REPLY_KEYS), probes=st.integers(1, 4), round=st.integers(0, 3))
-def test_a_reply_decodes_only_into_finite_values_of_the_round_asked(reply, probes, round):
+@given(reply=records(REPLY_KEYS), probes=st.integers(1, 4), step=st.integers(0, 3))
+def test_a_reply_decodes_only_into_finite_values_of_the_step_asked(reply, probes, step):
     content = RecordDict({"reply": ConfigRecord(reply)})
     try:
-        decoded, version, silo = decode_reply(content, round=round, probes=probes)
+        decoded, silo = decode_reply(content, step=step, probes=probes)
     except WireError:
         return
-    # What the coordinator would aggregate: the round it asked, K finite numbers, a positive weight
-    assert decoded.round == round and len(decoded.projected_grads) == probes
+    # What the coordinator would aggregate: the step it asked, K finite numbers, a positive weight
+    assert decoded.step == step and len(decoded.projected_grads) == probes
     assert all(math.isfinite(g) for g in decoded.projected_grads) and decoded.expected_batch_size > 0
-    assert version >= 0 and isinstance(silo, str)
+    assert isinstance(silo, str)
     assert all(isinstance(event, dp_accounting.DpEvent) for event in decoded.events)
 
 
@@ -98,11 +98,11 @@ def test_a_reply_decodes_only_into_finite_values_of_the_round_asked(reply, probe
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4),
        weight=st.floats(allow_nan=True, allow_infinity=True), events=st.lists(st.text(max_size=30), max_size=2))
 def test_a_well_formed_reply_with_bad_numbers_is_refused(values, weight, events):
-    content = RecordDict({"reply": ConfigRecord({"silo": "s", "round": 0, "model_version": 0,
+    content = RecordDict({"reply": ConfigRecord({"silo": "s", "step": 0,
                                                   "projected_grads": values, "expected_batch_size": weight,
                                                   "events": events})})
     try:
-        decoded, _, _ = decode_reply(content, round=0, probes=len(values))
+        decoded, _ = decode_reply(content, step=0, probes=len(values))
     except WireError:
         return
     assert all(math.isfinite(g) for g in decoded.projected_grads) and decoded.expected_batch_size > 0
@@ -123,10 +123,10 @@ def test_an_evaluation_reply_decodes_only_into_finite_counts_and_known_events(ev
 
 def test_the_fuzzed_request_shape_can_also_decode():
     # The strategies reach valid messages too (else the tests above would only test refusals).
-    request = {"run_id": "r", "round": 1, "model_version": 1, "probe_seeds": [1, 2], "beta": 1e-3, "clip_bound": 1.0,
+    request = {"run_id": "r", "step": 1, "probe_seeds": [1, 2], "beta": 1e-3, "clip_bound": 1.0,
                "noise_multiplier": 1.0, "sample_rate": 0.1, "noise": "discrete"}
     decoded, sync = decode_request(RecordDict({"request": ConfigRecord(request),
-                                               "sync": ConfigRecord({"start_version": 1, "records": "[]"})}))
+                                               "sync": ConfigRecord({"start_step": 1, "records": "[]"})}))
     assert decoded.probe_seeds == (1, 2) and sync.records == () and len(decoded.probe_seeds) <= MAX_PROBES
 
 
@@ -136,12 +136,12 @@ def test_a_setup_that_would_allocate_without_bound_is_refused():
 
     from seedtune.common import wire
 
-    request = {"run_id": "r", "round": 1, "model_version": 1, "probe_seeds": [1], "beta": 1e-3, "clip_bound": 1.0,
+    request = {"run_id": "r", "step": 1, "probe_seeds": [1], "beta": 1e-3, "clip_bound": 1.0,
                "noise_multiplier": 1.0, "sample_rate": 0.1, "noise": "discrete"}
 
     def with_setup(setup):
         return RecordDict({"request": ConfigRecord(request),
-                           "sync": ConfigRecord({"start_version": 1, "records": "[]", "setup": setup})})
+                           "sync": ConfigRecord({"start_step": 1, "records": "[]", "setup": setup})})
 
     for setup in (2**62, 10**9, [1, 2]):  # found by fuzzing: bytes(2**62) raised MemoryError
         with pytest.raises(WireError, match="must be bytes"):
@@ -158,10 +158,10 @@ def test_a_setup_that_would_allocate_without_bound_is_refused():
 
 
 def test_the_fuzzed_evaluation_shape_can_also_decode():
-    evaluate = {"run_id": "r", "model_version": 3, "private": True, "noise_std": 5.0}
+    evaluate = {"run_id": "r", "step": 3, "private": True, "noise_std": 5.0}
     decoded, sync = decode_evaluation(RecordDict({"evaluate": ConfigRecord(evaluate),
-                                                  "sync": ConfigRecord({"start_version": 3, "records": "[]"})}))
-    assert (decoded.run_id, decoded.model_version, decoded.private, decoded.noise_std) == ("r", 3, True, 5.0)
+                                                  "sync": ConfigRecord({"start_step": 3, "records": "[]"})}))
+    assert (decoded.run_id, decoded.step, decoded.private, decoded.noise_std) == ("r", 3, True, 5.0)
     with pytest.raises(WireError, match="noise_std > 0"):
         decode_evaluation(RecordDict({"evaluate": ConfigRecord({**evaluate, "noise_std": 0.0}),
-                                      "sync": ConfigRecord({"start_version": 3, "records": "[]"})}))
+                                      "sync": ConfigRecord({"start_step": 3, "records": "[]"})}))

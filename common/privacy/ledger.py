@@ -7,9 +7,9 @@ leave the function that noised them, so a crash can over-count a release but nev
 one. The budget is written into the ledger when it is created and binds every later opening: a
 restarted process, or a caller that asks for more, cannot raise it.
 
-Each release is keyed by its run, round and a digest of the request it answered, and keeps the
+Each release is keyed by its run, step and a digest of the request it answered, and keeps the
 values that left: the same request asked again (a coordinator that crashed before it logged the
-round) is answered with the same values, which releases nothing new and is not charged again
+step) is answered with the same values, which releases nothing new and is not charged again
 (:meth:`PrivacyLedger.answered`). How many per-example rows were zeroed because they were not
 finite is kept with each release, for the silo's operator only.
 """
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS budget (
 );
 CREATE TABLE IF NOT EXISTS releases (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
+    step INTEGER NOT NULL,  -- the step the release answered (named "round" in older ledgers; opening one renames it)
     event TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
@@ -65,12 +65,23 @@ _LATER_COLUMNS = (
     ("zeroed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
+def _upgrade(db: sqlite3.Connection) -> None:
+    """A ledger an earlier version wrote: its ``round`` column is now ``step``, and it gains the
+    columns added since."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(releases)")}
+    if "round" in columns:
+        db.execute("ALTER TABLE releases RENAME COLUMN round TO step")
+    for name, kind in _LATER_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE releases ADD COLUMN {name} {kind}")
+
+
 Admission = Callable[[dp_accounting.DpEvent, int], None]  # (event, releases so far) -> None, or raises
 
 
 @dataclass(frozen=True)
 class Answered:
-    """A release made for a run's round: the request it answered, and the values, if they left."""
+    """A release made for a run's step: the request it answered, and the values, if they left."""
 
     request: str
     values: list[float] | None
@@ -89,14 +100,7 @@ class PrivacyLedger:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
         self.path = Path(path)
-        try:
-            self._db = durable.connect(self.path, _SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(releases)")}
-            for name, kind in _LATER_COLUMNS:
-                if name not in columns:
-                    self._db.execute(f"ALTER TABLE releases ADD COLUMN {name} {kind}")
-        except sqlite3.Error as error:
-            raise RunDirError(f"cannot open privacy ledger {self.path}: {error}") from None
+        self._db = durable.open_upgraded(self.path, _SCHEMA, _upgrade, "privacy ledger")
         row = self._db.execute("SELECT epsilon, delta, accountant FROM budget").fetchone()
         if row is None:
             with self._db:
@@ -162,19 +166,19 @@ class PrivacyLedger:
         return epsilon_of(self._counts.elements(), self.delta, self.accountant)
 
     def history(self) -> list[dict]:
-        rows = self._db.execute("SELECT id, round, event, note, created, released, run_id, request, zeroed "
+        rows = self._db.execute("SELECT id, step, event, note, created, released, run_id, request, zeroed "
                                 "FROM releases ORDER BY id")
         return [
-            {"id": i, "round": r, "event": json.loads(e), "note": n, "created": c,
+            {"id": i, "step": r, "event": json.loads(e), "note": n, "created": c,
              "released": None if v is None else json.loads(v), "run_id": run, "request": q, "zeroed": z}
             for i, r, e, n, c, v, run, q, z in rows
         ]
 
-    def answered(self, run_id: str, round: int, note: str = "") -> Answered | None:
-        """The last release made for ``run_id``'s ``round`` (of kind ``note``), if any."""
+    def answered(self, run_id: str, step: int, note: str = "") -> Answered | None:
+        """The last release made for ``run_id``'s ``step`` (of kind ``note``), if any."""
         row = self._db.execute(
-            "SELECT request, released, event FROM releases WHERE run_id = ? AND round = ? AND note = ? "
-            "ORDER BY id DESC LIMIT 1", (run_id, round, note)).fetchone()
+            "SELECT request, released, event FROM releases WHERE run_id = ? AND step = ? AND note = ? "
+            "ORDER BY id DESC LIMIT 1", (run_id, step, note)).fetchone()
         if row is None:
             return None
         return Answered(row[0], None if row[1] is None else json.loads(row[1]), event_codec.loads(row[2]))
@@ -202,7 +206,7 @@ class PrivacyLedger:
             self._capacity[event] = count
         return self._capacity[event]
 
-    def charge(self, event: dp_accounting.DpEvent, *, round: int, note: str = "", run_id: str = "",
+    def charge(self, event: dp_accounting.DpEvent, *, step: int, note: str = "", run_id: str = "",
                request: str = "", zeroed: int = 0) -> int:
         """Record one release, durably, and return its id; refuse it if it would exceed the budget.
 
@@ -223,9 +227,9 @@ class PrivacyLedger:
                     f"made, {epsilon_of(self._counts.elements(), self.delta, self.accountant):.4g} spent)"
                 )
             cursor = self._db.execute(
-                "INSERT INTO releases (round, event, note, created, run_id, request, zeroed) "
+                "INSERT INTO releases (step, event, note, created, run_id, request, zeroed) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (round, event_codec.dumps(event), note, time.time(), run_id, request, int(zeroed)),
+                (step, event_codec.dumps(event), note, time.time(), run_id, request, int(zeroed)),
             )
         self._counts[event] += 1
         self._last_id = int(cursor.lastrowid)

@@ -53,10 +53,10 @@ class Release:
 
 @dataclass(frozen=True)
 class LedgerKey:
-    """Where a release is kept in the silo's ledger: the same key (run, round, and the digest of the
+    """Where a release is kept in the silo's ledger: the same key (run, step, and the digest of the
     request asked) lets the same request be answered again with the same values, uncharged."""
 
-    round: int
+    step: int
     run_id: str = ""
     request: str = ""
 
@@ -65,11 +65,11 @@ class ReleaseError(RuntimeError):
     """A release that would not be finite: refused before anything leaves (a bug, never data)."""
 
 
-def check_finite(values: np.ndarray, round: int) -> None:
+def check_finite(values: np.ndarray, step: int) -> None:
     """Refuse to let a release out unless every value is finite (with finite rows, C and N it
     always is; a silo never lets one out if it is not)."""
     if not np.all(np.isfinite(values)):
-        raise ReleaseError(f"round {round}: the release is not finite; nothing was sent")
+        raise ReleaseError(f"step {step}: the release is not finite; nothing was sent")
 
 
 def finite_rows(differences: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -107,10 +107,10 @@ def private_release(
     total = clip_per_example(rows, p.clip_bound).sum(dim=0).numpy()
     event = mechanism.event(p.sample_rate)
     # durable before anything leaves; refuses past the budget or the silo's limits
-    release_id = ledger.charge(event, round=key.round, run_id=key.run_id, request=key.request, zeroed=zeroed)
+    release_id = ledger.charge(event, step=key.step, run_id=key.run_id, request=key.request, zeroed=zeroed)
     noised = mechanism.add(total, randomness)
     values = noised / (p.sample_rate * population)
-    check_finite(values, key.round)
+    check_finite(values, key.step)
     ledger.attach(release_id, [float(v) for v in values])
     return Release(values, event, zeroed)
 
@@ -214,7 +214,7 @@ def private_counts(
     """A silo's evaluation, released privately: (correct, count) plus noise of std s per count
     (integer N_Z(0, s^2) by default: the counts are already on the lattice Z^2), charged first
     as :func:`~seedtune.common.privacy.accounting.evaluation_event`."""
-    release_id = ledger.charge(mechanism.event(), round=key.round, note="evaluation", run_id=key.run_id,
+    release_id = ledger.charge(mechanism.event(), step=key.step, note="evaluation", run_id=key.run_id,
                                request=key.request)
     noised = mechanism.add(np.array([correct, count], dtype=np.float64), randomness)
     values = [float(noised[0]), float(noised[1])]
