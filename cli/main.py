@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_simulate, _add_partition, _add_export, _add_show, _add_bench, _add_budget,
-                _add_audit):
+                _add_audit, _add_silo):
         add(commands)
     return parser
 
@@ -213,6 +213,58 @@ def _add_audit(commands) -> None:
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     audit.add_argument("--no-progress", action="store_true", help="no progress bar")
     audit.set_defaults(run=_audit)
+
+
+def _add_silo(commands) -> None:
+    silo = commands.add_parser("silo", help="a silo's resident engine, beside its SuperNode (docs/deploy.md)")
+    actions = silo.add_subparsers(dest="action", required=True)
+    serve = actions.add_parser("serve", help="hold this silo's model, data and ledger; answer its ClientApp over "
+                                             "a Unix socket (mode 0600) until stopped")
+    serve.add_argument("--socket", type=Path, required=True,
+                       help="the socket to create; give the same path to the SuperNode as node config engine")
+    serve.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
+                       help='the silo\'s settings, as a SuperNode takes them: state-dir, data-path, public-size, '
+                            'epsilon, limits (docs/deploy.md lists them)')
+    serve.set_defaults(run=_silo_serve)
+    ping = actions.add_parser("ping", help="exit 0 if an engine answers at --socket (a healthcheck)")
+    ping.add_argument("--socket", type=Path, required=True)
+    ping.set_defaults(run=_silo_ping)
+
+
+def _silo_serve(args) -> int:
+    import logging
+    import signal
+
+    from flwr.common.config import parse_config_args
+
+    from seedtune.client.engine import SiloEngine
+
+    try:
+        node_config = parse_config_args([args.node_config]) if args.node_config.strip() else {}
+    except ValueError as error:
+        raise SeedtuneError(f"--node-config {args.node_config!r}: {error}; write KEY=VALUE pairs, "
+                            'strings in double quotes: state-dir="/state" epsilon=6.0') from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = SiloEngine(args.socket, node_config)
+    engine.listen()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: engine.stop())
+    print(f"seedtune: silo engine {engine.name!r} answers at {args.socket} (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    engine.serve()
+    print(f"seedtune: silo engine {engine.name!r} stopped", file=sys.stderr)
+    return 0
+
+
+def _silo_ping(args) -> int:
+    from seedtune.client.channel import EngineUnavailable, ask
+
+    try:
+        header, _ = ask(str(args.socket), "ping")
+    except EngineUnavailable as error:
+        raise SeedtuneError(str(error)) from None
+    print(f"silo engine {header.get('silo')!r} answers at {args.socket} (pid {header.get('pid')})")
+    return 0
 
 
 def _settings(command: argparse.ArgumentParser, presets: str, example: str) -> None:

@@ -1,8 +1,11 @@
 """The silo as a Flower ClientApp (Message API).
 
-``app`` is what ``flwr run`` loads (see ``[tool.flwr.app.components]`` in pyproject.toml);
-``make_client_app`` builds one whose silos keep their state under a given directory, which is
-how ``seedtune simulate`` keeps every silo's ledger inside the run directory.
+A silo answered in the process that received the message. ``make_client_app`` builds a ClientApp
+whose silos keep their state under a given directory, which is how ``seedtune simulate`` keeps
+every silo's ledger inside the run directory. What ``flwr run`` loads is the thin ClientApp
+(client/thin.py, ``[tool.flwr.app.components]`` in pyproject.toml): it forwards each message to
+the silo's resident engine (node config ``engine``), or, without one, calls
+:func:`reply_in_process` here.
 
 Node configuration (``--node-config`` of a SuperNode, or set by the simulation engine):
 
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch  # noqa: F401  (Ray workers need torch imported by the ClientApp module itself)
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from seedtune.client.channel import REFUSED
 from seedtune.client.message_log import message_log_mod
 from seedtune.client.limits import Limits, NodeConfigError, node_setting
 from seedtune.client.node import SiloNode
@@ -50,7 +54,6 @@ from seedtune.common.wire import (
 
 log = logging.getLogger(__name__)
 
-REFUSED = 100  # Flower error code of a request the silo refused, with the reason
 _NODES: dict[str, SiloNode] = {}  # one per state directory, for the life of this process
 
 
@@ -102,7 +105,17 @@ def own_data(path: Path, config: Config, label_names: tuple[str, ...], split: st
 
 
 def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode, int | None]:
-    """This process's SiloNode for the node described by ``context.node_config``.
+    """This process's SiloNode for the node described by ``context.node_config`` (built once per
+    state directory, then kept for the life of the process): see :func:`build_node`."""
+    state_dir, partition = silo_location(context.node_config, state_root)
+    key = str(state_dir.resolve())
+    if key not in _NODES:
+        _NODES[key] = build_node(context.node_config, state_root)
+    return _NODES[key], partition
+
+
+def build_node(node_config, state_root: Path | None = None) -> SiloNode:
+    """A new SiloNode for the node settings ``node_config``.
 
     In a deployment (no ``state_root``) everything that binds the silo comes from its operator,
     never from the coordinator: the state directory that holds its ledger (node config
@@ -111,43 +124,49 @@ def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode
     file (``data-path``), the public size its releases are normalised by (``public-size``). A silo
     given a share of the run's public corpus instead (``partition-id``) publishes that share's size.
     """
-    node_config = context.node_config
+    state_dir, partition = silo_location(node_config, state_root)
+    deployed = state_root is None
+    budget = _own_budget(node_config)
+    public_size = _public_size(node_config)
+
+    def shard(config: Config, label_names: tuple[str, ...], split: str):
+        if "data-path" in node_config:
+            return own_data(Path(str(node_config["data-path"])), config, label_names, split)
+        return components.silo_shard(config, split, partition, int(node_config.get("num-partitions", 1)))
+
+    if deployed and "data-path" in node_config and public_size is None:
+        raise NodeConfigError(
+            "node config public-size is not set: a silo with its own data-path divides its releases by "
+            "q x public-size, a number you are willing to publish (e.g. your record count rounded), so that "
+            "the exact count never leaves; add public-size=N")
+    # seedtune simulate (state_root given) runs every silo for the one user who started it.
+    limits = Limits.from_node_config(node_config, allow_nonprivate=not deployed)
+    return SiloNode(state_dir, shard, budget=budget, partition=partition, name=_name(node_config) or state_dir.name,
+                    limits=limits, public_size=public_size, budget_required=deployed,
+                    micro_batch=_positive_int(node_config, "micro-batch"))
+
+
+def _name(node_config) -> str | None:
+    partition = node_config.get("partition-id")
+    if "name" in node_config:
+        return str(node_config["name"])
+    return f"partition-{int(partition)}" if partition is not None else None
+
+
+def silo_location(node_config, state_root: Path | None) -> tuple[Path, int | None]:
+    """(state directory, partition id or None) from the node settings."""
     partition = node_config.get("partition-id")
     partition = int(partition) if partition is not None else None
-    name = str(node_config["name"]) if "name" in node_config else (
-        f"partition-{partition}" if partition is not None else None)
+    name = _name(node_config)
     if "state-dir" in node_config:
-        state_dir = Path(str(node_config["state-dir"]))
-    elif state_root is not None:
-        state_dir = Path(state_root) / f"partition-{partition}"
-    elif os.environ.get("SEEDTUNE_STATE_DIR") and name is not None:
-        state_dir = Path(os.environ["SEEDTUNE_STATE_DIR"]) / name
-    else:
-        raise NodeConfigError(
-            "this silo has no state directory: its ledger must live where its operator says, or a restart would "
-            "start a new, empty one; set node config state-dir (or SEEDTUNE_STATE_DIR and node config name)")
-    key = str(state_dir.resolve())
-    if key not in _NODES:
-        deployed = state_root is None
-        budget = _own_budget(node_config)
-        public_size = _public_size(node_config)
-
-        def shard(config: Config, label_names: tuple[str, ...], split: str):
-            if "data-path" in node_config:
-                return own_data(Path(str(node_config["data-path"])), config, label_names, split)
-            return components.silo_shard(config, split, partition, int(node_config.get("num-partitions", 1)))
-
-        if deployed and "data-path" in node_config and public_size is None:
-            raise NodeConfigError(
-                "node config public-size is not set: a silo with its own data-path divides its releases by "
-                "q x public-size, a number you are willing to publish (e.g. your record count rounded), so that "
-                "the exact count never leaves; add public-size=N")
-        # seedtune simulate (state_root given) runs every silo for the one user who started it.
-        limits = Limits.from_node_config(node_config, allow_nonprivate=not deployed)
-        _NODES[key] = SiloNode(state_dir, shard, budget=budget, partition=partition, name=name or state_dir.name,
-                               limits=limits, public_size=public_size, budget_required=deployed,
-                               micro_batch=_positive_int(node_config, "micro-batch"))
-    return _NODES[key], partition
+        return Path(str(node_config["state-dir"])), partition
+    if state_root is not None:
+        return Path(state_root) / f"partition-{partition}", partition
+    if os.environ.get("SEEDTUNE_STATE_DIR") and name is not None:
+        return Path(os.environ["SEEDTUNE_STATE_DIR"]) / name, partition
+    raise NodeConfigError(
+        "this silo has no state directory: its ledger must live where its operator says, or a restart would "
+        "start a new, empty one; set node config state-dir (or SEEDTUNE_STATE_DIR and node config name)")
 
 
 def _own_budget(node_config) -> tuple[float, float, str] | None:
@@ -176,29 +195,34 @@ def _positive_int(node_config, key: str, example: str = "") -> int | None:
                         f"a whole number >= 1{', ' + example if example else ''}")
 
 
+REFUSALS = (SeedtuneError, WireError, InjectedFault)  # a silo's refusal, with its reason; anything else is a bug
+
+
+def reply_in_process(kind: str, message: Message, context: Context, state_root: Path | None = None) -> Message:
+    """Answer ``message`` (``kind``: train or evaluate) with this process's silo: the simulation
+    engine's way, and a deployed SuperNode's when it has no resident engine (client/engine.py)."""
+    try:
+        node, partition = node_for(context, state_root)
+        if kind == "train":
+            content = handle_train(message.content, node, partition=partition)
+        else:
+            content = handle_evaluate(message.content, node)
+    except REFUSALS as error:
+        log.warning("silo refused a request: %s", error)
+        return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+    return Message(content, reply_to=message)
+
+
 def make_client_app(state_root: Path | None = None) -> ClientApp:
+    """Silos in this process, their state under ``state_root`` (``seedtune simulate``)."""
     app = ClientApp(mods=[message_log_mod])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        try:
-            node, partition = node_for(context, state_root)
-            content = handle_train(message.content, node, partition=partition)
-        except (SeedtuneError, WireError, InjectedFault) as error:
-            log.warning("silo refused a request: %s", error)
-            return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-        return Message(content, reply_to=message)
+        return reply_in_process("train", message, context, state_root)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        try:
-            node, partition = node_for(context, state_root)
-            content = handle_evaluate(message.content, node)
-        except (SeedtuneError, WireError) as error:
-            return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-        return Message(content, reply_to=message)
+        return reply_in_process("evaluate", message, context, state_root)
 
     return app
-
-
-app = make_client_app()

@@ -25,7 +25,7 @@ def _context(node_config: dict) -> Context:
 
 
 def _exchange(node_config: dict) -> None:
-    asked = Message(RecordDict({"request": ConfigRecord({"round": 3, "probe_seeds": [11, 12]})}), dst_node_id=7,
+    asked = Message(RecordDict({"request": ConfigRecord({"step": 3, "probe_seeds": [11, 12]})}), dst_node_id=7,
                     message_type=MessageType.TRAIN, group_id="3")
 
     def answer(message: Message, context: Context) -> Message:
