@@ -36,6 +36,7 @@ class Loopback:
                     "FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "SEEDTUNE_TEST_MARKER": self.marker}
         self.supernodes: dict[int, subprocess.Popen] = {}
+        self.engines: dict[int, subprocess.Popen] = {}
         subprocess.run([sys.executable, str(ROOT / "deploy" / "credentials.py"), "--out", str(self.credentials),
                         "--silos", str(silos + 1), "--server-name", "localhost", "--server-name", "127.0.0.1"],
                        check=True, capture_output=True)
@@ -75,13 +76,45 @@ class Loopback:
         if result.returncode != 0 or "registered successfully" not in result.stdout:
             raise RuntimeError(f"registering silo-{silo} failed:\n{result.stdout}{result.stderr}")
 
-    def start_supernode(self, silo: int, *, data: Path | None = None, with_ca: bool = True,
-                        extra: str = "", max_retries: int | None = None) -> subprocess.Popen:
-        state = self.root / f"silo-{silo}"
-        config = (f'name="silo-{silo}" state-dir="{state}" message-log="{state / "messages.jsonl"}" '
-                  f'partition-id={silo} epsilon=8.0 {extra}')
+    def _silo_settings(self, silo: int, data: Path | None) -> str:
+        """What binds a silo (its state, budget and data): the SuperNode's, or its engine's."""
+        settings = f'name="silo-{silo}" state-dir="{self.root / f"silo-{silo}"}" partition-id={silo} epsilon=8.0'
         if data is not None:
-            config += f' data-path="{data}" public-size=500'
+            settings += f' data-path="{data}" public-size=500'
+        return settings
+
+    def engine_socket(self, silo: int) -> Path:
+        return self.root / f"engine-{silo}.sock"
+
+    def start_engine(self, silo: int, *, data: Path | None = None, seconds: float = 120) -> subprocess.Popen:
+        """``seedtune silo serve`` for one silo; returns once it answers on its socket."""
+        from seedtune.client.channel import EngineUnavailable, ask
+
+        process = self._start(f"engine-{silo}", [sys.executable, "-m", "seedtune.cli.main", "silo", "serve",
+                                                 "--socket", str(self.engine_socket(silo)),
+                                                 "--node-config", self._silo_settings(silo, data)])
+        self.engines[silo] = process
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                ask(str(self.engine_socket(silo)), "ping")
+                return process
+            except EngineUnavailable:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"engine-{silo} did not come up:\n" + self.log(f"engine-{silo}")[-3000:])
+                time.sleep(0.5)
+
+    def start_supernode(self, silo: int, *, data: Path | None = None, with_ca: bool = True,
+                        extra: str = "", max_retries: int | None = None, engine: bool = False) -> subprocess.Popen:
+        """A SuperNode; with ``engine``, its ClientApp forwards to the silo's engine, which holds
+        every setting that binds the silo."""
+        state = self.root / f"silo-{silo}"
+        state.mkdir(exist_ok=True)
+        config = f'message-log="{state / "messages.jsonl"}" {extra} '
+        if engine:
+            config += f'engine="{self.engine_socket(silo)}"'
+        else:
+            config += self._silo_settings(silo, data)
         command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                    "--auth-supernode-private-key", str(self.credentials / f"silo-{silo}"),
                    "--node-config", config, "--port", str(free_port())]

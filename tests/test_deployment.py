@@ -133,3 +133,56 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_the_others(tmp_path):
         assert _releases(deployment, 2) < 6
     finally:
         assert deployment.close() == []
+
+
+def _ledger_steps(deployment, silo) -> list[int]:
+    with sqlite3.connect(deployment.root / f"silo-{silo}" / "ledger.sqlite") as ledger:
+        return [row[0] for row in ledger.execute("SELECT step FROM releases ORDER BY id")]
+
+
+def _logged_steps(run_dir) -> int:
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'log.sqlite'}?mode=ro", uri=True) as log:  # never creates it
+            return log.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_silo_engines_serve_a_deployment_and_one_killed_mid_run_loses_nothing(tmp_path):
+    """Each SuperNode's ClientApp forwards to its silo's resident engine; engine 0 is killed
+    (SIGKILL) mid-run and started again: the run goes on without it, then with it again."""
+    deployment = Loopback(tmp_path, silos=2)
+    try:
+        shards = _shards(tmp_path, 2)
+        deployment.start_superlink()
+        for silo, shard in enumerate(shards):
+            deployment.register(silo)
+            deployment.start_engine(silo, data=shard)
+            deployment.start_supernode(silo, engine=True)
+        deployment.wait_online(2)
+        run_dir = tmp_path / "out"
+        run = deployment.start_run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=14 federation.silos=2 '
+                                              'federation.min_silos=1 federation.round_timeout=120')
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and _releases_so_far(deployment, 0) < 3:
+            time.sleep(0.2)
+        deployment.engines[0].kill()  # no goodbye: its socket is left behind, its state is on disk
+        deployment.engines[0].wait()
+        killed_at = len(_ledger_steps(deployment, 0))
+        while time.monotonic() < deadline and _logged_steps(run_dir) < killed_at + 2:
+            time.sleep(0.2)  # rounds go on with silo 1 alone: silo 0's ClientApp refuses, naming the socket
+        deployment.start_engine(0, data=shards[0])  # clears the stale socket, recovers from the state dir
+        output, _ = run.communicate(timeout=900)
+        assert (run_dir / "metrics.json").exists(), output[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["steps"] == 14
+        assert _ledger_steps(deployment, 1) == list(range(14))  # the other silo answered every step
+        steps = _ledger_steps(deployment, 0)
+        assert len(steps) == len(set(steps)) and steps == sorted(steps)  # no step charged twice
+        assert max(steps) > killed_at  # it came back and answered again
+        rejections = json.loads(subprocess.run([sys.executable, "-m", "seedtune.cli.main", "show", str(run_dir),
+                                                "--json"], capture_output=True, text=True).stdout)
+        reasons = [r["reason"] for r in rejections["federation"]["rejections"]]
+        assert any(f"no silo engine answers at {deployment.engine_socket(0)}" in reason for reason in reasons), reasons
+    finally:
+        assert deployment.close() == []
