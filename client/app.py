@@ -19,6 +19,8 @@ Node configuration (``--node-config`` of a SuperNode, or set by the simulation e
   q x public-size, never by the exact count (required in a deployment);
 * ``name`` — how the coordinator's reports call this silo;
 * ``message-log`` — a JSON-lines file of every message in and out (``client/message_log.py``);
+* ``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``dtype`` (``float32``, ``bfloat16``,
+  ``float16``) — where the model computes (client/placement.py; default cpu, float32);
 * ``micro-batch`` — examples per fixed-shape forward pass (default: from the public q x size; 1
   computes each example alone, the by-construction guarantee that one example cannot change
   another's row, for hardware where the fixed-shape batches have not been checked);
@@ -40,6 +42,7 @@ from seedtune.client.channel import REFUSED
 from seedtune.client.message_log import message_log_mod
 from seedtune.client.limits import Limits, NodeConfigError, node_setting
 from seedtune.client.node import SiloNode
+from seedtune.client.placement import placement
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.data import load_text_data
@@ -141,9 +144,10 @@ def build_node(node_config, state_root: Path | None = None) -> SiloNode:
             "the exact count never leaves; add public-size=N")
     # seedtune simulate (state_root given) runs every silo for the one user who started it.
     limits = Limits.from_node_config(node_config, allow_nonprivate=not deployed)
+    where = placement(str(node_config.get("device", "cpu")), str(node_config.get("dtype", "float32")))
     return SiloNode(state_dir, shard, budget=budget, partition=partition, name=_name(node_config) or state_dir.name,
                     limits=limits, public_size=public_size, budget_required=deployed,
-                    micro_batch=_positive_int(node_config, "micro-batch"))
+                    micro_batch=_positive_int(node_config, "micro-batch"), where=where)
 
 
 def _name(node_config) -> str | None:

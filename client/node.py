@@ -23,6 +23,7 @@ from pathlib import Path
 import datasets
 import dp_accounting
 from seedtune.client.limits import Limits, RequestRefused
+from seedtune.client.placement import CPU_FLOAT32, Placement
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -54,7 +55,7 @@ class SyncError(SeedtuneError):
 class _Run:
     """One run's model replica on this node."""
 
-    def __init__(self, directory: Path, setup: Setup | None):
+    def __init__(self, directory: Path, setup: Setup | None, where: Placement = CPU_FLOAT32):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "replica.sqlite"
         if path.exists():
@@ -71,6 +72,8 @@ class _Run:
         self.task = components.load_model(self.config, self.label_names, self.log.base)
         if fingerprint(self.task.module) != self.log.base["fingerprint"]:
             raise SyncError(f"this silo's base model {self.config.model.name!r} differs from the coordinator's")
+        if not where.default:  # checked as float32 on the CPU, then moved (client/placement.py)
+            self.task.module.to(device=where.device, dtype=where.dtype)
         self.parts = components.model_parts(self.config, self.task, self.log.mask())
         self.applier = UpdateApplier(self.parts.trainable, self.parts.directions)
         checkpoint = directory / "checkpoint.pt"
@@ -134,7 +137,8 @@ class SiloNode:
     the operator's declared size (default: the shard's size). ``randomness``: for tests only, a
     factory of the sampling and noise source (default: the OS's CSPRNG, or public sampling for a
     non-private run); nothing a coordinator sends can choose it. ``micro_batch``: examples per
-    fixed-shape forward pass (:class:`~seedtune.client.silo.Silo`)."""
+    fixed-shape forward pass (:class:`~seedtune.client.silo.Silo`). ``where``: the device and
+    precision the model computes in (client/placement.py)."""
 
     def __init__(
         self,
@@ -149,8 +153,10 @@ class SiloNode:
         budget_required: bool = False,
         randomness: Callable[[], SecretRandomness] | None = None,
         micro_batch: int | None = None,
+        where: Placement = CPU_FLOAT32,
     ):
         self.state_dir = Path(state_dir)
+        self.where = where
         self.limits = limits or Limits()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._shard_loader = shard
@@ -172,7 +178,7 @@ class SiloNode:
         if run_id not in self._runs:
             if setup is not None and setup.run_id != run_id:
                 raise SyncError("setup is for another run")
-            self._runs[run_id] = _Run(self.state_dir / "runs" / _safe(run_id), setup)
+            self._runs[run_id] = _Run(self.state_dir / "runs" / _safe(run_id), setup, self.where)
         return self._runs[run_id]
 
     def answer(self, request: TrainRequest, sync: Sync) -> TrainReply:

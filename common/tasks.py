@@ -75,7 +75,12 @@ class Task:
             del batch["token_type_ids"]
         if labels is not None:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
-        return batch
+        return self._placed(batch)
+
+    def _placed(self, batch: dict) -> dict:
+        """The batch on the module's device (a silo may compute on a GPU: client/placement.py)."""
+        device = next(self.module.parameters()).device
+        return batch if device.type == "cpu" else {key: value.to(device) for key, value in batch.items()}
 
     def encode_example(self, text: str, label: int | None = None) -> dict:
         """One example alone: a batch of one at its own length, without padding. Its shapes, and
@@ -137,8 +142,8 @@ class Task:
             ids[i, : len(question) + len(answer)] = torch.tensor(question + answer)
             attention[i, : len(question) + len(answer)] = 1
             answer_mask[i, len(question) : len(question) + len(answer)] = 1
-        return {"input_ids": ids, "attention_mask": attention, "loss_mask": answer_mask,
-                "labels": torch.as_tensor(labels, dtype=torch.long)}
+        return self._placed({"input_ids": ids, "attention_mask": attention, "loss_mask": answer_mask,
+                             "labels": torch.as_tensor(labels, dtype=torch.long)})
 
     def logits(self, module: nn.Module, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}

@@ -325,14 +325,15 @@ class Checkpoint:
         """Write the coordinates into the model; the applier that continues from this step."""
         with torch.no_grad():
             for entry, values in zip(trainable, self.values):
-                values = torch.as_tensor(values, dtype=entry.param.dtype)
+                values = torch.as_tensor(values, dtype=entry.param.dtype, device=entry.param.device)
                 if entry.index is None:
                     entry.flat.copy_(values)
                 else:
                     entry.flat[entry.index] = values
         applier = UpdateApplier(trainable, directions, step=self.step)
         if self.anchor is not None:
-            applier.restore_anchor([torch.as_tensor(a) for a in self.anchor], self.anchor_step)
+            applier.restore_anchor([torch.as_tensor(a, dtype=entry.param.dtype, device=entry.param.device)
+                                    for a, entry in zip(self.anchor, trainable)], self.anchor_step)
         return applier
 
     def save(self, path: Path) -> None:

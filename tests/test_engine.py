@@ -192,3 +192,18 @@ def test_the_serve_command_refuses_bad_settings_in_one_line_and_serves_good_ones
         engine.terminate()
         engine.wait(timeout=30)
     assert engine.returncode == 0 and not (tmp_path / "s.sock").exists()  # SIGTERM: a clean stop
+
+
+def test_an_engine_asked_for_a_device_it_lacks_stops_at_start_and_frees_its_state_dir(tmp_path):
+    from seedtune.client.limits import NodeConfigError
+
+    with pytest.raises(NodeConfigError, match="device='cuda:9' is not available here"):
+        _engine(tmp_path, device="cuda:9")
+    with pytest.raises(NodeConfigError, match="dtype='int8' is not one of"):
+        _engine(tmp_path, dtype="int8")
+    serving = Serving(_engine(tmp_path, dtype="bfloat16"))  # the lock went with the failed starts
+    try:
+        assert ask(str(tmp_path / "e.sock"), "ping")[0]["ok"] is True
+        assert serving.engine.node.where.dtype == torch.bfloat16
+    finally:
+        serving.stop()
