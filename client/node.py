@@ -36,7 +36,7 @@ from seedtune.common.privacy.mechanism import LedgerKey, NoiseMechanism, private
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest, request_digest
 from seedtune.common.tasks import evaluate
-from seedtune.common.updatelog import Checkpoint, UpdateApplier, UpdateLog
+from seedtune.common.updatelog import Checkpoint, StepRecord, UpdateApplier, UpdateLog
 from seedtune.common.wire import Setup, Sync
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,9 @@ class SiloNode:
         """Catch up, then sample -> estimate -> clip -> sum -> record -> noise -> scale."""
         start = time.perf_counter()
         run = self.run(request.run_id, sync.setup)
-        self.limits.check_training(request, private=run.config.privacy.enabled,  # before anything is drawn
-                                   noise=run.config.privacy.noise)
+        for position in range(request.steps):  # every step within the limits, before anything is drawn
+            self.limits.check_training(request.one_step(position), private=run.config.privacy.enabled,
+                                       noise=run.config.privacy.noise)
         run.catch_up(sync)
         caught_up = time.perf_counter()
         if run.step != request.step:
@@ -196,12 +197,34 @@ class SiloNode:
             asked = request.release
             mechanism = NoiseMechanism.for_release(silo.noise, asked.noise_multiplier, asked.clip_bound)
             self.limits.admit(mechanism.event(asked.sample_rate), 0)
-        reply = silo.answer(request)
+        reply = self._answer_locally(run, silo, request) if request.local else silo.answer(request)
         self._record_timing(request.step, {
             "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,
             "total_s": time.perf_counter() - start, "replayed": len(sync.records), "zeroed": silo.last_zeroed,
             "reused": silo.last_reused})
         return reply
+
+    @staticmethod
+    def _answer_locally(run: _Run, silo: Silo, request: TrainRequest) -> TrainReply:
+        """A round of local steps: a release for each step in turn, each at the model the silo's
+        own earlier releases moved it to; then the replica returns to the round's model exactly
+        (its values were copied, not recomputed), to apply the steps the coordinator aggregates."""
+        round_model = Checkpoint.of(run.parts.trainable, run.applier)
+        digest = request_digest(request)
+        grads, events, compute = [], [], 0.0
+        try:
+            for position, local in enumerate(request.local):
+                part = silo.answer(request.one_step(position), digest=f"{digest}/{position}")
+                grads.extend(part.projected_grads)
+                events.extend(part.events)
+                compute += silo.last_compute_s
+                if position + 1 < len(request.local):
+                    run.applier.apply(StepRecord(local.step, local.stage, local.probe_seeds, part.projected_grads,
+                                                 local.lr, local.beta, local.prox, local.anchor_step))
+        finally:
+            run.applier = round_model.restore(run.parts.trainable, run.parts.directions)
+        silo.last_compute_s = compute
+        return TrainReply(request.step, tuple(grads), part.expected_batch_size, tuple(events))
 
     def _record_timing(self, step: int, timing: dict) -> None:
         """Where this silo's time went, per request, in ``timings.jsonl`` of its state directory

@@ -63,12 +63,14 @@ class Silo:
         self.last_zeroed = 0  # rows of the last answer that were not finite and counted as zero
         self.last_reused = False  # the last answer repeated a release already made
 
-    def answer(self, request: TrainRequest) -> TrainReply:
+    def answer(self, request: TrainRequest, digest: str | None = None) -> TrainReply:
+        """One step's release. ``digest``: what the ledger keeps it under (default: the request's
+        own; a local step's names the round's request and its position in it)."""
         asked = request.release
         if asked.noise != self.noise:  # the request and the run's setup must agree, or nothing is released
             raise ReleaseMismatch(f"the request asks for {asked.noise!r} noise but this run's setup names "
                                   f"privacy.noise={self.noise!r}; nothing was released")
-        digest = request_digest(request)
+        digest = digest or request_digest(request)
         reused = self._answered(request, digest)
         self.last_reused = reused is not None
         if reused is not None:

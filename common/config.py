@@ -168,6 +168,7 @@ class FederationConfig:
     silo_eval_std: float = 5.0  # private silo evaluation: noise standard deviation per count (not a multiplier)
     aggregation: str = "mean"  # how replies combine: "mean" (weighted by q n), "median", "trimmed-mean"
     trim: float = 0.2  # trimmed-mean: drop floor(trim * N) of the N values at each end of every coordinate
+    local_steps: int = 1  # tau: steps each silo takes on its own shard per round (1: one step per round)
 
     def validate(self) -> None:
         _check("federation.silos", self.silos, 1 <= self.silos <= 1000, "an integer in [1, 1000]")
@@ -179,6 +180,7 @@ class FederationConfig:
         _check("federation.round_timeout", self.round_timeout, self.round_timeout > 0, "> 0 seconds")
         _check("federation.round_retries", self.round_retries, self.round_retries >= 0, ">= 0")
         _check("federation.max_replay", self.max_replay, self.max_replay >= 0, ">= 0")
+        _check("federation.local_steps", self.local_steps, 1 <= self.local_steps <= 1024, "an integer in [1, 1024]")
         _check("federation.silo_eval", self.silo_eval, self.silo_eval in ("off", "private", "nonprivate"),
                "'off', 'private' or 'nonprivate'")
         _check("federation.silo_eval_std", self.silo_eval_std, self.silo_eval_std > 0, "> 0")

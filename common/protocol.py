@@ -34,12 +34,42 @@ class ReleaseParameters:
 
 
 @dataclass(frozen=True)
+class LocalStep:
+    """One of the steps a silo takes on its own shard in a round with local steps: the schedule's
+    public values for it; the silo's own released scalars complete it into its local update."""
+
+    step: int
+    stage: int
+    probe_seeds: tuple[int, ...]
+    lr: float
+    beta: float
+    prox: float
+    anchor_step: int
+
+
+@dataclass(frozen=True)
 class TrainRequest:
     run_id: str
     step: int  # the step this request contributes to: the silo answers on the model after exactly `step` steps
     probe_seeds: tuple[int, ...]
     beta: float
     release: ReleaseParameters
+    # federation.local_steps > 1: the round's steps, ``step`` first. The silo releases K scalars for
+    # each in turn, moving its own copy of the model by its own released scalars in between
+    # (each step sampled and charged as its own release), then returns to the round's model.
+    local: tuple[LocalStep, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        """How many steps this request asks scalars for (K each)."""
+        return len(self.local) or 1
+
+    def one_step(self, position: int) -> TrainRequest:
+        """The request for the round's ``position``-th step alone (what the silo releases for it)."""
+        if not self.local:
+            return self
+        local = self.local[position]
+        return TrainRequest(self.run_id, local.step, local.probe_seeds, local.beta, self.release)
 
 
 @dataclass(frozen=True)
@@ -69,5 +99,8 @@ def probe_seeds(run_seed: int, step: int, probes: int) -> tuple[int, ...]:
 def request_digest(request: TrainRequest | EvaluationRequest, kind: str = "train") -> str:
     """A digest of everything a request asks: the same digest means the same question, which a
     silo may answer again with the same release instead of a new one."""
-    text = json.dumps({"kind": kind, **asdict(request)}, sort_keys=True)
+    fields = asdict(request)
+    if not fields.get("local", True):
+        del fields["local"]  # one step per round: the digest it always had
+    text = json.dumps({"kind": kind, **fields}, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -22,6 +22,7 @@ gradients, no per-example values, no losses. Decoding checks every field and rai
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import zlib
@@ -33,10 +34,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.protocol import NOISES, EvaluationRequest, ReleaseParameters, TrainReply, TrainRequest
+from seedtune.common.protocol import NOISES, EvaluationRequest, LocalStep, ReleaseParameters, TrainReply, TrainRequest
 from seedtune.common.updatelog import Checkpoint, StepRecord
 
 MAX_PROBES = 1024
+MAX_LOCAL_STEPS = 1024
 
 
 class WireError(ValueError):
@@ -76,6 +78,9 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
         "sample_rate": float(request.release.sample_rate),
         "noise": request.release.noise,
     })
+    if request.local:  # only with local steps: a one-step request is what it always was
+        content["request"]["local"] = json.dumps([
+            [s.step, s.stage, list(s.probe_seeds), s.lr, s.beta, s.prox, s.anchor_step] for s in request.local])
     _encode_sync(content, sync)
     return content
 
@@ -122,7 +127,32 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         raise WireError(f"request.sample_rate={request.release.sample_rate} is outside (0, 1]")
     if request.release.noise not in NOISES:
         raise WireError(f"request.noise={request.release.noise!r} is not one of {', '.join(NOISES)}")
+    if "local" in record:
+        request = dataclasses.replace(request, local=_decode_local(record, request))
     return request, _decode_sync(content)
+
+
+def _decode_local(record: ConfigRecord, request: TrainRequest) -> tuple[LocalStep, ...]:
+    """The round's local steps: consecutive from the request's step, the first its own seeds and
+    beta, each with K seeds and finite schedule values."""
+    try:
+        rows = json.loads(_field(record, "local", str))
+        local = tuple(_record_from_list([step, stage, seeds, [], lr, beta, prox, anchor])
+                      for step, stage, seeds, lr, beta, prox, anchor in rows)
+    except (ValueError, TypeError) as error:
+        raise WireError(f"request.local is malformed: {error}") from None
+    if not 2 <= len(local) <= MAX_LOCAL_STEPS:
+        raise WireError(f"request.local must list 2..{MAX_LOCAL_STEPS} steps (one step needs none)")
+    if any(s.step != request.step + i for i, s in enumerate(local)):
+        raise WireError("request.local is not consecutive steps from request.step")
+    if local[0].probe_seeds != request.probe_seeds or local[0].beta != request.beta:
+        raise WireError("request.local's first step is not the request's own seeds and beta")
+    for s in local:
+        if len(s.probe_seeds) != len(request.probe_seeds) or not all(0 <= seed < 2**63 for seed in s.probe_seeds):
+            raise WireError(f"request.local step {s.step} must have {len(request.probe_seeds)} seeds in [0, 2^63)")
+        if not (s.beta > 0 and s.lr >= 0 and s.prox >= 0 and s.anchor_step >= -1):
+            raise WireError(f"request.local step {s.step} has a beta <= 0, or a negative lr, prox or anchor step")
+    return tuple(LocalStep(s.step, s.stage, s.probe_seeds, s.lr, s.beta, s.prox, s.anchor_step) for s in local)
 
 
 def _decode_sync(content: RecordDict) -> Sync:

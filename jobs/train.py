@@ -52,6 +52,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     """
     run = open_run(config, run_dir, resume=resume)
     coordinator, log, run_dir = run.coordinator, run.log, run.run_dir
+    coordinator.local_steps = 1  # one silo in this process: a step at a time (local steps are a federation's)
     silo, ledger = _local_silo(run, public_size, randomness)
     if progress:
         _announce(run)

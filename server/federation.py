@@ -162,7 +162,8 @@ class Federation:
                     self.held[node] = None  # it lost track: resynchronise it from scratch
             else:
                 try:
-                    reply, silo = decode_reply(response.content, step=request.step, probes=len(request.probe_seeds))
+                    reply, silo = decode_reply(response.content, step=request.step,
+                                               probes=len(request.probe_seeds) * request.steps)
                     silo = silo or f"node {node}"
                     self.store.register(node, silo)
                     self.store.record_release(silo, round, reply.events)  # spent, whatever follows
@@ -180,7 +181,7 @@ class Federation:
         coordinator = self.run.coordinator
         federation = self.config.federation
         request = coordinator.request()
-        round = request.step  # a round asks for one step, and is numbered by it
+        round = request.step  # a round is numbered by the (first) step it asks for
         for attempt in range(federation.round_retries + 1):
             nodes = self.select(self.transport.nodes(), round, attempt)
             asked = {node: encode_request(request, self.sync_for(node)) for node in nodes}

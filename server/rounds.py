@@ -57,6 +57,7 @@ def run_rounds(run: Run, play: Callable[[], Played], epsilons: Callable[[], dict
     spent, refreshed, stopped_early = {}, 0.0, None
     try:
         while not coordinator.done:
+            before_round = coordinator.step
             try:
                 played = play()
             except BudgetExhausted as error:
@@ -67,11 +68,11 @@ def run_rounds(run: Run, play: Callable[[], Played], epsilons: Callable[[], dict
                 spent, refreshed = epsilons(), time.monotonic()
                 played.metrics.update(spent)
             every = run.config.eval.every
-            if every and (coordinator.step % every == 0 or coordinator.done):
+            if every and (coordinator.step // every > before_round // every or coordinator.done):  # crossed a multiple
                 played.metrics.update(_validation(run))
             run_log.record_metrics(coordinator.step, played.metrics)
             bar.set_postfix(_postfix(played, spent), refresh=False)
-            bar.update(1)
+            bar.update(coordinator.step - before_round)  # a round of local steps moves several
     finally:
         bar.close()
     after = run.evaluate("test", run.config.eval.test_examples)

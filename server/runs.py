@@ -112,6 +112,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
         release=ReleaseParameters(config.privacy.clip_bound, sigma, config.privacy.sample_rate, config.privacy.noise),
         log=log, applier=applier,
         aggregation=config.federation.aggregation, trim=config.federation.trim,
+        local_steps=config.federation.local_steps,
     )
     return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)
 

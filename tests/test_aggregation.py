@@ -127,15 +127,15 @@ class _Log:
     def __init__(self):
         self.records = []
 
-    def append(self, record):
-        self.records.append(record)
+    def extend(self, records):
+        self.records.extend(records)
 
 
 class _Applier:
     step = 0
 
-    def apply(self, record):
-        self.step += 1
+    def apply_all(self, records):
+        self.step += len(records)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -144,7 +144,7 @@ def test_the_coordinator_steps_with_the_configured_rule(rule):
                               release=ReleaseParameters(1.0, 1.0, 0.1), log=_Log(),
                               applier=_Applier(), aggregation=rule, trim=0.2)
     replies_ = [TrainReply(0, (float(i), -float(i) ** 2), 5.0 + i, ()) for i in (3, 1, 4, 1, 5)]
-    record = coordinator.apply(coordinator.request(), replies_)
+    record, = coordinator.apply(coordinator.request(), replies_)
     assert record.projected_grads == aggregate(rule, [r.projected_grads for r in replies_],
                                                [r.expected_batch_size for r in replies_], 0.2)
     assert coordinator.cost(replies_).rule == rule
@@ -253,3 +253,26 @@ def test_the_rule_list_has_one_owner_that_validation_and_aggregation_both_read(m
     monkeypatch.delitem(aggregation.RULES, "max")
     with pytest.raises(ConfigError, match="federation.aggregation='max' is invalid"):
         load_config("tiny", overrides=["federation.aggregation=max"])
+
+
+def test_a_round_of_local_steps_is_aggregated_step_by_step_and_logged_whole_or_not_at_all():
+    log, applier = _Log(), _Applier()
+    schedule = ConstantSchedule(5, 0.1, 1e-3)
+    coordinator = Coordinator(run_id="r", run_seed=0, probes=2, schedule=schedule, release=ReleaseParameters(1.0, 1.0, 0.1),
+                              log=log, applier=applier, local_steps=3)
+    request = coordinator.request()
+    assert request.steps == 3 and [s.step for s in request.local] == [0, 1, 2]
+    assert request.local[0].probe_seeds == request.probe_seeds and len({s.probe_seeds for s in request.local}) == 3
+    replies_ = [TrainReply(0, tuple(float(i * 10 + j) for j in range(6)), 5.0 + i, ()) for i in (1, 2, 3)]
+    records = coordinator.apply(request, replies_)
+    for position, record in enumerate(records):  # the scalars of one shared seed, across silos
+        own = [r.projected_grads[2 * position:2 * position + 2] for r in replies_]
+        assert record.step == position and record.probe_seeds == request.local[position].probe_seeds
+        assert record.projected_grads == aggregate("mean", own, [r.expected_batch_size for r in replies_], 0.2)
+    assert log.records == records and applier.step == 3
+    last = coordinator.request()  # two steps left: the last round asks for two
+    assert last.steps == 2 and [s.step for s in last.local] == [3, 4]
+    huge = TrainReply(3, (1.0, 1.0, 1.7976931348623157e308, 1.0), 5.0, ())
+    with pytest.raises(NonFiniteStep, match="step 4"):
+        coordinator.apply(last, [huge, huge])
+    assert len(log.records) == 3 and applier.step == 3  # the round's first step was not logged either

@@ -553,3 +553,58 @@ def test_a_store_or_ledger_that_is_not_sqlite_is_a_one_line_error_naming_it(tmp_
         FederationStore(junk)
     with pytest.raises(RunDirError, match=f"cannot open privacy ledger {junk}"):
         PrivacyLedger(junk, epsilon=1.0, delta=1e-5)
+
+
+# -- local steps -------------------------------------------------------------------------------
+def test_local_steps_charge_each_step_once_and_every_party_rebuilds_the_same_model(tmp_path):
+    config = _config("federation.silos=2", "federation.local_steps=3", "schedule.steps=7")
+    run = open_run(config, tmp_path / "run", resume=False)
+    nodes = {k: SiloNode(tmp_path / f"silo{k}", _shard(k, 2), partition=k) for k in range(2)}
+    widths = []
+
+    def answer(node):
+        def handler(content):
+            request, _ = decode_request(content)
+            reply = handle_train(content, node)
+            widths.append((request.steps, len(reply["reply"]["projected_grads"])))
+            return reply
+        return handler
+
+    result = Federation(run, DirectTransport({k: answer(node) for k, node in nodes.items()}), progress=False).run_all()
+    assert result.steps == 7 and not result.rejections
+    assert sorted(set(widths)) == [(1, 4), (3, 12)]  # rounds of 3, 3 and the last 1 step; K = 4 scalars each
+    for node in nodes.values():
+        assert sorted(release["step"] for release in node.ledger.history()) == list(range(7))  # one charge a step
+        replica = node.run(run.run_id)
+        assert replica.step == 6  # every step it was sent; the last reaches it with the next request
+        replica.applier.apply_all(list(run.log.steps(6)))
+        assert all(torch.equal(a.values(), b.values()) for a, b in zip(replica.parts.trainable, run.parts.trainable))
+
+
+def test_with_one_silo_local_steps_follow_the_trajectory_of_one_step_rounds(tmp_path):
+    """Non-private with q = 1 the answers are deterministic: one silo taking 2 local steps moves
+    by its own scalars exactly as the coordinator then does, so the run ends where single-step
+    rounds end (up to the rounding of a weighted mean of one reply)."""
+    ends = []
+    for tau in (1, 2):
+        config = _config("privacy.enabled=false", "privacy.sample_rate=1.0", f"federation.local_steps={tau}",
+                         "schedule.steps=6")
+        run = open_run(config, tmp_path / f"run{tau}", resume=False)
+        node = SiloNode(tmp_path / f"silo{tau}", _shard(0, 1), partition=0, limits=Limits(allow_nonprivate=True))
+        Federation(run, DirectTransport({0: lambda content, node=node: handle_train(content, node)}),
+                   progress=False).run_all()
+        ends.append(torch.cat([entry.values().flatten() for entry in run.parts.trainable]))
+    assert torch.allclose(ends[0], ends[1], rtol=0, atol=1e-6) and float((ends[0] - ends[1]).abs().max()) < 1e-6
+
+
+def test_a_local_round_asked_again_after_a_crash_is_answered_from_the_ledger_uncharged(tmp_path):
+    config = _config("federation.local_steps=3", "privacy.epsilon=8.0")
+    run = open_run(config, tmp_path / "run", resume=False)
+    node = SiloNode(tmp_path / "silo", _shard(0, 1), partition=0)
+    request = run.coordinator.request()
+    first = node.answer(request, _first_contact(run))
+    before = [entry.values().clone() for entry in node.run(run.run_id).parts.trainable]
+    again = node.answer(request, Sync(0, ()))
+    assert again == first and node.ledger.releases == 3
+    after = [entry.values() for entry in node.run(run.run_id).parts.trainable]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # back at the round's model, exactly

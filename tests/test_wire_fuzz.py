@@ -165,3 +165,41 @@ def test_the_fuzzed_evaluation_shape_can_also_decode():
     with pytest.raises(WireError, match="noise_std > 0"):
         decode_evaluation(RecordDict({"evaluate": ConfigRecord({**evaluate, "noise_std": 0.0}),
                                       "sync": ConfigRecord({"start_step": 3, "records": "[]"})}))
+
+
+@st.composite
+def plausible_local(draw):
+    """A round's local steps as JSON: each field mostly valid, sometimes anything (out of order, a
+    wrong seed count, NaN, a bool, a negative step size), so that both outcomes are reached."""
+    junk = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**64, 2**64), st.booleans(),
+                     st.none(), st.text(max_size=2))
+
+    def field(valid):
+        return draw(junk if draw(st.integers(0, 29)) == 0 else valid)
+
+    rows = []
+    for offset in range(draw(st.integers(0, 3))):
+        first = offset == 0
+        seeds = field(st.just([1]) if first else st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=1))
+        rows.append([field(st.just(1 + offset)), field(st.integers(0, 2)), seeds,
+                     field(st.floats(0, 1)), field(st.just(1e-3) if first else st.floats(1e-6, 1)),
+                     field(st.floats(0, 1)), field(st.integers(-1, 5))])
+    return json.dumps(rows)
+
+
+@FUZZ
+@given(local=st.one_of(plausible_local(), st.text(max_size=20)))
+def test_local_steps_decode_only_into_consecutive_finite_steps_of_the_request(local):
+    request = {"run_id": "r", "step": 1, "probe_seeds": [1], "beta": 1e-3, "clip_bound": 1.0,
+               "noise_multiplier": 1.0, "sample_rate": 0.1, "noise": "discrete", "local": local}
+    content = RecordDict({"request": ConfigRecord(request), "sync": ConfigRecord({"start_step": 1, "records": "[]"})})
+    try:
+        decoded, _ = decode_request(content)
+    except WireError:
+        return
+    # What a silo would step its own model by: consecutive steps from the request's, K seeds each
+    assert decoded.steps == len(decoded.local) >= 2
+    assert decoded.local[0].probe_seeds == (1,) and decoded.local[0].beta == 1e-3
+    for offset, step in enumerate(decoded.local):
+        assert step.step == 1 + offset and len(step.probe_seeds) == 1 and 0 <= step.probe_seeds[0] < 2**63
+        assert all(math.isfinite(x) for x in (step.lr, step.beta, step.prox)) and step.beta > 0 and step.lr >= 0
