@@ -1,6 +1,7 @@
 """The docker-compose deployment, for real: images built from deploy/Dockerfile on a base image
 this machine has (scripts/docker.sh makes one offline), the whole stack brought up with TLS and node
-authentication, a SuperNode container restarted mid-run, and everything torn down afterwards."""
+authentication, each silo an engine container beside its SuperNode, one engine killed and started
+again mid-run, and everything torn down afterwards."""
 
 from __future__ import annotations
 
@@ -92,19 +93,23 @@ def stack(tmp_path_factory):
     try:
         stack.compose("build", timeout=1200)
         stack.compose("up", "-d")
-        restarted_at = None
+        killed_at = restarted_at = None
         deadline = time.monotonic() + 1200
         while time.monotonic() < deadline:
             state = _docker("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
                             stack.container("launcher")).stdout.split()
             if state[0] == "exited":
                 break
-            if restarted_at is None and len(stack.releases(1)) >= 2:
-                restarted_at = time.time()  # mid-run: the silo has released twice
-                _docker("docker", "restart", "--time", "2", stack.container("supernode-1"))
+            if killed_at is None and len(stack.releases(1)) >= 2:
+                killed_at = time.time()  # mid-run: the silo has released twice
+                _docker("docker", "kill", stack.container("engine-1"))  # SIGKILL: no goodbye
+                others = len(stack.releases(0))
+            elif restarted_at is None and killed_at is not None and len(stack.releases(0)) >= others + 1:
+                restarted_at = time.time()  # the others went on without it for a round
+                _docker("docker", "start", stack.container("engine-1"))
             time.sleep(2)
         logs = stack.compose("logs", "--no-color", check=False).stdout
-        yield stack, state, restarted_at, logs
+        yield stack, state, (killed_at, restarted_at), logs
     finally:
         stack.down()
 
@@ -122,12 +127,21 @@ def test_compose_up_runs_the_fine_tuning_and_leaves_model_log_and_ledgers_on_vol
     assert "Uvicorn running on https://0.0.0.0:9093" in logs  # TLS on
 
 
-def test_a_restarted_supernode_keeps_its_ledger_and_the_ledger_still_binds_it(stack):
-    stack, state, restarted_at, logs = stack
-    assert restarted_at is not None, "the run ended before silo-1 released twice"
+def test_a_killed_engine_keeps_its_ledger_exact_and_the_ledger_still_binds_it(stack):
+    stack, state, (killed_at, restarted_at), logs = stack
+    assert killed_at is not None and restarted_at is not None, "the run ended before silo-1's engine was restarted"
     releases = stack.releases(1)
-    assert len([t for t in releases if t < restarted_at]) >= 2  # what it spent before the restart survived
-    assert len(releases) >= 3, logs[-3000:]  # and it went on answering after it
+    assert len([t for t in releases if t < killed_at]) >= 2  # what it spent before it was killed survived
+    assert len([t for t in releases if t > restarted_at]) >= 1, logs[-3000:]  # and it answered again after it
+    steps = json.loads(stack.read("silo-1-state", (
+        "import json, sqlite3\n"
+        "print(json.dumps([r[0] for r in sqlite3.connect('/v/ledger.sqlite').execute('SELECT step FROM releases')]))")))
+    assert len(steps) == len(set(steps)) < 6  # no step charged twice; the rounds it was down, not at all
+    refusals = json.loads(stack.read("silo-1-state", (
+        "import json\n"
+        "lines = [json.loads(l) for l in open('/v/messages.jsonl')]\n"
+        "print(json.dumps([l['error']['reason'] for l in lines if l['direction'] == 'out' and 'error' in l]))")))
+    assert any("no silo engine answers at /engine/silo.sock" in reason for reason in refusals), refusals
     # A second run calibrated to the ledgers' whole budget (epsilon = 6) cannot fit beside the
     # first: the silos themselves refuse it partway, from the ledgers on their volumes, and the run
     # ends early with the model it has, saying why with the silos' own numbers.
