@@ -28,7 +28,7 @@ from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import SeedtuneError
-from seedtune.common.estimator import ZerothOrderEstimator
+from seedtune.common.estimator import ZerothOrderEstimator, safe_micro_batch
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import LEDGER_FILE
 from seedtune.common.privacy.ledger import PrivacyLedger
@@ -254,7 +254,8 @@ class SiloNode:
                 return previous.values[0], previous.values[1], (previous.event,)
         shard = self._shard_loader(run.config, run.label_names, "validation")
         # Fixed shapes: whether one example counts as correct must not depend on which others are here.
-        metrics = evaluate(run.task, shard, micro_batch=self._micro_batch or run.config.eval.batch_size)
+        metrics = evaluate(run.task, shard, micro_batch=safe_micro_batch(self._micro_batch or run.config.eval.batch_size,
+                                                                         run.task.module))
         correct, count = metrics["accuracy"] * len(shard), float(len(shard))
         if not private:
             return correct, count, ()

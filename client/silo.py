@@ -14,7 +14,7 @@ import time
 
 import datasets
 from seedtune.common.errors import SeedtuneError
-from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
+from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for, safe_micro_batch
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.mechanism import LedgerKey, nonprivate_release, private_release
 from seedtune.common.privacy.randomness import SecretRandomness
@@ -78,7 +78,8 @@ class Silo:
             return reused
         chosen = poisson_sample(len(self.shard), asked.sample_rate, self.randomness)
         rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
-        micro_batch = self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size)
+        micro_batch = safe_micro_batch(self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size),
+                                       self.estimator.model)
         start = time.perf_counter()
         estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
                                                     request.beta, micro_batch)

@@ -50,11 +50,13 @@ them (:mod:`seedtune.common.prefix`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from seedtune.common.kernels import rows_position_invariant
 from seedtune.common.perturb import Perturbation
 from seedtune.common.prefix import PrefixCache, Recording
 from seedtune.common.trainable import DirectionField, TrainableSet
@@ -72,6 +74,23 @@ def micro_batch_for(expected_batch: float) -> int:
     while size * 2 <= min(expected_batch / 2, 64):
         size *= 2
     return size
+
+
+def safe_micro_batch(micro_batch: int, model: nn.Module) -> int:
+    """``micro_batch``, or 1 (each example alone, independent by construction) when the model
+    computes on a CPU whose kernels are known not to give a row the same bits at every position
+    of a batch (:func:`~seedtune.common.kernels.rows_position_invariant`)."""
+    if micro_batch == 1 or next(model.parameters()).device.type != "cpu" or rows_position_invariant() is not False:
+        return micro_batch
+    warnings.warn("this process's MKL does not run in strict reproducibility mode (MKL_CBWR=AUTO,STRICT was not "
+                  "in effect before its first call), so a row's bits could depend on its neighbours in a "
+                  "micro-batch; each example is computed alone instead (slower, independent by construction)",
+                  KernelWarning, stacklevel=2)
+    return 1
+
+
+class KernelWarning(UserWarning):
+    """Fixed-shape micro-batches are not safe on this process's kernels; examples run alone."""
 
 
 class ExampleEncoder(Protocol):

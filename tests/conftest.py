@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import seedtune.common  # noqa: F401  (before torch's first MKL call: it sets MKL_CBWR, common/kernels.py)
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

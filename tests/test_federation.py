@@ -227,10 +227,10 @@ def test_malformed_replies_never_touch_the_model(tmp_path):
         def exchange(self, messages, *, round, timeout):
             responses = super().exchange({1: messages[1]}, round=round, timeout=timeout)
             responses += [
-                Response(2, _bad_reply(round=round, projected_grads=[math.nan] * 4)),
-                Response(3, _bad_reply(round=round, projected_grads=[0.0])),
-                Response(4, _bad_reply(round=round + 1, projected_grads=[0.0] * 4)),
-                Response(99, _bad_reply(round=round, projected_grads=[0.0] * 4)),  # never asked
+                Response(2, _bad_reply(step=round, projected_grads=[math.nan] * 4)),
+                Response(3, _bad_reply(step=round, projected_grads=[0.0])),
+                Response(4, _bad_reply(step=round + 1, projected_grads=[0.0] * 4)),
+                Response(99, _bad_reply(step=round, projected_grads=[0.0] * 4)),  # never asked
                 Response(5, None, "Flower error 2: ClientApp raised"),
             ]
             return responses
