@@ -159,7 +159,7 @@ def print_simulation(result) -> None:
     """``seedtune simulate``'s summary and per-silo table (:class:`seedtune.jobs.simulate.SimulationResult`)."""
     federation = result.federation
     print(f"run directory: {result.run_dir}")
-    print(f"rounds: {federation.steps}   rejected replies: {len(federation.rejections)}")
+    print(f"steps: {federation.steps}   rejected replies: {len(federation.rejections)}")
     if federation.stopped_early:
         print(f"stopped early: {federation.stopped_early}")
     if federation.aggregation is not None:

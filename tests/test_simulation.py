@@ -49,11 +49,11 @@ def test_a_killed_silo_leaves_the_run_to_the_others_and_every_ledger_exact(kille
     seen = {silo["silo"]: silo["releases"] for silo in report["federation"]["silos"]}
     assert seen == {"partition-0": 30, "partition-1": 10, "partition-2": 30}  # what reached the coordinator
     table = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith("partition-")}
-    # each silo's own ledger: partition-1 released round 10 and died before its reply left
+    # each silo's own ledger: partition-1 released step 10 and died before its reply left
     assert {silo: int(row[1]) for silo, row in table.items()} == {"partition-0": 30, "partition-1": 11, "partition-2": 30}
     assert all(float(row[2]) <= 8.0 for row in table.values())
     assert table["partition-0"][2] == table["partition-0"][3]  # coordinator's view = silo's own ledger
-    assert any("dies at round 10" in r["reason"] for r in report["federation"]["rejections"])
+    assert any("dies at step 10" in r["reason"] for r in report["federation"]["rejections"])
 
 
 def test_uplink_is_under_a_kilobyte_and_no_weights_travel(killed_silo_run):
