@@ -79,7 +79,7 @@ class Silo:
         chosen = poisson_sample(len(self.shard), asked.sample_rate, self.randomness)
         rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
         micro_batch = safe_micro_batch(self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size),
-                                       self.estimator.model)
+                                       self.task.module)
         start = time.perf_counter()
         estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
                                                     request.beta, micro_batch)
