@@ -50,17 +50,17 @@ def test_with_noise_identical_seeds_release_different_values(tmp_path):
 @pytest.mark.slow
 def test_a_run_interrupted_anywhere_resumes_to_its_log_and_counts_every_release(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real_append = UpdateLog.append
+    real_extend = UpdateLog.extend  # the coordinator commits a round's steps with one extend
 
-    def crash_before_logging_step_7(self, record):
-        if record.step == 7:
-            raise KeyboardInterrupt  # after the release of round 7, before its log row
-        real_append(self, record)
+    def crash_before_logging_step_7(self, records):
+        if any(record.step == 7 for record in records):
+            raise KeyboardInterrupt  # after the release of step 7, before its log row
+        real_extend(self, records)
 
-    monkeypatch.setattr(UpdateLog, "append", crash_before_logging_step_7)
+    monkeypatch.setattr(UpdateLog, "extend", crash_before_logging_step_7)
     with pytest.raises(RunDirError, match="interrupted at step 7.*--resume"):
         train(_config(), run_dir, progress=False)
-    monkeypatch.setattr(UpdateLog, "append", real_append)
+    monkeypatch.setattr(UpdateLog, "extend", real_extend)
     with PrivacyLedger(run_dir / "ledger.sqlite", epsilon=8.0, delta=1e-5) as ledger:
         assert ledger.releases == 8  # rounds 0..7 were released, and all are on record
 
