@@ -202,15 +202,19 @@ def _positive_int(node_config, key: str, example: str = "") -> int | None:
 REFUSALS = (SeedtuneError, WireError, InjectedFault)  # a silo's refusal, with its reason; anything else is a bug
 
 
+def handle(kind: str, content: RecordDict, node: SiloNode, partition: int | None) -> RecordDict:
+    """A silo's answer to one message of ``kind`` (train or evaluate), in this process or an engine's."""
+    if kind == "train":
+        return handle_train(content, node, partition=partition)
+    return handle_evaluate(content, node)
+
+
 def reply_in_process(kind: str, message: Message, context: Context, state_root: Path | None = None) -> Message:
     """Answer ``message`` (``kind``: train or evaluate) with this process's silo: the simulation
     engine's way, and a deployed SuperNode's when it has no resident engine (client/engine.py)."""
     try:
         node, partition = node_for(context, state_root)
-        if kind == "train":
-            content = handle_train(message.content, node, partition=partition)
-        else:
-            content = handle_evaluate(message.content, node)
+        content = handle(kind, message.content, node, partition)
     except REFUSALS as error:
         log.warning("silo refused a request: %s", error)
         return Message(Error(code=REFUSED, reason=f"{type(error).__name__}: {error}"), reply_to=message)

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from seedtune.client.app import REFUSALS, build_node, handle_evaluate, handle_train, silo_location
+from seedtune.client.app import REFUSALS, build_node, handle, silo_location
 from seedtune.client.channel import ChannelError, EngineUnavailable, ask, receive_frame, send_frame
 from seedtune.client.thin import decode, encode
 from seedtune.common.errors import SeedtuneError
@@ -71,11 +71,7 @@ class SiloEngine:
         if kind not in ("train", "evaluate"):
             return {"ok": False, "reason": f"ChannelError: unknown request kind {kind!r}"}, b""
         try:
-            content = decode(body)
-            if kind == "train":
-                reply = handle_train(content, self.node, partition=self.partition)
-            else:
-                reply = handle_evaluate(content, self.node)
+            reply = handle(kind, decode(body), self.node, self.partition)
         except (*REFUSALS, ChannelError) as error:
             log.warning("silo %s refused a request: %s", self.node.name, error)
             return {"ok": False, "reason": f"{type(error).__name__}: {error}"}, b""
