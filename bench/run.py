@@ -1,4 +1,4 @@
-"""``seedtune bench step|memory|comm|server|scale|sweep|noise|robust``: run one, print its figures and targets.
+"""``seedtune bench step|memory|comm|server|scale|sweep|noise|robust|deploy``: run one, print its figures and targets.
 
 Each bench returns a report: ``setup`` (what was measured, on what), ``rows`` (the figures) and
 ``targets`` (each claim of ``docs/performance.md`` with its measured value, its limit and
@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from seedtune.bench.cost import SWEEP_BATCHES, bench_memory, bench_step, bench_sweep
+from seedtune.bench.deploy import bench_deploy, bench_deploy_job
 from seedtune.bench.noise import bench_noise
 from seedtune.bench.robust import bench_robust
 from seedtune.bench.traffic import bench_comm, bench_scale, bench_server
@@ -40,6 +41,10 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
         report = bench_noise(repeats=30 if quick else 300, progress=progress)
     elif name == "robust":
         report = bench_robust(quick=quick, progress=progress, overrides=overrides)
+    elif name == "deploy":
+        report = bench_deploy(quick=quick, progress=progress, overrides=overrides)
+    elif name == "deploy-job":
+        report = bench_deploy_job(overrides=overrides, progress=progress)
     elif name == "sweep":
         out = out or Path("runs") / f"bench-sweep-{datetime.now():%Y%m%d-%H%M%S}"
         report = bench_sweep(out, batches=(1, 4) if quick else SWEEP_BATCHES, progress=progress)

@@ -138,6 +138,8 @@ COST_BENCHES = {
              "noise, extra sigma for a budget",
     "robust": "one silo of 5 sends the largest finite, sign-flipped or NaN scalars: final test accuracy under "
               "the mean, the median and the trimmed mean (tiny preset)",
+    "deploy": "seconds per round on a loopback deployment (TLS, node auth, resident engines) against the "
+              "simulation engine, the same job: tiny and default presets, tau 1 and 6",
 }
 
 
@@ -155,9 +157,12 @@ def _add_bench(commands) -> None:
         if name == "server":
             command.add_argument("--profile", action="store_true",
                                  help="also print torch's profile of the every-parameter replay")
-        if name == "robust":
+        if name in ("robust", "deploy"):
             command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                                  help="override a setting of every run, e.g. --set data.synthetic_size=1500")
+        if name == "deploy":
+            command.add_argument("--job", action="store_true",
+                                 help="instead, deploy the default preset's whole job (with --set) and time it")
         command.set_defaults(run=_bench_cost)
 
 
@@ -229,6 +234,11 @@ def _add_silo(commands) -> None:
     ping = actions.add_parser("ping", help="exit 0 if an engine answers at --socket (a healthcheck)")
     ping.add_argument("--socket", type=Path, required=True)
     ping.set_defaults(run=_silo_ping)
+    supernode = actions.add_parser(  # every argument is flower-supernode's, --help included
+        "supernode", prefix_chars="\0", add_help=False,
+        help="Flower's flower-supernode, waiting less between rounds (client/supernode.py); takes its arguments")
+    supernode.add_argument("arguments", nargs="*", help="flower-supernode's arguments")
+    supernode.set_defaults(run=_silo_supernode)
 
 
 def _silo_serve(args) -> int:
@@ -253,6 +263,13 @@ def _silo_serve(args) -> int:
           file=sys.stderr, flush=True)
     engine.serve()
     print(f"seedtune: silo engine {engine.name!r} stopped", file=sys.stderr)
+    return 0
+
+
+def _silo_supernode(args) -> int:
+    from seedtune.client.supernode import run_supernode
+
+    run_supernode(args.arguments)
     return 0
 
 
@@ -298,7 +315,8 @@ def _bench_cost(args) -> int:
     from seedtune.bench.run import run_bench
     from seedtune.cli.reports import print_bench
 
-    report = run_bench(args.bench, quick=args.quick, out=args.out, progress=not args.no_progress,
+    name = "deploy-job" if getattr(args, "job", False) else args.bench
+    report = run_bench(name, quick=args.quick, out=args.out, progress=not args.no_progress,
                        profile=getattr(args, "profile", False), overrides=tuple(getattr(args, "overrides", ())))
     if args.json:
         print(json.dumps(report, indent=2))

@@ -37,6 +37,14 @@ COLUMNS = {
               ("extra noise %", "noise_inflation_pct", "{:>14.3f}")],
     "robust": [("attack", "attack", "{:<10}"), ("rule", "rule", "{:<13}"), ("accuracy", "accuracy", "{:>9.3f}"),
                ("vs honest", "change", "{:>10.3f}"), ("rounds", "rounds", "{:>7}"), ("refused", "refused", "{:>8}")],
+    "deploy": [("case", "case", "{:<22}"), ("silos", "silos", "{:>6}"), ("rounds", "rounds", "{:>7}"),
+               ("simulated s", "simulated_s", "{:>12.2f}"), ("deployed s", "deployed_s", "{:>11.2f}"),
+               ("ratio", "ratio", "{:>6.2f}"), ("engine s", "engine_s", "{:>9.2f}"),
+               ("way back s", "way_back_s", "{:>11.2f}"), ("way out s", "way_out_s", "{:>10.2f}")],
+    "deploy-job": [("case", "case", "{:<20}"), ("silos", "silos", "{:>6}"), ("steps", "steps", "{:>6}"),
+                   ("rounds", "rounds", "{:>7}"), ("minutes", "wall_min", "{:>8.1f}"),
+                   ("test before", "test_before", "{:>12.4f}"), ("test after", "test_after", "{:>11.4f}"),
+                   ("epsilon", "epsilon", "{:>8.3f}")],
 }
 MILLISECONDS = {("step", "step_s"), ("step", "baseline_s"), ("server", "server_round_s"),
                 ("server", "client_step_s")}  # stored in seconds, printed in ms
@@ -73,6 +81,9 @@ def print_bench(report: dict, file=None) -> None:
               f"{timing['spearman_time_vs_magnitude']:.2f}; median by |z|/sigma: " + ", ".join(
                   f"[{band['low']:g}, {band['high']:g}) {band['median_us']:.1f} us" for band in timing["bands"]),
               file=file)
+    if report["bench"] == "deploy":
+        print(f"a fresh flwr-clientapp process imports Flower for {report['setup']['clientapp_import_s']:.2f} s "
+              f"(part of the way out); deployed over simulated, default preset: {report['ratio']:.2f}", file=file)
     if report["bench"] == "robust":
         print(f"test accuracy before training: {report['rows'][0]['before']:.3f}", file=file)
         for row in report["rows"]:

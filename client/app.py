@@ -131,11 +131,17 @@ def build_node(node_config, state_root: Path | None = None) -> SiloNode:
     deployed = state_root is None
     budget = _own_budget(node_config)
     public_size = _public_size(node_config)
+    partitions = _positive_int(node_config, "num-partitions") or 1
+    if partition is not None and "data-path" not in node_config and not 0 <= partition < partitions:
+        raise NodeConfigError(
+            f"node config partition-id={partition} is not a share of num-partitions={partitions}: set "
+            "num-partitions to the number of silos sharing the dataset (a silo given no num-partitions took "
+            "the whole of it)")
 
     def shard(config: Config, label_names: tuple[str, ...], split: str):
         if "data-path" in node_config:
             return own_data(Path(str(node_config["data-path"])), config, label_names, split)
-        return components.silo_shard(config, split, partition, int(node_config.get("num-partitions", 1)))
+        return components.silo_shard(config, split, partition, partitions)
 
     if deployed and "data-path" in node_config and public_size is None:
         raise NodeConfigError(

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from loopback import free_port
+from seedtune.bench.loopback import free_port
 
 pytestmark = pytest.mark.docker
 

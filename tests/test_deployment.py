@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from loopback import Loopback
+from seedtune.bench.loopback import Loopback
 
 pytestmark = pytest.mark.processes
 

@@ -140,7 +140,9 @@ def test_a_deployed_silo_needs_its_own_state_dir_budget_and_public_size(tmp_path
 
     monkeypatch.setenv("SEEDTUNE_STATE_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("SEEDTUNE_EPSILON", "7.5")
-    from_environment, _ = node_for(_context(**{"partition-id": 1}))
+    with pytest.raises(NodeConfigError, match="partition-id=1 is not a share of num-partitions=1"):
+        node_for(_context(**{"partition-id": 1}))  # it would have trained on the whole dataset
+    from_environment, _ = node_for(_context(**{"partition-id": 1, "num-partitions": 2}))
     assert from_environment.state_dir == tmp_path / "env" / "partition-1"
     handle_train(message, from_environment)
     assert from_environment.ledger.epsilon == 7.5

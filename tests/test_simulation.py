@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from processes import kill_marked, marked_processes, wait_gone
+from seedtune.bench.processes import kill_marked, marked_processes, wait_gone
 
 from seedtune.jobs.simulate import simulate
 from seedtune.jobs.train import train

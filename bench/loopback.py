@@ -1,5 +1,7 @@
-"""A real deployment on loopback: Flower's own `flower-superlink` and `flower-supernode` processes
-with TLS and node authentication, credentials from deploy/credentials.py, runs from `flwr run`."""
+"""A real deployment on loopback: Flower's own ``flower-superlink`` and SuperNodes (started as
+``seedtune silo supernode``, client/supernode.py), TLS and node authentication on, credentials from
+deploy/credentials.py, runs from ``flwr run``. The deployment tests and ``seedtune bench deploy``
+use it; it needs a source checkout (the Flower app's pyproject.toml and deploy/)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
-from processes import kill_marked
+from seedtune.bench.processes import kill_marked
+from seedtune.common.errors import SeedtuneError
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode: the venv's own
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (an editable install: ./scripts/setup.sh)
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, seedtune: the venv's own
 
 
 def free_port() -> int:
@@ -27,8 +30,13 @@ class Loopback:
     """One SuperLink and any number of SuperNodes under ``root``; ``close`` stops every process
     started here (and whatever those detached), by the marker in their environment."""
 
-    def __init__(self, root: Path, silos: int):
+    def __init__(self, root: Path, silos: int, epsilon: float = 8.0):
+        if not (ROOT / "deploy" / "credentials.py").exists():
+            raise SeedtuneError(f"a loopback deployment runs from a source checkout, not from {ROOT}: clone "
+                                "the repository and run ./scripts/setup.sh")
         self.root = root
+        self.silos = silos
+        self.epsilon = epsilon  # each silo's budget
         self.marker = uuid.uuid4().hex
         self.port = free_port()
         self.credentials = root / "credentials"
@@ -45,9 +53,10 @@ class Loopback:
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.credentials / "ca.crt"}"\n')
 
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
         log = (self.root / f"{name}.log").open("w")
-        return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env={**self.env, **(env or {})}, cwd=self.root, stdout=log,
+                                stderr=subprocess.STDOUT)
 
     def start_superlink(self) -> None:
         c = self.credentials
@@ -77,22 +86,28 @@ class Loopback:
             raise RuntimeError(f"registering silo-{silo} failed:\n{result.stdout}{result.stderr}")
 
     def _silo_settings(self, silo: int, data: Path | None) -> str:
-        """What binds a silo (its state, budget and data): the SuperNode's, or its engine's."""
-        settings = f'name="silo-{silo}" state-dir="{self.root / f"silo-{silo}"}" partition-id={silo} epsilon=8.0'
+        """What binds a silo (its state, budget and data): the SuperNode's, or its engine's. Its data:
+        the file ``data``, or else its share of the run's dataset, split as a simulation splits it."""
+        settings = f'name="silo-{silo}" state-dir="{self.root / f"silo-{silo}"}" epsilon={self.epsilon}'
         if data is not None:
             settings += f' data-path="{data}" public-size=500'
+        else:
+            settings += f" partition-id={silo} num-partitions={self.silos}"
         return settings
 
     def engine_socket(self, silo: int) -> Path:
         return self.root / f"engine-{silo}.sock"
 
     def start_engine(self, silo: int, *, data: Path | None = None, seconds: float = 120) -> subprocess.Popen:
-        """``seedtune silo serve`` for one silo; returns once it answers on its socket."""
+        """``seedtune silo serve`` for one silo; returns once it answers on its socket. Its torch
+        runs one thread, as each silo does on the simulation engine (a Ray worker with one CPU):
+        several engines on one machine, each on every core, would slow one another down."""
         from seedtune.client.channel import EngineUnavailable, ask
 
         process = self._start(f"engine-{silo}", [sys.executable, "-m", "seedtune.cli.main", "silo", "serve",
                                                  "--socket", str(self.engine_socket(silo)),
-                                                 "--node-config", self._silo_settings(silo, data)])
+                                                 "--node-config", self._silo_settings(silo, data)],
+                              env={"OMP_NUM_THREADS": "1"})
         self.engines[silo] = process
         deadline = time.monotonic() + seconds
         while True:
@@ -105,9 +120,11 @@ class Loopback:
                 time.sleep(0.5)
 
     def start_supernode(self, silo: int, *, data: Path | None = None, with_ca: bool = True,
-                        extra: str = "", max_retries: int | None = None, engine: bool = False) -> subprocess.Popen:
+                        extra: str = "", max_retries: int | None = None, engine: bool = False,
+                        stock: bool = False) -> subprocess.Popen:
         """A SuperNode; with ``engine``, its ClientApp forwards to the silo's engine, which holds
-        every setting that binds the silo."""
+        every setting that binds the silo. ``stock``: Flower's ``flower-supernode`` as shipped,
+        rather than ``seedtune silo supernode``."""
         state = self.root / f"silo-{silo}"
         state.mkdir(exist_ok=True)
         config = f'message-log="{state / "messages.jsonl"}" {extra} '
@@ -115,7 +132,8 @@ class Loopback:
             config += f'engine="{self.engine_socket(silo)}"'
         else:
             config += self._silo_settings(silo, data)
-        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+        launcher = [str(BIN / "flower-supernode")] if stock else [str(BIN / "seedtune"), "silo", "supernode"]
+        command = [*launcher, "--superlink", f"127.0.0.1:{self.port}",
                    "--auth-supernode-private-key", str(self.credentials / f"silo-{silo}"),
                    "--node-config", config, "--port", str(free_port())]
         if with_ca:

@@ -1,4 +1,4 @@
-"""Finding and stopping the processes a test started, whatever they detached from.
+"""Finding and stopping the processes a test or a bench started, whatever they detached from.
 
 Flower's SuperLink and SuperNode start `flower-superexec` in a new session, and the local
 simulation SuperLink keeps running after `flwr run` exits, so process groups are not enough:
