@@ -10,10 +10,12 @@ Flower's own SuperNode, unchanged but for those waits:
 * the SuperExec's, through Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
   (unless the operator has set it);
 * the SuperNode's idle wait, which Flower does not expose: its loop is given a ``time`` whose
-  ``sleep`` starts at :data:`IDLE_FIRST_S` after a message and doubles while pulls keep finding
-  nothing, up to Flower's own 3 s, so an idle silo polls the SuperLink as rarely as before; and
-  whose other waits there (0.5 s checks of the node's own state for the ClientApp's reply)
-  last at most :data:`STATE_POLL_S`.
+  ``sleep`` starts at :data:`IDLE_FIRST_S` after a message and grows by :data:`IDLE_GROWTH`
+  while pulls keep finding nothing, up to Flower's own 3 s, so an idle silo polls the SuperLink
+  as rarely as before, and a message that comes t seconds after the last one is picked up at
+  most about 0.25 t late (doubling would be t late: a round waited for its next message a
+  second longer than it needed); its other waits there (0.5 s checks of the node's own state
+  for the ClientApp's reply) last at most :data:`STATE_POLL_S`.
 
 Nothing else changes: the same arguments, messages, TLS and node authentication. flwr is pinned
 to 1.41.*, and tests/test_supernode.py fails if an upgrade moves the waits this relies on.
@@ -32,6 +34,7 @@ TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting, rea
 TASK_POLL_S = 0.05
 FLOWER_IDLE_S = 3  # the SuperNode's wait after a pull that found nothing (its literal)
 IDLE_FIRST_S = 0.05
+IDLE_GROWTH = 1.25  # about 17 polls in the first 5 s after a message, then fewer and fewer
 STATE_POLL_S = 0.05
 BUSY_GAP_S = 1.0  # a pull that found a message kept the loop away this long: the next idle wait starts short
 
@@ -52,7 +55,7 @@ class IdleWaits:
             self._clock.sleep(min(seconds, STATE_POLL_S))
             return
         back_to_back = self._clock.monotonic() - self._idle_ended < BUSY_GAP_S  # pulls keep finding nothing
-        self._idle_s = min(2 * self._idle_s, FLOWER_IDLE_S) if back_to_back else IDLE_FIRST_S
+        self._idle_s = min(IDLE_GROWTH * self._idle_s, FLOWER_IDLE_S) if back_to_back else IDLE_FIRST_S
         self._clock.sleep(self._idle_s)
         self._idle_ended = self._clock.monotonic()
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from seedtune.client import supernode
-from seedtune.client.supernode import (BUSY_GAP_S, FLOWER_IDLE_S, IDLE_FIRST_S, STATE_POLL_S, TASK_POLL_ENV,
-                                       IdleWaits)
+from seedtune.client.supernode import (BUSY_GAP_S, FLOWER_IDLE_S, IDLE_FIRST_S, IDLE_GROWTH, STATE_POLL_S,
+                                       TASK_POLL_ENV, IdleWaits)
 
 
 class FakeClock:
@@ -33,14 +33,15 @@ class FakeClock:
         return 1.7e9 + self.now
 
 
-def test_idle_waits_start_short_after_a_message_and_double_back_to_flowers_own():
+def test_idle_waits_start_short_after_a_message_and_grow_back_to_flowers_own():
     clock = FakeClock()
     waits = IdleWaits(clock)
-    for _ in range(9):  # pulls that keep finding nothing, each a moment after the last wait
+    for _ in range(30):  # pulls that keep finding nothing, each a moment after the last wait
         waits.sleep(FLOWER_IDLE_S)
         clock.now += 0.01
     assert clock.slept[0] == IDLE_FIRST_S
-    assert all(b == min(2 * a, FLOWER_IDLE_S) for a, b in zip(clock.slept, clock.slept[1:]))
+    assert all(b == min(IDLE_GROWTH * a, FLOWER_IDLE_S) for a, b in zip(clock.slept, clock.slept[1:]))
+    assert 1 < IDLE_GROWTH <= 1.25  # a message t seconds late is picked up at most about 0.25 t later
     assert clock.slept[-1] == FLOWER_IDLE_S  # an idle silo polls the SuperLink no more often than before
     clock.now += BUSY_GAP_S + 2.0  # a message was pulled and answered in between
     waits.sleep(FLOWER_IDLE_S)
