@@ -60,12 +60,19 @@ class IdleWaits:
         self._idle_ended = self._clock.monotonic()
 
 
-def run_supernode(arguments: list[str]) -> None:
-    """``flower-supernode <arguments>``, in this process, with the waits above."""
-    os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_S))  # the SuperExec it starts inherits it
+def run_supernode(arguments: list[str], name: str = "seedtune silo supernode") -> None:
+    """``flower-supernode <arguments>``, in this process, with the waits above (its usage and
+    help say ``name``). Whatever it changed is put back if it returns (``--help``, a usage error)."""
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    saved = os.environ.get(TASK_POLL_ENV), start_client_internal.time, sys.argv
+    os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_S))  # the SuperExec it starts inherits it
     start_client_internal.time = IdleWaits()
-    sys.argv = ["flower-supernode", *arguments]
-    flower_supernode()
+    sys.argv = [name, *arguments]  # argparse's prog
+    try:
+        flower_supernode()
+    finally:
+        if saved[0] is None:
+            os.environ.pop(TASK_POLL_ENV, None)
+        start_client_internal.time, sys.argv = saved[1], saved[2]

@@ -146,13 +146,18 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
         "noise": {"probes": 4, "discrete_ms": 0.2, "gaussian_ms": 0.01, "ratio": 20.0, "noise_inflation_pct": 0.07},
         "robust": {"attack": "honest", "rule": "mean", "accuracy": 0.9, "change": 0.0, "rounds": 40, "refused": 0,
                    "before": 0.55, "cost": "aggregation=mean: ..."},
+        "deploy": {"case": "default", "silos": 3, "rounds": 12, "simulated_s": 1.0, "deployed_s": 4.3, "ratio": 4.3,
+                   "engine_s": 0.9, "way_back_s": 0.9, "way_out_s": 2.0},
+        "deploy-job": {"case": "default job, tau 6", "silos": 3, "steps": 600, "rounds": 100, "wall_min": 14.7,
+                       "test_before": 0.625, "test_after": 0.72, "epsilon": 6.0},
     }
     assert set(rows) == set(COLUMNS)
     for name, row in rows.items():
         report = {"bench": name, "rows": [row], "targets": [{"claim": "c", "value": 1.0, "limit": 2.0,
                                                               "at_least": False, "met": True}],
                   "fedavg_round_bytes": {"down": 1, "total_1000_rounds": 1},
-                  "setup": {"model_download_s_at_100_mbit": 1.0, "model_bytes": 1}}
+                  "setup": {"model_download_s_at_100_mbit": 1.0, "model_bytes": 1, "clientapp_import_s": 1.0},
+                  "ratio": 4.3}
         print_bench(report)
     summary = {"setup": {"length": 64}, "rows": [
         {"method": method, "batch": batch, "step_s": 0.1 * batch, "peak_above_model_mib": 5.0 * batch}

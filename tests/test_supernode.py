@@ -82,13 +82,16 @@ def test_the_launcher_patches_only_the_supernode_loop_and_leaves_an_operators_se
         seen["poll"] = os.environ[TASK_POLL_ENV]
 
     monkeypatch.setattr(cli, "flower_supernode", fake_supernode)
-    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored afterwards
-    monkeypatch.setattr(sys, "argv", sys.argv)
+    before = start_client_internal.time, list(sys.argv)
     monkeypatch.setenv(TASK_POLL_ENV, "0.5")
     supernode.run_supernode(["--superlink", "127.0.0.1:9092", "--insecure"])
     assert isinstance(seen["time"], IdleWaits)
-    assert seen["argv"] == ["flower-supernode", "--superlink", "127.0.0.1:9092", "--insecure"]
+    assert seen["argv"] == ["seedtune silo supernode", "--superlink", "127.0.0.1:9092", "--insecure"]
     assert seen["poll"] == "0.5"  # the operator's own setting wins
+    assert (start_client_internal.time, sys.argv) == before  # put back once Flower's main returns
+    monkeypatch.delenv(TASK_POLL_ENV)
+    supernode.run_supernode([])
+    assert seen["poll"] == str(supernode.TASK_POLL_S) and TASK_POLL_ENV not in os.environ
 
 
 @pytest.mark.slow
@@ -97,5 +100,6 @@ def test_seedtune_silo_supernode_passes_every_argument_to_flower():
     command = [sys.executable, "-m", "seedtune.cli.main", "silo", "supernode"]
     helped = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--superlink" in helped.stdout and "--node-config" in helped.stdout
+    assert helped.stdout.startswith("usage: seedtune silo supernode")
     refused = subprocess.run([*command, "--no-such-flag"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "--no-such-flag" in refused.stderr
