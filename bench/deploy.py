@@ -80,7 +80,7 @@ def bench_deploy(quick: bool = False, progress: bool = True, overrides: tuple[st
                                                                "the first round left out"},
             "rows": rows,
             "targets": [_target(f"deployed over simulated seconds per round, {row['case']}", row["ratio"], RATIO_LIMIT)
-                        for row in rows if not row["case"].endswith("stock SuperNode")]}
+                        for row in rows if row["supernode"] == "seedtune"]}
 
 
 def _config(case: Case):
@@ -159,7 +159,7 @@ def deploy_rounds(case: Case) -> dict:
     return {"round_s": median, "silos": config.federation.silos, **parts}
 
 
-def bench_deploy_job(overrides: tuple[str, ...] = (), progress: bool = True) -> dict:
+def bench_deploy_job(overrides: tuple[str, ...] = ()) -> dict:
     """The default preset's whole job (as ``seedtune simulate --preset default``, with
     ``overrides``) on a loopback deployment: its wall time from ``flwr run`` to the end, evaluations
     included, and what it reached."""

@@ -44,7 +44,7 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
     elif name == "deploy":
         report = bench_deploy(quick=quick, progress=progress, overrides=overrides)
     elif name == "deploy-job":
-        report = bench_deploy_job(overrides=overrides, progress=progress)
+        report = bench_deploy_job(overrides=overrides)  # no progress bar: the run is another process's
     elif name == "sweep":
         out = out or Path("runs") / f"bench-sweep-{datetime.now():%Y%m%d-%H%M%S}"
         report = bench_sweep(out, batches=(1, 4) if quick else SWEEP_BATCHES, progress=progress)
