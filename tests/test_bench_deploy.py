@@ -65,3 +65,23 @@ def test_every_case_carries_the_overrides_and_its_own_settings_win():
     config = deploy._config(case)
     assert config.federation.local_steps == 6 and config.schedule.steps == 18 and config.eval.every == 0
     assert config.data.max_train_examples == 99
+
+
+@pytest.mark.processes
+def test_a_deployed_tiny_case_runs_for_real_and_every_silo_answers_every_round(monkeypatch):
+    """The loopback deployment the bench measures: three engines and SuperNodes, every round timed
+    and taken apart, each silo charged once per round."""
+    releases = []
+    real = deploy.round_seconds
+
+    def counting(log_path, local_steps):  # while the deployment's files are still there
+        for ledger in sorted(log_path.parent.parent.glob("silo-*/ledger.sqlite")):
+            with sqlite3.connect(ledger) as db:
+                releases.append(db.execute("SELECT COUNT(*) FROM releases").fetchone()[0])
+        return real(log_path, local_steps)
+
+    monkeypatch.setattr(deploy, "round_seconds", counting)
+    row = deploy.deploy_rounds(Case("tiny", "tiny", 1, 4))
+    assert row["silos"] == 3 and releases == [4, 4, 4]
+    assert row["round_s"] > 0 and all(row[key] >= 0 for key in ("engine_s", "way_back_s", "way_out_s"))
+    assert row["engine_s"] < row["round_s"]
