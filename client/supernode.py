@@ -4,7 +4,7 @@ Flower 1.41's SuperNode waits 3 s after every pull from the SuperLink that finds
 (``flwr/supernode/start_client_internal.py``), and the SuperExec beside it looks for a ClientApp
 to start once a second. A silo pulls right after pushing its reply, and the next round's message
 comes a moment later (once every silo has replied and the coordinator has logged the step), so
-every round waited out both: about 3.5 s, more than a default-preset step takes. This starts
+every round waited out both: 3 s and up to 1 s more, longer than a default-preset step takes. This starts
 Flower's own SuperNode, unchanged but for those waits:
 
 * the SuperExec's, through Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
@@ -20,7 +20,7 @@ Flower's own SuperNode, unchanged but for those waits:
 Nothing else changes: the same arguments, messages, TLS and node authentication. flwr is pinned
 to 1.41.*, and tests/test_supernode.py fails if an upgrade moves the waits this relies on.
 What a round still costs beyond its compute is a fresh ``flwr-clientapp`` process per message,
-whose Flower imports alone take about 0.9 s (docs/deploy.md).
+whose Flower imports alone took 1.05 s here (``seedtune bench deploy``, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting, rea
 TASK_POLL_S = 0.05
 FLOWER_IDLE_S = 3  # the SuperNode's wait after a pull that found nothing (its literal)
 IDLE_FIRST_S = 0.05
-IDLE_GROWTH = 1.25  # about 17 polls in the first 5 s after a message, then fewer and fewer
+IDLE_GROWTH = 1.25  # 14 waits fill the first 5 s after a message, then fewer and fewer
 STATE_POLL_S = 0.05
 BUSY_GAP_S = 1.0  # a pull that found a message kept the loop away this long: the next idle wait starts short
 
