@@ -84,7 +84,8 @@ class _Run:
         self._checkpointed = start
         self.applier.apply_all(list(self.log.steps(start)))
         self.estimator = ZerothOrderEstimator(
-            self.task.module, self.task.per_example_loss, self.parts.trainable, self.parts.directions
+            self.task.module, self.task.per_example_loss, self.parts.trainable, self.parts.directions,
+            keep_prefix_mib=self.config.zo.keep_prefix_mib,
         )
 
     @property

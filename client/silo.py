@@ -27,6 +27,9 @@ class ReleaseMismatch(SeedtuneError):
     """A request whose release parameters contradict the run's setup."""
 
 
+PREFIX_CHUNK = 4096  # examples tokenised at once when computing the prefix ahead
+
+
 class Silo:
     """Answers training requests over a private shard, charging every release to its ledger.
 
@@ -62,6 +65,7 @@ class Silo:
         self.last_compute_s = 0.0  # the forward passes of the last answer
         self.last_zeroed = 0  # rows of the last answer that were not finite and counted as zero
         self.last_reused = False  # the last answer repeated a release already made
+        self._prefixes_kept: set[int] = set()  # micro-batch sizes whose prefix outputs were computed ahead
 
     def answer(self, request: TrainRequest, digest: str | None = None) -> TrainReply:
         """One step's release. ``digest``: what the ledger keeps it under (default: the request's
@@ -81,6 +85,7 @@ class Silo:
         micro_batch = safe_micro_batch(self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size),
                                        self.task.module)
         start = time.perf_counter()
+        self._keep_prefixes(micro_batch)
         estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
                                                     request.beta, micro_batch)
         self.last_compute_s = time.perf_counter() - start
@@ -100,6 +105,18 @@ class Silo:
             expected_batch_size=asked.sample_rate * self.public_size,
             events=events,
         )
+
+    def _keep_prefixes(self, micro_batch: int) -> None:
+        """Before the first step in micro-batches of this size: the frozen prefix's outputs on the
+        whole shard, in chunks, kept while the estimator's store has room (none: nothing to do)."""
+        if micro_batch in self._prefixes_kept:
+            return
+        self._prefixes_kept.add(micro_batch)
+        for start in range(0, len(self.shard), PREFIX_CHUNK):
+            if self.estimator.store is None:
+                return
+            rows = self.shard[start : start + PREFIX_CHUNK]
+            self.estimator.keep_prefixes(self.task, rows["text"], rows["label"], micro_batch)
 
     def _answered(self, request: TrainRequest, digest: str) -> TrainReply | None:
         """The reply already released for this very request, if its values are in the ledger."""

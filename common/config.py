@@ -98,9 +98,12 @@ class ZOConfig:
     probes: int = 1  # K directions per step
     distribution: str = "rademacher"
     sphere: bool = False  # DPZero's sphere of radius sqrt(d) (Gaussian only; Rademacher is on it)
+    keep_prefix_mib: float = 1024  # memory a silo may keep examples' frozen-prefix outputs in across steps; 0 = off
 
     def validate(self) -> None:
         _check("zo.probes", self.probes, 1 <= self.probes <= 1024, "an integer in [1, 1024]")
+        _check("zo.keep_prefix_mib", self.keep_prefix_mib,
+               self.keep_prefix_mib >= 0 and math.isfinite(self.keep_prefix_mib), "a number of MiB >= 0 (0 = off)")
         _check("zo.distribution", self.distribution, self.distribution in DISTRIBUTIONS, f"one of {DISTRIBUTIONS}")
 
 

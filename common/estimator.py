@@ -58,7 +58,7 @@ from typing import Protocol
 import torch
 from seedtune.common.kernels import rows_position_invariant
 from seedtune.common.perturb import Perturbation
-from seedtune.common.prefix import PrefixCache, Recording
+from seedtune.common.prefix import PrefixCache, Recording, RecordingStore, row_keys
 from seedtune.common.trainable import DirectionField, TrainableSet
 from torch import nn
 
@@ -112,6 +112,8 @@ class ZerothOrderEstimator:
     """Two-point per-example differences of ``loss_fn`` along seed-keyed directions.
 
     ``micro_batch``: how :meth:`estimate_examples` groups examples (see the module docstring).
+    ``keep_prefix_mib``: how much memory may hold examples' prefix outputs across calls
+    (:class:`~seedtune.common.prefix.RecordingStore`); 0 computes the prefix afresh every call.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class ZerothOrderEstimator:
         *,
         cache_prefix: bool = True,
         micro_batch: int = 1,
+        keep_prefix_mib: float = 0,
     ):
         if micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be at least 1")
@@ -131,6 +134,7 @@ class ZerothOrderEstimator:
         self.micro_batch = micro_batch
         self.perturbation = Perturbation(model, trainable, directions)
         self.prefix = PrefixCache(model, trainable) if cache_prefix else None
+        self.store = RecordingStore(int(keep_prefix_mib * 2**20)) if cache_prefix and keep_prefix_mib > 0 else None
 
     @torch.no_grad()
     def estimate_examples(
@@ -143,6 +147,20 @@ class ZerothOrderEstimator:
         it must come from public values only, never from the sample."""
         batches = task.encode_fixed(list(texts), list(labels), micro_batch or self.micro_batch)
         return self._estimate(batches, len(texts), probe_seeds, beta)
+
+    @torch.no_grad()
+    def keep_prefixes(self, task: ExampleEncoder, texts: Sequence[str], labels: Sequence[int],
+                      micro_batch: int | None = None) -> None:
+        """Compute and keep these examples' prefix outputs now, in the micro-batches of
+        ``micro_batch`` rows a step forms, so that steps which sample them only replay them.
+        A step that meets an example not kept computes its whole micro-batch, so without this a
+        store fills slowly: a micro-batch of m rows is replayed only once all m were seen."""
+        if self.store is None:
+            return
+        for batch, _ in task.encode_fixed(list(texts), list(labels), micro_batch or self.micro_batch):
+            if self.store is None or not self.store.has_room(len(next(iter(batch.values())))):
+                return
+            self._record(batch)
 
     @torch.no_grad()
     def estimate(self, batch: dict, batch_size: int, probe_seeds: Sequence[int], beta: float) -> Estimate:
@@ -181,7 +199,19 @@ class ZerothOrderEstimator:
             prefix.trace(lambda: self.loss_fn(self.model, batch))
         if not prefix.modules:
             return None
-        return prefix.record(lambda: self.loss_fn(self.model, batch))
+        if self.store is None:
+            return prefix.record(lambda: self.loss_fn(self.model, batch))
+        keys = row_keys(batch)
+        kept = self.store.lookup(keys)
+        if kept is not None:
+            return kept
+        # Computed in the very batch a step formed, so a row's bits are the same whichever way it
+        # is reached (the position invariance micro-batches rely on), never in a smaller batch
+        # whose size would depend on which rows happened to be kept.
+        recording = prefix.record(lambda: self.loss_fn(self.model, batch))
+        if not self.store.keep(keys, recording):
+            self.store = None  # outputs without a row per example: computed per batch from now on
+        return recording
 
     def _loss(self, batch: dict, recording: Recording | None) -> torch.Tensor:
         replay = contextlib.nullcontext() if recording is None else self.prefix.replaying(recording)

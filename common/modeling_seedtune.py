@@ -22,6 +22,15 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
+class NormalizedMeanPool(nn.Module):
+    """The L2-normalised mean of the hidden states over the tokens the mask keeps."""
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
 class MeanPoolingClassifier(PreTrainedModel):
     """encoder -> masked mean over tokens -> L2 normalise -> linear head."""
 
@@ -44,6 +53,7 @@ class MeanPoolingClassifier(PreTrainedModel):
         # "bert.embeddings..." and plain AutoModel.from_pretrained loads the tuned encoder too.
         self.encoder_name = getattr(type(encoder), "base_model_prefix", "") or "backbone"
         self.add_module(self.encoder_name, encoder)
+        self.pool = NormalizedMeanPool()  # a module of its own: with the encoder frozen, a frozen prefix
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -63,10 +73,7 @@ class MeanPoolingClassifier(PreTrainedModel):
             kwargs["token_type_ids"] = token_type_ids
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        hidden = self.encoder(**kwargs).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+        return self.pool(self.encoder(**kwargs).last_hidden_state, attention_mask)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, position_ids=None, **unused):
         logits = self.classifier(self.embed(input_ids, attention_mask, token_type_ids, position_ids))

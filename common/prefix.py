@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from seedtune.common.trainable import TrainableSet
 from torch import nn
+from torch.utils import _pytree as pytree
 
 
 Recording = dict[nn.Module, list]  # each prefix module's outputs, in call order
@@ -120,3 +122,140 @@ class PrefixCache:
         finally:
             for module in patched:
                 del module.forward
+
+
+class RecordingStore:
+    """Each example's prefix outputs, kept across steps within a byte budget.
+
+    The prefix is frozen, so an example's prefix outputs never change during a run: a silo that
+    samples the same record again (every epoch's worth of steps) can replay them instead of
+    computing them again. Entries are keyed by the exact input row (every input tensor's bytes and
+    shape, and the size of the batch it came in, so an example padded to its bucket and a filler
+    row of each width are separate), kept one example per entry, and joined into whatever
+    micro-batch the next step forms. That joined recording is what a fresh pass would have
+    computed only where a row's outputs do not depend on its position in a batch, the property
+    fixed-shape micro-batches already rely on (:mod:`seedtune.common.estimator`); the estimator's
+    tests compare the two bit for bit. An output one row high in a batch of several (rotary
+    position tables: the same for every row) is kept whole with each row and joined only where
+    every row's copy is equal.
+
+    When the budget is full, new examples are computed per batch as before and not kept. The
+    store lives in the silo's memory (on its device) and never leaves it.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._largest = 0  # bytes of the largest row kept
+        self._kept: dict[bytes, _Row] = {}
+        self.kept_rows = 0  # rows computed and kept, over the store's life
+        self.hits = 0  # batches joined from kept rows
+        self.misses = 0  # batches with a row not kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def has_room(self, rows: int) -> bool:
+        """Whether ``rows`` more rows, each as large as the largest kept so far, fit the budget."""
+        return self.used_bytes + rows * self._largest <= self.budget_bytes
+
+    def lookup(self, keys: list[bytes]) -> Recording | None:
+        """The joined recording of these rows, in this order, if every one of them is kept."""
+        rows = [self._kept.get(key) for key in keys]
+        joined = None if any(row is None for row in rows) else _join(rows)
+        if joined is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return joined
+
+    def keep(self, keys: list[bytes], recording: Recording) -> bool:
+        """Keep each row of ``recording`` under its key, while the budget allows; False if the
+        recording cannot be split into rows (an output with no row per example)."""
+        pieces = _split(recording, len(keys))
+        if pieces is None:
+            return False
+        for key, row in zip(keys, pieces):
+            size = sum(leaf.numel() * leaf.element_size() for outputs in row.values() for leaves, _, _ in outputs
+                       for leaf in leaves if isinstance(leaf, torch.Tensor))
+            if key in self._kept or self.used_bytes + size > self.budget_bytes:
+                continue
+            self._kept[key] = row
+            self.used_bytes += size
+            self._largest = max(self._largest, size)
+            self.kept_rows += 1
+        return True
+
+
+# One example's share of a recording: per module and call, the flattened output's leaves, its
+# structure, and which leaves are whole tensors shared by every row rather than this row's slice.
+_Row = dict[nn.Module, list[tuple[list, pytree.TreeSpec, list[bool]]]]
+
+
+def row_keys(batch: dict) -> list[bytes]:
+    """One key per row of an encoded batch: the row's bytes in every input, its shape, and the
+    number of rows in the batch."""
+    names = sorted(batch)
+    rows = len(batch[names[0]]) if names else 0
+    keys = []
+    for row in range(rows):
+        parts = [f"rows:{rows}:".encode()]
+        for name in names:
+            value = batch[name][row].detach().cpu()
+            parts.append(f"{name}:{value.dtype}:{tuple(value.shape)}:".encode())
+            parts.append(value.numpy().tobytes())
+        keys.append(b"".join(parts))
+    return keys
+
+
+def _split(recording: Recording, rows: int) -> list[_Row] | None:
+    """``recording`` as ``rows`` rows (contiguous copies of each row's slices), or None if some
+    tensor in it has neither a row per example nor a single row shared by all of them."""
+    flat = {module: [pytree.tree_flatten(output) for output in outputs] for module, outputs in recording.items()}
+    shared = {}
+    for module, outputs in flat.items():
+        shared[module] = []
+        for leaves, _ in outputs:
+            flags = []
+            for leaf in leaves:
+                if not isinstance(leaf, torch.Tensor):
+                    flags.append(True)
+                elif leaf.dim() > 0 and leaf.shape[0] == rows:
+                    flags.append(False)
+                elif leaf.dim() > 0 and leaf.shape[0] == 1:
+                    flags.append(True)
+                else:
+                    return None
+            shared[module].append(flags)
+    return [
+        {module: [([leaf if whole else leaf[row : row + 1].clone() for leaf, whole in zip(leaves, flags)], spec, flags)
+                  for (leaves, spec), flags in zip(outputs, shared[module])]
+         for module, outputs in flat.items()}
+        for row in range(rows)
+    ]
+
+
+def _join(rows: list[_Row]) -> Recording | None:
+    """Rows stacked back into one recording, or None if their shared outputs differ."""
+    joined: Recording = {}
+    for module, outputs in rows[0].items():
+        joined[module] = []
+        for call, (leaves, spec, flags) in enumerate(outputs):
+            values = []
+            for i, (leaf, whole) in enumerate(zip(leaves, flags)):
+                column = [row[module][call][0][i] for row in rows]
+                if not whole:
+                    values.append(torch.cat(column))
+                elif all(_same(leaf, other) for other in column[1:]):
+                    values.append(leaf)
+                else:
+                    return None
+            joined[module].append(pytree.tree_unflatten(values, spec))
+    return joined
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                          and a.dtype == b.dtype and torch.equal(a, b))
+    return a == b

@@ -97,7 +97,8 @@ def _local_silo(run: Run, public_size: int | None, randomness: SecretRandomness 
                                accountant=config.privacy.accountant)
     randomness = randomness or _randomness(config)
     parts = run.parts
-    estimator = ZerothOrderEstimator(run.task.module, run.task.per_example_loss, parts.trainable, parts.directions)
+    estimator = ZerothOrderEstimator(run.task.module, run.task.per_example_loss, parts.trainable, parts.directions,
+                                     keep_prefix_mib=config.zo.keep_prefix_mib)
     silo = Silo(run.task, estimator, data.train, randomness, ledger, config.privacy.noise,
                 public_size=log.meta("public_size"))
     return silo, ledger

@@ -165,13 +165,15 @@ def test_an_added_or_removed_example_leaves_every_other_row_bit_for_bit(kind, mi
     assert_rows_independent_of_neighbours(task, estimator, texts, labels, long, short, [3, 4])
 
 
+@pytest.mark.parametrize("keep", [0, 64], ids=["per-batch", "kept"])
 @pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
-def test_language_modelling_rows_with_a_frozen_prefix_are_independent_of_neighbours(micro_batch, synthetic):
+def test_language_modelling_rows_with_a_frozen_prefix_are_independent_of_neighbours(micro_batch, keep, synthetic):
     task = make_task("causal-lm")
     task.template = "{text}"  # plain language modelling: every token counts
-    trainable = TrainableSet(task.module, top_layer_mask(task.module))  # a frozen prefix, recorded per batch
+    trainable = TrainableSet(task.module, top_layer_mask(task.module))  # a frozen prefix
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
-                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch)
+                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch,
+                                     keep_prefix_mib=keep)  # kept: neighbours' rows replayed from the store
     texts, labels = list(synthetic.train[:5]["text"]), list(synthetic.train[:5]["label"])
     assert_rows_independent_of_neighbours(task, estimator, texts, labels,
                                           (" ".join(synthetic.train[5:9]["text"]), 0), ("w1 w2", 0), [3])
@@ -198,14 +200,17 @@ def minilm():
     return load_task("minilm", "sequence-classification", ("negative", "positive"), max_length=64, head_scale=20.0)
 
 
+@pytest.mark.parametrize("keep", [0, 64], ids=["per-batch", "kept"])
 @pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
 @pytest.mark.models
-def test_minilm_default_rows_are_independent_of_neighbours(minilm, micro_batch):
-    """The default preset's model and trainable set (the cosine head, the encoder a recorded prefix)."""
+def test_minilm_default_rows_are_independent_of_neighbours(minilm, micro_batch, keep):
+    """The default preset's model and trainable set (the cosine head, the encoder a recorded
+    prefix, per batch or kept per example across calls)."""
     task = minilm
     trainable = TrainableSet(task.module, {"classifier.weight": None, "classifier.bias": None})
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
-                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch)
+                                     DirectionField(trainable, "rademacher"), micro_batch=micro_batch,
+                                     keep_prefix_mib=keep)
     labels = [1, 0, 0, 1, 0]
     assert lengths(task, [LONG_REVIEW]) == [64] and lengths(task, ["bad."])[0] < min(lengths(task, REVIEWS))
     assert_rows_independent_of_neighbours(task, estimator, REVIEWS, labels, (LONG_REVIEW, 0), ("bad.", 0),
@@ -259,6 +264,70 @@ def test_computing_the_frozen_prefix_once_changes_no_bit(kind, layout, synthetic
                            plain.estimate(other, 4, [5], 1e-2).differences)
     else:
         assert cached.prefix.modules == []
+
+
+@pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
+@pytest.mark.parametrize("kind", TASKS)
+def test_prefix_outputs_kept_across_calls_change_no_bit(kind, micro_batch, synthetic):
+    """Samples that overlap, in other orders and micro-batch positions: the rows replayed from the
+    store equal those of an estimator that computes everything afresh."""
+    task = make_task(kind)
+    trainable = TrainableSet(task.module, top_layer_mask(task.module))
+    field = DirectionField(trainable, "rademacher")
+    kept = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, micro_batch=micro_batch,
+                                keep_prefix_mib=64)
+    plain = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, micro_batch=micro_batch,
+                                 cache_prefix=False)
+    rows = synthetic.train[:14]
+    samples = [list(range(8)), [7, 3, 0, 5, 1, 6, 2, 4], list(range(4, 12)), [13, 0, 12, 2]]
+    computed = []
+    for sample in samples:
+        texts, labels = [rows["text"][i] for i in sample], [rows["label"][i] for i in sample]
+        ours, theirs = (estimator.estimate_examples(task, texts, labels, [3, 4], 1e-3) for estimator in (kept, plain))
+        assert torch.equal(ours.differences, theirs.differences)
+        assert ours.loss == theirs.loss
+        computed.append(kept.store.kept_rows)
+    assert computed[0] >= 8  # the first sample's examples (and, in micro-batches, a filler row per width)
+    assert computed[1] == computed[0]  # the same examples in another order: nothing computed again
+    assert computed[3] > computed[2] > computed[1]  # batches holding examples not seen before
+    assert kept.store.hits > 0 and kept.store.misses > 0
+
+
+def test_the_store_keeps_nothing_past_its_budget_and_still_answers_exactly(synthetic):
+    task = make_task("sequence-classification")
+    trainable = TrainableSet(task.module, top_layer_mask(task.module))
+    field = DirectionField(trainable, "rademacher")
+    plain = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, cache_prefix=False)
+    rows = synthetic.train[:6]
+    one = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, keep_prefix_mib=1e-6)
+    first = one.estimate_examples(task, rows["text"], rows["label"], [1], 1e-3)
+    assert len(one.store) == 0 and one.store.used_bytes == 0  # 1 byte holds no example
+    assert one.store.misses > 0  # computed per batch instead
+    assert torch.equal(first.differences,
+                       plain.estimate_examples(task, rows["text"], rows["label"], [1], 1e-3).differences)
+    roomy = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, keep_prefix_mib=64)
+    roomy.estimate_examples(task, rows["text"][:1], rows["label"][:1], [1], 1e-3)
+    budget = roomy.store.used_bytes * 3 + 1  # room for exactly three examples of that size or less
+    tight = ZerothOrderEstimator(task.module, task.per_example_loss, trainable, field, keep_prefix_mib=budget / 2**20)
+    tight.estimate_examples(task, rows["text"], rows["label"], [1], 1e-3)
+    assert 0 < len(tight.store) < 6 and tight.store.used_bytes <= budget
+
+
+def test_outputs_without_a_row_per_example_turn_the_store_off():
+    from seedtune.common.prefix import RecordingStore
+
+    module = nn.Linear(2, 2)
+    store = RecordingStore(2**20)
+    assert store.keep([b"a", b"b"], {module: [(torch.zeros(2, 3), torch.zeros(4))]}) is False  # 4 rows of 2?
+    assert len(store) == 0
+    table = torch.ones(1, 5)  # one row shared by all (a rotary table)
+    assert store.keep([b"a", b"b"], {module: [(torch.arange(6.0).view(2, 3), table, None)]}) is True
+    rows, shared, _ = store.lookup([b"b", b"a"])[module][0]
+    assert torch.equal(rows, torch.tensor([[3.0, 4, 5], [0, 1, 2]])) and shared is table
+    assert store.lookup([b"a", b"c"]) is None
+    assert store.keep([b"c", b"d"], {module: [(torch.zeros(2, 3), torch.zeros(1, 5), None)]}) is True
+    assert store.lookup([b"a", b"c"]) is None  # their shared tables differ: not joined
+    assert store.hits == 1 and store.misses == 2
 
 
 @pytest.mark.parametrize("kind", TASKS)
