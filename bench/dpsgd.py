@@ -1,7 +1,7 @@
 """DP-SGD through Opacus, as the utility benchmark's first-order baseline.
 
 It trains the same tensors as the zeroth-order run of the same config (its trainable subset,
-whole tensors), on the same training split, for the same number of steps, with Opacus's Poisson
+whole tensors; every tensor of the classifier, embeddings included, when nothing is pruned), on the same training split, for the same number of steps, with Opacus's Poisson
 sampler at the same rate q, per-example clipping at ``privacy.clip_bound`` and Gaussian noise
 whose multiplier seedtune's own accountant calibrates for the same (epsilon, delta, q, steps).
 The epsilon it reports is that accountant's for the release made; Opacus's own RDP accountant
@@ -37,6 +37,10 @@ def _train(model, task, train, optimizer, sampler, trainable: list, steps: int) 
                 rows = train[list(chosen)]
                 batch = task.encode(rows["text"], rows["label"])
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
+                # One position lookup per example, not one per batch, so that Opacus can form
+                # per-example gradients of the position embeddings too.
+                length = inputs["input_ids"].shape[1]
+                inputs["position_ids"] = torch.arange(length).expand(len(chosen), length)
                 logits = model(**inputs).logits
                 loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
                 loss.backward()

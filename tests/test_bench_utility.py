@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from seedtune.bench.utility import METHODS, QUICK, grid, method_config, summarize
 from seedtune.cli.main import main
 from seedtune.common.config import load_config
+
+HEAD = ["prune.enabled=true", "prune.ratio=0.0"]  # the cosine head alone (prune.always keeps it)
 
 
 def test_each_method_is_the_configuration_it_claims():
@@ -44,7 +47,7 @@ def test_summaries_are_means_and_sample_deviations_over_seeds():
 @pytest.mark.slow
 def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     out = tmp_path / "bench"
-    head = ["--set", "prune.enabled=true", "--set", "prune.ratio=0.0", "--set", "schedule.lr=0.05"]
+    head = [*(arg for key in HEAD for arg in ("--set", key)), "--set", "schedule.lr=0.05"]
     assert main(["bench", "utility", "--quick", "--preset", "tiny", *head, "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "utility.json").read_text())
     assert summary["complete"] and summary["quick"]
@@ -55,6 +58,7 @@ def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
         if epsilon is not None:  # every private method spends its budget, and no more
             assert row["epsilon_spent"] == pytest.approx(epsilon, rel=1e-3)
     assert table[("mezo", None)]["epsilon_spent"] is None  # not private: no epsilon, not a number
+    assert table[("ceiling", None)]["epsilon_spent"] is None and table[("ceiling", None)]["runs"] == 1
     for run in summary["runs"]:
         if run["method"] == "dp-sgd":  # Opacus's own accountant agrees on the same release
             assert run["opacus_epsilon"] == pytest.approx(run["epsilon_spent"], rel=0.05)
@@ -63,13 +67,84 @@ def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     assert "dp-sgd" in printed and "federated" in printed
 
 
-@pytest.mark.slow
-def test_dp_sgd_on_tensors_opacus_cannot_split_per_example_is_a_one_line_error(tmp_path, capsys):
-    # The tiny preset trains every tensor, position embeddings included (one lookup per batch).
-    code = main(["bench", "utility", "--quick", "--preset", "tiny", "--methods", "dp-sgd", "--seeds", "1",
-                 "--out", str(tmp_path / "bench"), "--no-progress"])
-    assert code == 2
-    assert "cannot form per-example gradients" in capsys.readouterr().err
+def test_dp_sgd_trains_every_tensor_of_the_classifier(monkeypatch):
+    """The tiny preset trains every tensor, position and token-type embeddings included."""
+    import torch
+
+    from seedtune.bench import dpsgd
+    from seedtune.common import components
+
+    config = load_config("tiny", None, ["schedule.steps=3", "privacy.sample_rate=0.05", "data.max_train_examples=200",
+                                         "eval.test_examples=20"])
+    loaded = {}
+    original = components.load_model
+
+    def keep(*args, **kwargs):
+        loaded["task"] = original(*args, **kwargs)
+        loaded["before"] = {n: p.detach().clone() for n, p in loaded["task"].module.named_parameters()}
+        return loaded["task"]
+
+    monkeypatch.setattr(components, "load_model", keep)
+    metrics, epsilon = dpsgd.dp_sgd(config, lr=0.5)
+    assert epsilon == pytest.approx(config.privacy.epsilon, rel=1e-3)
+    after = dict(loaded["task"].module.named_parameters())
+    unchanged = [n for n, before in loaded["before"].items() if torch.equal(before, after[n])]
+    assert unchanged == []  # noise reaches every tensor, so every one moved
+    assert any("position_embeddings" in n for n in after)
+
+
+def test_a_tensor_opacus_cannot_split_per_example_is_a_one_line_error(monkeypatch):
+    from opacus.optimizers import DPOptimizer
+
+    from seedtune.bench import dpsgd
+    from seedtune.common.errors import ConfigError
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("per sample gradient is not initialized")
+
+    monkeypatch.setattr(DPOptimizer, "step", refuse)
+    config = load_config("tiny", None, ["schedule.steps=3", "data.max_train_examples=50"])
+    with pytest.raises(ConfigError, match="cannot form per-example gradients .*per sample gradient"):
+        dpsgd.dp_sgd(config, lr=0.5)
+
+
+def test_the_ceiling_minimises_the_training_loss_of_the_head_alone(monkeypatch):
+    from seedtune.bench.ceiling import head_ceiling
+    from seedtune.common import components
+
+    config = load_config("tiny", None, [*HEAD, "data.max_train_examples=300", "eval.test_examples=50"])
+    loaded = {}
+    original = components.load_model
+
+    def keep(*args, **kwargs):
+        loaded["task"] = original(*args, **kwargs)
+        loaded["before"] = {n: p.detach().clone() for n, p in loaded["task"].module.named_parameters()}
+        return loaded["task"]
+
+    monkeypatch.setattr(components, "load_model", keep)
+    metrics = head_ceiling(config)
+    after = dict(loaded["task"].module.named_parameters())
+    moved = {n for n, before in loaded["before"].items() if not torch.equal(before, after[n])}
+    assert moved == {"classifier.weight", "classifier.bias"}  # the encoder is untouched
+    data = components.load_data(config)
+    task = loaded["task"]
+    rows = data.train[:]
+    with torch.no_grad():
+        batch = task.encode(rows["text"], rows["label"])
+        trained = float(task.per_example_loss(task.module, batch).mean())
+        for name in moved:  # back at the starting head: the minimum is lower
+            after[name].copy_(loaded["before"][name])
+        start = float(task.per_example_loss(task.module, batch).mean())
+    assert trained == pytest.approx(metrics["train_loss"], rel=1e-3) and trained < start
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["validation_accuracy"] <= 1
+
+
+def test_the_ceiling_of_another_trainable_set_is_a_one_line_error():
+    from seedtune.bench.ceiling import head_ceiling
+    from seedtune.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cosine head only .*prune.ratio=0"):
+        head_ceiling(load_config("tiny", None, ["data.max_train_examples=50"]))  # every tensor trains
 
 
 def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
