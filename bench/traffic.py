@@ -50,6 +50,24 @@ def _flower_identity():
             setattr(TaskIdentity, key, value)
 
 
+def reply_bytes(probes: int, epsilon: float = 6.0) -> int:
+    """Bytes of one silo's serialized Flower reply to one training request with ``probes`` values
+    (the uplink of one round at one local step)."""
+    import numpy as np
+    from flwr.app import Message, MessageType
+    from seedtune.common.privacy.accounting import release_event
+    from seedtune.common.protocol import ReleaseParameters, TrainReply, TrainRequest, probe_seeds
+    from seedtune.common.wire import Sync, encode_reply, encode_request, serialized_size
+
+    event = release_event(0.05, 1.0)
+    with _flower_identity():
+        asked = Message(encode_request(TrainRequest("bench", 500, probe_seeds(0, 500, probes), 1e-3,
+                                                    ReleaseParameters(3.0, 1.0, 0.05, "discrete")), Sync(500, (), None)),
+                        dst_node_id=7, message_type=MessageType.TRAIN, group_id="500")
+        reply = TrainReply(500, tuple(np.random.default_rng(0).normal(size=probes)), 170.0, (event,))
+        return serialized_size(Message(encode_reply(reply, "silo-0"), reply_to=asked))
+
+
 def bench_comm(progress: bool = True) -> dict:
     import numpy as np
     from flwr.app import ArrayRecord, Message, MessageType, RecordDict

@@ -4,10 +4,13 @@ On one model, one dataset with fixed splits, the same number of steps and the sa
 rate q, it runs
 
 * ``zero-shot`` — the starting model, untrained;
+* ``ceiling`` — the same trainable set (the cosine head) trained without privacy by exact,
+  full-batch first-order optimisation to the minimum of the training loss
+  (:mod:`seedtune.bench.ceiling`): what every private method on that set reads as a fraction of;
 * ``mezo`` — non-private zeroth-order (MeZO): constant schedule, the DP-ZOSO trainable subset;
 * ``dpzero`` — DPZero: constant schedule, every parameter (no pruning), Gaussian directions on
   the sphere;
-* ``dp-zoso`` — DP-ZOSO: the stagewise schedule and the preset's pruning mask;
+* ``dp-zoso`` — DP-ZOSO: the stagewise schedule (whatever the preset's) and the preset's pruning mask;
 * ``dp-sgd`` — DP-SGD through Opacus (per-example gradients, clipping, Gaussian noise) on the
   same trainable tensors as DP-ZOSO, with sigma calibrated by seedtune's own accountant for the
   same epsilon, delta, q and number of steps;
@@ -37,7 +40,8 @@ from pathlib import Path
 from seedtune.common.config import Config, load_config, with_changes
 from seedtune.common.errors import SeedtuneError
 
-METHODS = ("zero-shot", "mezo", "dpzero", "dp-zoso", "dp-sgd", "federated")
+METHODS = ("zero-shot", "ceiling", "mezo", "dpzero", "dp-zoso", "dp-sgd", "federated")
+ONCE = ("zero-shot", "ceiling")  # deterministic: one run, whatever the seeds
 PRIVATE = ("dpzero", "dp-zoso", "dp-sgd", "federated")
 
 
@@ -74,6 +78,10 @@ def method_config(base: Config, method: str, epsilon: float | None, seed: int, p
     constant = {"kind": "constant", "stages": 1, "prox": 0.0}
     if method == "mezo":
         return with_changes(config, privacy={"enabled": False}, schedule=constant)
+    if method == "ceiling":
+        return with_changes(config, privacy={"enabled": False})
+    if method == "dp-zoso":
+        return with_changes(config, schedule={"kind": "stagewise"})
     if method == "dpzero":
         # One direction per step, over every parameter. Rademacher directions lie on DPZero's
         # sphere of radius sqrt(d) and have E[zz^T] = I, as its analysis needs, at a fraction of
@@ -99,6 +107,10 @@ def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline
         task = components.load_model(config, data.label_names)
         metrics, epsilon = evaluate(task, data.test, batch_size=config.eval.batch_size,
                                     max_examples=config.eval.test_examples), 0.0
+    elif method == "ceiling":
+        from seedtune.bench.ceiling import head_ceiling
+
+        metrics, epsilon = head_ceiling(config), math.inf
     elif method == "dp-sgd":
         from seedtune.bench.dpsgd import dp_sgd
 
@@ -127,8 +139,8 @@ def grid(plan: Plan, methods: tuple[str, ...]) -> list[tuple[str, float | None, 
     """(method, epsilon or None, seed) for every run."""
     runs = []
     for method in methods:
-        if method == "zero-shot":
-            runs.append((method, None, plan.seeds[0]))  # deterministic: one run
+        if method in ONCE:
+            runs.append((method, None, plan.seeds[0]))
             continue
         for epsilon in (plan.epsilons if method in PRIVATE else (None,)):
             runs.extend((method, epsilon, seed) for seed in plan.seeds)
@@ -237,11 +249,10 @@ def utility_plot(summary: dict, path: Path) -> None:
         rows = [r for r in table if r["method"] == method]
         if not rows:
             continue
-        if rows[0]["epsilon"] is None:  # zero-shot, MeZO: no epsilon
-            row = rows[0]
-            axis.axhline(row["accuracy"], linestyle="--" if method == "zero-shot" else ":",
-                         color="grey" if method == "zero-shot" else "black",
-                         label=f"{method} ({'no training' if method == 'zero-shot' else 'not private'})")
+        if rows[0]["epsilon"] is None:  # zero-shot, the ceiling, MeZO: no epsilon
+            style = {"zero-shot": ("--", "grey", "no training"), "ceiling": ("-", "black", "first-order, not private")}
+            line, color, what = style.get(method, (":", "black", "not private"))
+            axis.axhline(rows[0]["accuracy"], linestyle=line, color=color, label=f"{method} ({what})")
             continue
         xs = [r["epsilon"] for r in rows]
         axis.errorbar(xs, [r["accuracy"] for r in rows], yerr=[r["accuracy_std"] for r in rows], marker="o",

@@ -148,6 +148,7 @@ def _add_bench(commands) -> None:
                                               "time, memory and traffic against their limits")
     benches = bench.add_subparsers(dest="bench", required=True)
     _add_bench_utility(benches)
+    _add_bench_recipe(benches)
     for name, text in COST_BENCHES.items():
         command = benches.add_parser(name, help=text.replace("%", "%%"), description=text)  # help is %-formatted
         command.add_argument("--quick", action="store_true", help="fewer repeats, rounds and sizes: a smoke test")
@@ -168,14 +169,14 @@ def _add_bench(commands) -> None:
 
 def _add_bench_utility(benches) -> None:
     utility = benches.add_parser(
-        "utility", help="test accuracy of zero-shot, MeZO, DPZero, DP-ZOSO, DP-SGD (Opacus) and federated "
-                        "DP-ZOSO at epsilon 2 and 6, over 3 seeds")
+        "utility", help="test accuracy of zero-shot, the first-order ceiling, MeZO, DPZero, DP-ZOSO, DP-SGD "
+                        "(Opacus) and federated DP-ZOSO at epsilon 2 and 6, over 3 seeds")
     utility.add_argument("--quick", action="store_true", help="slices and one seed: a few minutes")
     utility.add_argument("--preset", default="default", help="the model, data and subset to compare on")
     utility.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a setting of every run, e.g. --set schedule.steps=500")
-    utility.add_argument("--methods", default=",".join(("zero-shot", "mezo", "dpzero", "dp-zoso", "dp-sgd",
-                                                          "federated")),
+    utility.add_argument("--methods", default=",".join(("zero-shot", "ceiling", "mezo", "dpzero", "dp-zoso",
+                                                          "dp-sgd", "federated")),
                          help="comma-separated subset of the methods")
     utility.add_argument("--seeds", type=int, help="runs per method and epsilon (default: 3; --quick: 1)")
     utility.add_argument("--dpzero-lr", type=float, help="DPZero's step size (default 1e-5: it moves every parameter)")
@@ -185,6 +186,41 @@ def _add_bench_utility(benches) -> None:
     utility.add_argument("--json", action="store_true", help="print the results as JSON")
     utility.add_argument("--no-progress", action="store_true", help="no progress bar")
     utility.set_defaults(run=_bench_utility)
+
+
+def _add_bench_recipe(benches) -> None:
+    recipe = benches.add_parser(
+        "recipe", help="choose a head-only recipe on the validation split: each point of a grid replayed "
+                       "privately on the frozen encoder's embeddings, seconds a run; never reads the test split")
+    _settings(recipe, "the run to start from: default (simulate's, 3 silos) or a --config", "privacy.epsilon=2")
+    recipe.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                        help="a setting to vary, e.g. --vary lr=10,20 (repeatable; keys: steps, lr, kind, stages, "
+                             "probes, sample_rate, clip_bound, epsilon, silos)")
+    recipe.add_argument("--seeds", type=int, default=4, help="replays per point (default 4)")
+    recipe.add_argument("--time-steps", action="store_true",
+                        help="also time one real silo step at each point's K and q (the real model, prefix kept)")
+    recipe.add_argument("--json", action="store_true", help="print the results as JSON")
+    recipe.add_argument("--out", type=Path, help="write recipe.json here")
+    recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    recipe.set_defaults(run=_bench_recipe)
+
+
+def _bench_recipe(args) -> int:
+    from seedtune.bench.recipe import bench_recipe
+    from seedtune.cli.reports import print_recipe
+
+    if args.seeds < 1:
+        raise SeedtuneError(f"--seeds {args.seeds} must be >= 1")
+    report = bench_recipe(args.preset, args.config, args.overrides, args.vary, args.seeds,
+                          progress=not args.no_progress, time_steps=args.time_steps)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "recipe.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_recipe(report)
+    return 0
 
 
 def _add_budget(commands) -> None:
