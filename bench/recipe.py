@@ -63,10 +63,13 @@ def features(config: Config) -> Features:
                     head.bias.detach().float().clone(), list(data.train["text"]))
 
 
-def replay(config: Config, data: Features, seed: int) -> float:
-    """Validation accuracy of one private head-only run of ``config``, replayed on the embeddings."""
+def replay(config: Config, data: Features, seed: int) -> tuple[float, float]:
+    """Validation accuracy and loss of one private head-only run of ``config``, replayed on the
+    embeddings."""
     weight, bias = train_head(config, data, seed)
-    return float(((data.validation @ weight.T + bias).argmax(dim=1) == data.validation_labels).float().mean())
+    logits = data.validation @ weight.T + bias
+    return (float((logits.argmax(dim=1) == data.validation_labels).float().mean()),
+            float(F.cross_entropy(logits, data.validation_labels)))
 
 
 def train_head(config: Config, data: Features, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +127,8 @@ def parse_grid(pairs: list[str]) -> dict[str, list]:
 
 def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progress: bool = True) -> list[dict]:
     """Every point of ``grid`` over ``base``, each replayed with ``seeds`` seeds on ``data``:
-    validation accuracy (mean, smallest, each) and the bytes of one silo's reply, best mean first."""
+    validation accuracy (mean, smallest, each), mean validation loss and the bytes of one silo's
+    reply, best mean accuracy first."""
     from tqdm.auto import tqdm
 
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
@@ -135,10 +139,11 @@ def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progr
             section, name, _ = KEYS[key]
             changes.setdefault(section, {})[name] = value
         config = with_changes(base, **changes).validate()
-        accuracies = [replay(config, data, seed) for seed in range(seeds)]
+        accuracies, losses = zip(*(replay(config, data, seed) for seed in range(seeds)))
         rows.append({**point, "validation_accuracy": statistics.fmean(accuracies),
+                     "validation_loss": statistics.fmean(losses),
                      "uplink_bytes": reply_bytes(config.zo.probes),
-                     "smallest": min(accuracies), "each": accuracies,
+                     "smallest": min(accuracies), "each": list(accuracies),
                      "sigma": calibrate_noise_multiplier(config.privacy.epsilon, config.privacy.delta,
                                                          config.privacy.sample_rate, config.schedule.steps,
                                                          config.privacy.accountant, noise="gaussian")

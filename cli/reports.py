@@ -245,10 +245,11 @@ def print_recipe(report: dict, file=None) -> None:
     keys = list(report["grid"])
     print(f"validation accuracy of each recipe ({report['seeds']} replays each; the non-private ceiling of the head: "
           f"{report['validation_ceiling']:.4f})", file=file)
-    print("".join(f"{key:>13}" for key in keys) + f"{'mean':>9}{'smallest':>10}{'sigma':>8}{'reply bytes':>13}",
-          file=file)
+    print("".join(f"{key:>13}" for key in keys) + f"{'mean':>9}{'smallest':>10}{'loss':>8}{'sigma':>8}"
+          f"{'reply bytes':>13}", file=file)
     for point in report["points"]:
         print("".join(f"{point[key]!s:>13}" for key in keys)
-              + f"{point['validation_accuracy']:>9.4f}{point['smallest']:>10.4f}{point['sigma']:>8.3f}"
+              + f"{point['validation_accuracy']:>9.4f}{point['smallest']:>10.4f}{point['validation_loss']:>8.4f}"
+              + f"{point['sigma']:>8.3f}"
               + f"{point['uplink_bytes']:>13}"
               + (f"{point['step_seconds']:>9.3f} s" if "step_seconds" in point else ""), file=file)
