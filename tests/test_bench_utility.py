@@ -67,15 +67,10 @@ def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     assert "dp-sgd" in printed and "federated" in printed
 
 
-def test_dp_sgd_trains_every_tensor_of_the_classifier(monkeypatch):
-    """The tiny preset trains every tensor, position and token-type embeddings included."""
-    import torch
-
-    from seedtune.bench import dpsgd
+def watch_the_model(monkeypatch) -> dict:
+    """What the next loaded model is ("task") and its tensors' values as loaded ("before")."""
     from seedtune.common import components
 
-    config = load_config("tiny", None, ["schedule.steps=3", "privacy.sample_rate=0.05", "data.max_train_examples=200",
-                                         "eval.test_examples=20"])
     loaded = {}
     original = components.load_model
 
@@ -85,6 +80,16 @@ def test_dp_sgd_trains_every_tensor_of_the_classifier(monkeypatch):
         return loaded["task"]
 
     monkeypatch.setattr(components, "load_model", keep)
+    return loaded
+
+
+def test_dp_sgd_trains_every_tensor_of_the_classifier(monkeypatch):
+    """The tiny preset trains every tensor, position and token-type embeddings included."""
+    from seedtune.bench import dpsgd
+
+    config = load_config("tiny", None, ["schedule.steps=3", "privacy.sample_rate=0.05", "data.max_train_examples=200",
+                                         "eval.test_examples=20"])
+    loaded = watch_the_model(monkeypatch)
     metrics, epsilon = dpsgd.dp_sgd(config, lr=0.5)
     assert epsilon == pytest.approx(config.privacy.epsilon, rel=1e-3)
     after = dict(loaded["task"].module.named_parameters())
@@ -113,15 +118,7 @@ def test_the_ceiling_minimises_the_training_loss_of_the_head_alone(monkeypatch):
     from seedtune.common import components
 
     config = load_config("tiny", None, [*HEAD, "data.max_train_examples=300", "eval.test_examples=50"])
-    loaded = {}
-    original = components.load_model
-
-    def keep(*args, **kwargs):
-        loaded["task"] = original(*args, **kwargs)
-        loaded["before"] = {n: p.detach().clone() for n, p in loaded["task"].module.named_parameters()}
-        return loaded["task"]
-
-    monkeypatch.setattr(components, "load_model", keep)
+    loaded = watch_the_model(monkeypatch)
     metrics = head_ceiling(config)
     after = dict(loaded["task"].module.named_parameters())
     moved = {n for n, before in loaded["before"].items() if not torch.equal(before, after[n])}
