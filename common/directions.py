@@ -24,6 +24,7 @@ these values by :class:`seedtune.common.trainable.DirectionField`, which knows d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Literal
@@ -72,8 +73,12 @@ def stream_key(seed: int, name: str) -> int:
     The name enters through BLAKE2b so that keys of different parameters are unrelated; the
     seed enters through splitmix64 so that consecutive seeds give unrelated streams.
     """
-    name_key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
-    return mix_int(mix_int(seed) ^ name_key)
+    return mix_int(mix_int(seed) ^ _name_key(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
 def _hash(key: int, counter: torch.Tensor) -> torch.Tensor:
@@ -86,6 +91,23 @@ def _rademacher_at(key: int, index: torch.Tensor) -> torch.Tensor:
     words = _hash(key, index >> 6)
     # An arithmetic shift leaves bit j of the word in bit 0; & 1 drops the sign extension.
     return ((words >> (index & 63)) & 1).to(torch.uint8)
+
+
+def rademacher_block(keys: list[int], start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """(len(keys), stop - start): row k holds the Rademacher values of coordinates [start, stop)
+    under stream key ``keys[k]``, the same bits :func:`_rademacher_range` writes, from one hash of
+    a (keys x words) tensor instead of one call per key. Written into ``out`` (a flat tensor of at
+    least len(keys) * 64 * words values; reused, since fresh large tensors are slow to fault in);
+    each row of the result is contiguous."""
+    first, last = start >> 6, (stop - 1) >> 6
+    counters = torch.arange(first, last + 1, dtype=torch.int64, device=out.device)
+    offsets = torch.tensor([_signed(key) for key in keys], dtype=torch.int64, device=out.device)
+    words = _mix(((counters + 1) * _signed(_GOLDEN)).unsqueeze(0) + offsets.unsqueeze(1))
+    octets = words.view(torch.uint8).to(torch.int32).reshape(-1)  # (keys, 8 bytes a word), little-endian
+    signs = out[: octets.numel() * 8].view(-1, 8)
+    torch.index_select(_sign_table(out.dtype, out.device), 0, octets, out=signs)
+    offset = start - (first << 6)
+    return signs.view(len(keys), -1)[:, offset : offset + (stop - start)]
 
 
 def _rademacher_range(key: int, start: int, stop: int, out: torch.Tensor) -> None:

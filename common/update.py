@@ -65,7 +65,9 @@ def step_piece(
     shares (the live step, replay one step at a time, and replay of many steps piece by piece),
     so that they agree bit for bit. ``z`` is a workspace of the piece's length."""
     drift = target - anchor if prox > 0 else None  # at theta_t
-    for seed, g in zip(probe_seeds, projected_grads):
-        target.add_(directions.fill(entry, seed, z, offset), alpha=-lr * float(g) / len(probe_seeds))
+    # Several seeds' pieces of z at once where that is cheaper (the same values); added one seed
+    # at a time in order either way, so the sum rounds the same.
+    for values, g in zip(directions.fill_each(entry, list(probe_seeds), offset, z), projected_grads, strict=True):
+        target.add_(values, alpha=-lr * float(g) / len(probe_seeds))
     if drift is not None:
         target.add_(drift, alpha=-lr * prox)

@@ -94,3 +94,25 @@ def test_exact_norm_does_not_depend_on_chunking():
     z = d.direction_range("gaussian", 4, "p", 0, 10_000, dtype=torch.float64)
     parts = sum(d.direction_norm_squared(z[a : a + 999]) for a in range(0, 10_000, 999))
     assert parts == d.direction_norm_squared(z)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_seeds_at_once_give_each_seeds_values_bit_for_bit(distribution, dtype):
+    """What the update adds for each seed: rows of one block where that is cheaper, the same
+    values as filling seed by seed, at any offset and length (across hash words), masked or not."""
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(9, 77, dtype=dtype))
+    module.bias = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+    trainable = TrainableSet(module, {"weight": None, "bias": torch.tensor([0, 3, 4])})
+    field = DirectionField(trainable, distribution)
+    seeds = list(range(100, 100 + 70))  # more seeds than one block of a long piece holds
+    for entry in trainable:
+        for offset, length in ((0, entry.size), (5, min(130, entry.size - 5)), (64, min(64, entry.size - 64))):
+            if length <= 0:
+                continue
+            out = torch.empty(length, dtype=dtype)
+            each = [value.clone() for value in field.fill_each(entry, seeds, offset, out)]
+            alone = [field.fill(entry, seed, torch.empty(length, dtype=dtype), offset) for seed in seeds]
+            assert len(each) == len(seeds)
+            assert all(torch.equal(a, b) for a, b in zip(each, alone)), (entry.name, offset, length)
