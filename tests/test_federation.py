@@ -411,7 +411,9 @@ def test_evaluation_on_silos_data_is_noised_and_charged_or_warns(tmp_path, mode)
     else:
         result = Federation(run, transport, progress=False).run_all()
     assert result.silo_evaluation["silos"] == 2 and result.silo_evaluation["private"] == (mode == "private")
-    assert 0.0 <= result.silo_evaluation["accuracy"] <= 1.2  # noised counts may overshoot a little
+    accuracy = result.silo_evaluation["accuracy"]
+    # Exact counts give a fraction; noised ones (std 2 on a few dozen examples) may leave [0, 1].
+    assert (0.0 <= accuracy <= 1.0) if mode == "nonprivate" else math.isfinite(accuracy)
     for node in nodes.values():
         notes = [release["note"] for release in node.ledger.history()]
         assert notes.count("evaluation") == (1 if mode == "private" else 0)
