@@ -22,8 +22,10 @@ pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[1]
 # The run is calibrated to epsilon = 3 and each silo's ledger holds 6 (SILO_EPSILON's default):
 # a round retried on a slow machine is charged again, and must not exhaust the silos mid-run.
+STEPS = 10  # enough rounds that a killed engine, restarted, still has rounds to answer
+SECOND = 6  # the second run's rounds: each costs enough that the ledgers refuse it partway
 RUN_CONFIG = ('model.name="tiny" data.name="synthetic" schedule.stages=1 eval.every=0 privacy.sample_rate=0.05 '
-              'privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 schedule.steps=6 federation.silos=3 '
+              f'privacy.clip_bound=15.0 schedule.lr=0.01 zo.probes=4 schedule.steps={STEPS} federation.silos=3 '
               'federation.min_silos=2 federation.round_timeout=180 privacy.epsilon=3.0')
 
 
@@ -120,10 +122,10 @@ def test_compose_up_runs_the_fine_tuning_and_leaves_model_log_and_ledgers_on_vol
     listing = stack.read("runs", "import json, os; print(json.dumps(sorted(os.listdir('/v/default'))))")
     assert {"log.sqlite", "metrics.json", "final", "federation.sqlite"} <= set(json.loads(listing))
     metrics = json.loads(stack.read("runs", "print(open('/v/default/metrics.json').read())"))
-    assert metrics["steps"] == 6 and set(metrics["silos"]) == {"silo-0", "silo-1", "silo-2"}
+    assert metrics["steps"] == STEPS and set(metrics["silos"]) == {"silo-0", "silo-1", "silo-2"}
     assert "model.safetensors" in stack.read("runs", "import os; print(os.listdir('/v/default/final'))")
     for silo in (0, 2):  # every round, charged in the silo's own ledger volume (retried ones again)
-        assert len(stack.releases(silo)) >= 6 and stack.spent(silo) <= 6.0 + 1e-9
+        assert len(stack.releases(silo)) >= STEPS and stack.spent(silo) <= 6.0 + 1e-9
     assert "Uvicorn running on https://0.0.0.0:9093" in logs  # TLS on
 
 
@@ -136,7 +138,7 @@ def test_a_killed_engine_keeps_its_ledger_exact_and_the_ledger_still_binds_it(st
     steps = json.loads(stack.read("silo-1-state", (
         "import json, sqlite3\n"
         "print(json.dumps([r[0] for r in sqlite3.connect('/v/ledger.sqlite').execute('SELECT step FROM releases')]))")))
-    assert len(steps) == len(set(steps)) < 6  # no step charged twice; the rounds it was down, not at all
+    assert len(steps) == len(set(steps)) < STEPS  # no step charged twice; the rounds it was down, not at all
     refusals = json.loads(stack.read("silo-1-state", (
         "import json\n"
         "lines = [json.loads(l) for l in open('/v/messages.jsonl')]\n"
@@ -146,11 +148,12 @@ def test_a_killed_engine_keeps_its_ledger_exact_and_the_ledger_still_binds_it(st
     # first: the silos themselves refuse it partway, from the ledgers on their volumes, and the run
     # ends early with the model it has, saying why with the silos' own numbers.
     second = stack.compose("run", "--rm", "-e", "SEEDTUNE_RUN_NAME=second", "-e",
-                           "SEEDTUNE_RUN_CONFIG=" + RUN_CONFIG.replace("privacy.epsilon=3.0", "privacy.epsilon=6.0"),
+                           "SEEDTUNE_RUN_CONFIG=" + RUN_CONFIG.replace("privacy.epsilon=3.0", "privacy.epsilon=6.0")
+                           .replace(f"schedule.steps={STEPS}", f"schedule.steps={SECOND}"),
                            "launcher", check=False, timeout=1200)
     assert second.returncode == 0, second.stderr[-3000:]
     metrics = json.loads(stack.read("runs", "print(open('/v/second/metrics.json').read())"))
-    assert metrics["steps"] < 6
+    assert metrics["steps"] < SECOND
     assert "lack of privacy budget" in metrics["stopped_early"] and "releases made" in metrics["stopped_early"]
     refused = []
     for silo in range(3):
