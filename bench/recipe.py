@@ -125,6 +125,16 @@ def parse_grid(pairs: list[str]) -> dict[str, list]:
     return grid
 
 
+def at_point(base: Config, point: dict) -> Config:
+    """``base`` with a grid point's settings (the point's other fields, results, ignored)."""
+    changes: dict[str, dict] = {}
+    for key, value in point.items():
+        if key in KEYS:
+            section, name, _ = KEYS[key]
+            changes.setdefault(section, {})[name] = value
+    return with_changes(base, **changes).validate()
+
+
 def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progress: bool = True) -> list[dict]:
     """Every point of ``grid`` over ``base``, each replayed with ``seeds`` seeds on ``data``:
     validation accuracy (mean, smallest, each), mean validation loss and the bytes of one silo's
@@ -134,11 +144,7 @@ def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progr
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     rows = []
     for point in tqdm(points, disable=not progress, unit="point", desc="bench recipe"):
-        changes: dict[str, dict] = {}
-        for key, value in point.items():
-            section, name, _ = KEYS[key]
-            changes.setdefault(section, {})[name] = value
-        config = with_changes(base, **changes).validate()
+        config = at_point(base, point)
         accuracies, losses = zip(*(replay(config, data, seed) for seed in range(seeds)))
         rows.append({**point, "validation_accuracy": statistics.fmean(accuracies),
                      "validation_loss": statistics.fmean(losses),
@@ -189,11 +195,7 @@ def step_seconds(base: Config, points: list[dict], repeats: int = 3) -> None:
                                      keep_prefix_mib=base.zo.keep_prefix_mib)
     generator = np.random.default_rng(0)
     for point in points:
-        changes = {KEYS[key][0]: {} for key in point if key in KEYS}
-        for key in point:
-            if key in KEYS:
-                changes[KEYS[key][0]][KEYS[key][1]] = point[key]
-        config = with_changes(base, **changes)
+        config = at_point(base, point)
         micro_batch = micro_batch_for(config.privacy.sample_rate * len(shard))
         estimator.keep_prefixes(task, shard["text"], shard["label"], micro_batch)
         times = []
