@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from seedtune.common.trainable import TrainableSet
@@ -46,6 +47,7 @@ class PrefixCache:
             if not any(id(p) in trainable_ids for p in module.parameters())
         }
         self.modules: list[nn.Module] | None = None  # the plan, once traced
+        self.unread: set[nn.Module] = set()  # prefix modules whose outputs only other prefix modules read
         self._last: tuple[nn.Module, int] | None = None  # the prefix module returning last, its calls
 
     def trace(self, forward: Callable[[], object]) -> list[nn.Module]:
@@ -87,7 +89,30 @@ class PrefixCache:
         if self.modules:
             last = max(self.modules, key=lambda m: calls[m][-1][1])
             self._last = (last, len(calls[last]))
+            self.unread = self._find_unread(forward)
         return self.modules
+
+    def _find_unread(self, forward: Callable[[], object]) -> set[nn.Module]:
+        """The prefix modules whose outputs nothing after the prefix reads.
+
+        In a replay every prefix module returns its recorded output without computing, so the
+        output of, say, the third of six frozen layers is read only by the fourth, which does not
+        run. Such an output need not be kept: a module is unread when replaying NaN in place of
+        every one of its values leaves the forward's result bit for bit the same (a NaN that is
+        read reaches the result). Checked for each module, then for all of them together.
+        """
+        recording = self.record(forward)
+        with self.replaying(recording):
+            reference = pytree.tree_leaves(forward())
+
+        def unchanged_without(modules: set[nn.Module]) -> bool:
+            poisoned = {**recording, **{module: _unread(recording[module]) for module in modules}}
+            with self.replaying(poisoned, modules):
+                result = pytree.tree_leaves(forward())
+            return len(result) == len(reference) and all(_same(a, b) for a, b in zip(result, reference))
+
+        unread = {module for module in self.modules or () if unchanged_without({module})}
+        return unread if unread and unchanged_without(unread) else set()
 
     def record(self, forward: Callable[[], object]) -> Recording:
         """Run ``forward`` until every prefix module has returned; their outputs, in call order."""
@@ -95,7 +120,7 @@ class PrefixCache:
         last, calls = self._last or (None, 0)
 
         def keep(module: nn.Module, args, output) -> None:
-            outputs[module].append(output)
+            outputs[module].append(_unread([output])[0] if module in self.unread else output)
             if module is last and len(outputs[module]) == calls:
                 raise _PrefixRecorded
 
@@ -110,11 +135,14 @@ class PrefixCache:
         return outputs
 
     @contextmanager
-    def replaying(self, recording: Recording) -> Iterator[None]:
-        """Prefix modules return what they returned in ``recording``, without computing."""
+    def replaying(self, recording: Recording, unread: set[nn.Module] | None = None) -> Iterator[None]:
+        """Prefix modules return what they returned in ``recording``, without computing; those in
+        ``unread`` (default: the trace's) return NaN of their outputs' shapes."""
+        unread = self.unread if unread is None else unread
         patched = []
         for module in self.modules or ():
-            outputs = iter(recording[module])
+            kept = recording[module]
+            outputs = iter([pytree.tree_map(_poison, output) for output in kept] if module in unread else kept)
             module.forward = lambda *args, _outputs=outputs, **kwargs: next(_outputs)
             patched.append(module)
         try:
@@ -122,6 +150,34 @@ class PrefixCache:
         finally:
             for module in patched:
                 del module.forward
+
+
+@dataclass(frozen=True)
+class Unread:
+    """Kept in place of a tensor no computation after the prefix reads: its shape and kind only.
+    Replayed as NaN (:func:`_poison`), so a read the trace did not foresee reaches the loss as NaN
+    instead of a wrong number."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _unread(outputs: list) -> list:
+    """``outputs`` with each floating-point tensor replaced by its :class:`Unread` description
+    (integer tensors cannot hold NaN, so they are kept as they are)."""
+    def describe(leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return Unread(tuple(leaf.shape), leaf.dtype, leaf.device)
+        return leaf
+    return [pytree.tree_map(describe, output) for output in outputs]
+
+
+def _poison(leaf):
+    """An :class:`Unread` as a tensor of its shape that holds one NaN (strides of zero)."""
+    if isinstance(leaf, Unread):
+        return torch.full((), float("nan"), dtype=leaf.dtype, device=leaf.device).expand(leaf.shape)
+    return leaf
 
 
 class RecordingStore:

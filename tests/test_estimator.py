@@ -330,6 +330,69 @@ def test_outputs_without_a_row_per_example_turn_the_store_off():
     assert store.hits == 1 and store.misses == 2
 
 
+class Chain(nn.Module):
+    """Two frozen maps and a trainable one; with ``skip`` the tail also reads the first map's output."""
+
+    def __init__(self, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.first, self.second, self.tail = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 1)
+
+    def forward(self, x):
+        a = self.first(x)
+        out = self.tail(torch.tanh(self.second(a)))
+        return (out + a.sum(dim=1, keepdim=True) if self.skip else out).squeeze(1)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["chain", "skip"])
+def test_only_the_prefix_outputs_the_rest_reads_are_kept(skip):
+    """An output read only by the next frozen module (which a replay does not run) is kept as its
+    shape alone; one the trainable rest reads (a skip connection) is kept whole. Both answer
+    bit for bit what a fresh pass computes."""
+    torch.manual_seed(0)
+    model = Chain(skip)
+    trainable = TrainableSet(model, {"tail.weight": None, "tail.bias": None})
+    field = DirectionField(trainable, "rademacher")
+    batch = {"x": torch.randn(5, 3)}
+    loss = lambda module, b: module(b["x"]) ** 2  # noqa: E731 - per-example loss of the toy model
+    cached = ZerothOrderEstimator(model, loss, trainable, field)
+    plain = ZerothOrderEstimator(model, loss, trainable, field, cache_prefix=False)
+    assert torch.equal(cached.estimate(batch, 5, [1, 2], 1e-3).differences,
+                       plain.estimate(batch, 5, [1, 2], 1e-3).differences)
+    assert cached.prefix.modules == [model.first, model.second]
+    assert cached.prefix.unread == (set() if skip else {model.first})
+    recording = cached.prefix.record(lambda: loss(model, batch))
+    assert isinstance(recording[model.first][0], torch.Tensor) is skip
+    assert isinstance(recording[model.second][0], torch.Tensor)
+
+
+def test_an_unread_output_that_is_read_after_all_reaches_the_loss_as_nan():
+    """The safety net: were the trace wrong about a read, the replay gives NaN, not a wrong loss."""
+    torch.manual_seed(0)
+    model = Chain(skip=False)
+    trainable = TrainableSet(model, {"tail.weight": None, "tail.bias": None})
+    estimator = ZerothOrderEstimator(model, lambda m, b: m(b["x"]) ** 2, trainable, DirectionField(trainable, "rademacher"))
+    batch = {"x": torch.randn(4, 3)}
+    estimator.estimate(batch, 4, [1], 1e-3)
+    recording = estimator.prefix.record(lambda: model(batch["x"]))
+    model.skip = True  # now the rest reads the output the trace found unread
+    with estimator.prefix.replaying(recording):
+        assert torch.isnan(model(batch["x"])).all()
+
+
+@pytest.mark.models
+def test_the_default_store_keeps_the_sentence_embedding_not_the_token_states(minilm):
+    """Head-only: the encoder's token states are read only by the pooling, itself replayed, so a
+    kept example costs its 384 pooled values."""
+    task = minilm
+    trainable = TrainableSet(task.module, {"classifier.weight": None, "classifier.bias": None})
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
+                                     DirectionField(trainable, "rademacher"), micro_batch=1, keep_prefix_mib=64)
+    estimator.keep_prefixes(task, REVIEWS, [1, 0, 0, 1, 0][: len(REVIEWS)])
+    assert len(estimator.store) == len(set(REVIEWS))
+    assert estimator.store.used_bytes == len(estimator.store) * task.module.config.hidden_size * 4
+
+
 @pytest.mark.parametrize("kind", TASKS)
 def test_the_prefix_is_computed_once_and_the_rest_only_in_the_perturbed_passes(kind, synthetic):
     task = make_task(kind)
