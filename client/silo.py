@@ -27,7 +27,12 @@ class ReleaseMismatch(SeedtuneError):
     """A request whose release parameters contradict the run's setup."""
 
 
-PREFIX_CHUNK = 4096  # examples tokenised at once when computing the prefix ahead
+PREFIX_CHUNK = 256  # examples computed ahead between two looks at the clock
+# At most this long (past one chunk) computing the prefix ahead in one answer. A large shard's
+# first round then stays well inside the coordinator's round timeout (a 10k-example shard took
+# 76 s on two busy cores); what is left is computed in the next answers, and a step that samples
+# an example not yet kept computes (and keeps) its micro-batch as it always could.
+PREFIX_SECONDS = 30.0
 
 
 class Silo:
@@ -65,7 +70,8 @@ class Silo:
         self.last_compute_s = 0.0  # the forward passes of the last answer
         self.last_zeroed = 0  # rows of the last answer that were not finite and counted as zero
         self.last_reused = False  # the last answer repeated a release already made
-        self._prefixes_kept: set[int] = set()  # micro-batch sizes whose prefix outputs were computed ahead
+        self.prefix_seconds = PREFIX_SECONDS
+        self._prefix_done: dict[int, int] = {}  # per micro-batch size: the shard's rows computed ahead so far
 
     def answer(self, request: TrainRequest, digest: str | None = None) -> TrainReply:
         """One step's release. ``digest``: what the ledger keeps it under (default: the request's
@@ -107,16 +113,20 @@ class Silo:
         )
 
     def _keep_prefixes(self, micro_batch: int) -> None:
-        """Before the first step in micro-batches of this size: the frozen prefix's outputs on the
-        whole shard, in chunks, kept while the estimator's store has room (none: nothing to do)."""
-        if micro_batch in self._prefixes_kept:
-            return
-        self._prefixes_kept.add(micro_batch)
-        for start in range(0, len(self.shard), PREFIX_CHUNK):
-            if self.estimator.store is None:
-                return
-            rows = self.shard[start : start + PREFIX_CHUNK]
-            self.estimator.keep_prefixes(self.task, rows["text"], rows["label"], micro_batch)
+        """The frozen prefix's outputs on the shard, computed ahead in micro-batches of this size
+        and kept while the estimator's store has room: in shard order, a chunk at a time, for at
+        most ``prefix_seconds`` (past the first chunk) per answer, resuming where the last answer
+        stopped. The order and the amount depend on the shard's size and the clock, never on the
+        sample."""
+        done = self._prefix_done.get(micro_batch, 0)
+        deadline = time.perf_counter() + self.prefix_seconds
+        while done < len(self.shard):
+            rows = self.shard[done : done + PREFIX_CHUNK]
+            full = not self.estimator.keep_prefixes(self.task, rows["text"], rows["label"], micro_batch)
+            done = len(self.shard) if full else min(len(self.shard), done + PREFIX_CHUNK)
+            if time.perf_counter() >= deadline:
+                break
+        self._prefix_done[micro_batch] = done
 
     def _answered(self, request: TrainRequest, digest: str) -> TrainReply | None:
         """The reply already released for this very request, if its values are in the ledger."""

@@ -150,17 +150,21 @@ class ZerothOrderEstimator:
 
     @torch.no_grad()
     def keep_prefixes(self, task: ExampleEncoder, texts: Sequence[str], labels: Sequence[int],
-                      micro_batch: int | None = None) -> None:
+                      micro_batch: int | None = None) -> bool:
         """Compute and keep these examples' prefix outputs now, in the micro-batches of
         ``micro_batch`` rows a step forms, so that steps which sample them only replay them.
         A step that meets an example not kept computes its whole micro-batch, so without this a
-        store fills slowly: a micro-batch of m rows is replayed only once all m were seen."""
+        store fills slowly: a micro-batch of m rows is replayed only once all m were seen.
+        False when nothing more can be kept (no store, or it is full)."""
         if self.store is None:
-            return
+            return False
         for batch, _ in task.encode_fixed(list(texts), list(labels), micro_batch or self.micro_batch):
             if self.store is None or not self.store.has_room(len(next(iter(batch.values())))):
-                return
+                return False
             self._record(batch)
+            if not self.prefix.modules:
+                return False  # nothing is frozen ahead of the trainable coordinates: nothing to keep
+        return self.store is not None
 
     @torch.no_grad()
     def estimate(self, batch: dict, batch_size: int, probe_seeds: Sequence[int], beta: float) -> Estimate:

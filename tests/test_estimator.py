@@ -497,3 +497,33 @@ def test_tensors_a_forward_never_reaches_are_found(synthetic):
     batch = batch_of(task, synthetic)
     unused = unreached_parameters(task.module, trainable, lambda: task.per_example_loss(task.module, batch))
     assert unused == ["unused.weight", "unused.bias"]
+
+
+def test_a_silo_computes_its_shard_ahead_a_bounded_time_per_answer(synthetic, monkeypatch):
+    """A large shard's prefix pass is spread over answers (one chunk each when the time is up at
+    once), resumes where it stopped, is kept per micro-batch size, and stops at a full store."""
+    from seedtune.client import silo as silo_module
+    from seedtune.client.silo import Silo
+    from seedtune.common.privacy.randomness import PublicRandomness
+
+    monkeypatch.setattr(silo_module, "PREFIX_CHUNK", 8)
+    task = make_task("sequence-classification")
+    trainable = TrainableSet(task.module, top_layer_mask(task.module))
+    estimator = ZerothOrderEstimator(task.module, task.per_example_loss, trainable,
+                                     DirectionField(trainable, "rademacher"), keep_prefix_mib=64)
+    shard = synthetic.train.select(range(20))
+    silo = Silo(task, estimator, shard, PublicRandomness(0), None)
+    silo.prefix_seconds = 0.0
+    kept = []
+    for _ in range(4):
+        silo._keep_prefixes(2)
+        kept.append(estimator.store.kept_rows)
+    assert kept[0] > 0 and kept[0] < kept[1] < kept[2] == kept[3]  # 8, 16, then the last 4 rows; done
+    assert silo._prefix_done == {2: 20}
+    silo.prefix_seconds = 60.0
+    silo._keep_prefixes(4)  # another micro-batch size: its own pass, whole within the time
+    assert silo._prefix_done == {2: 20, 4: 20}
+    estimator.store.budget_bytes = estimator.store.used_bytes  # full: the next size stops at once
+    before = estimator.store.kept_rows
+    silo._keep_prefixes(1)
+    assert silo._prefix_done[1] == 20 and estimator.store.kept_rows == before
