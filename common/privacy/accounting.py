@@ -43,7 +43,10 @@ from collections.abc import Iterable
 
 import attr
 import dp_accounting
+import numpy as np
 from dp_accounting import pld, rdp
+from dp_accounting.rdp import rdp_privacy_accountant
+from seedtune.common.privacy.distributed import DistributedDiscreteGaussianDpEvent, rdp_curve
 
 ACCOUNTANTS = ("rdp", "pld")
 NOISES = ("discrete", "gaussian")  # the distribution a release draws its noise from
@@ -120,6 +123,8 @@ def epsilon_of(events: Iterable[dp_accounting.DpEvent], delta: float, kind: str 
     counts = Counter(events)
     if not counts:
         return 0.0
+    if any(_has_distributed(event) for event in counts):
+        return _epsilon_with_distributed(counts, delta, kind)
     translated = [(as_dp_accounting(event), count) for event, count in counts.items()]
     accountant = make_accountant(kind, discrete=any(discrete for (_, discrete), _ in translated))
     for (event, _), count in translated:
@@ -127,6 +132,45 @@ def epsilon_of(events: Iterable[dp_accounting.DpEvent], delta: float, kind: str 
             return math.inf
         accountant.compose(event, count)
     return float(accountant.get_epsilon(delta))
+
+
+def _parts(event: dp_accounting.DpEvent) -> list[dp_accounting.DpEvent]:
+    """``event`` as the list of events it composes (a composition flattened, one level deep each)."""
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return [part for inner in event.events for part in _parts(inner)]
+    return [event]
+
+
+def _has_distributed(event: dp_accounting.DpEvent) -> bool:
+    for part in _parts(event):
+        while isinstance(part, (dp_accounting.PoissonSampledDpEvent, dp_accounting.SelfComposedDpEvent)):
+            part = part.event
+        if isinstance(part, DistributedDiscreteGaussianDpEvent):
+            return True
+    return False
+
+
+def _epsilon_with_distributed(counts: Counter, delta: float, kind: str) -> float:
+    """epsilon of events some of which are distributed discrete Gaussians: their RDP curves
+    (:mod:`seedtune.common.privacy.distributed`) added to the curve dp-accounting composes for the
+    others, at the integer orders, then converted as dp-accounting converts its own."""
+    if kind != "rdp":
+        raise ValueError("distributed noise is accounted with the 'rdp' accountant only")
+    accountant = make_accountant("rdp", discrete=True)
+    total = np.zeros(len(INTEGER_ORDERS))
+    for event, count in counts.items():
+        for part in _parts(event):
+            if _has_distributed(part):
+                total += count * rdp_curve(part, INTEGER_ORDERS)
+                continue
+            translated, _ = as_dp_accounting(part)
+            if _is_noiseless(translated):
+                return math.inf
+            accountant.compose(translated, count)
+    # dp-accounting keeps the composed curve in ``_rdp`` (one value per order; no public getter);
+    # tests/test_distributed_noise.py checks that reading it gives dp-accounting's own epsilon.
+    total += accountant._rdp
+    return float(rdp_privacy_accountant.compute_epsilon(INTEGER_ORDERS, total, delta)[0])
 
 
 def _is_noiseless(event: dp_accounting.DpEvent) -> bool:
@@ -175,3 +219,32 @@ def calibrate_noise_multiplier(
     discrete = noise == "discrete" or (also is not None and as_dp_accounting(also)[1])
     return float(dp_accounting.calibrate_dp_mechanism(lambda: make_accountant(kind, discrete=discrete), event,
                                                       epsilon, delta))
+
+
+def calibrate_share_multiplier(
+    epsilon: float, delta: float, sample_rate: float, steps: int, *, honest: int, dimension: int,
+    sensitivity: float, also: dp_accounting.DpEvent | None = None,
+) -> float:
+    """The smallest multiplier s / D of one silo's noise share (to 1e-6 relative) such that
+    ``steps`` sums carrying ``honest`` shares (and the event ``also``) spend at most ``epsilon``.
+
+    Bisection on the multiplier, keeping the end whose epsilon is within the budget, so the result
+    never overshoots it (as dp-accounting's own calibration does for its events)."""
+
+    def spent(multiplier: float) -> float:
+        share = DistributedDiscreteGaussianDpEvent(multiplier, honest, dimension, sensitivity)
+        training = dp_accounting.SelfComposedDpEvent(
+            share if sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(sample_rate, share), steps)
+        return epsilon_of([training] if also is None else [training, also], delta)
+
+    if also is not None and epsilon_of([also], delta) >= epsilon:
+        raise ValueError(f"the evaluation alone spends epsilon >= {epsilon}")
+    low, high = 1e-3, 1.0
+    while spent(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ValueError(f"no share of noise reaches epsilon = {epsilon} in {steps} steps")
+    while high - low > 1e-6 * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if spent(middle) <= epsilon else (middle, high)
+    return high

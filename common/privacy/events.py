@@ -14,12 +14,14 @@ from typing import Any
 import attr
 import dp_accounting
 from seedtune.common.privacy.accounting import DiscreteGaussianDpEvent
+from seedtune.common.privacy.distributed import DistributedDiscreteGaussianDpEvent
 
 _ALLOWED: dict[str, type[dp_accounting.DpEvent]] = {
     cls.__name__: cls
     for cls in (
         dp_accounting.GaussianDpEvent,
         DiscreteGaussianDpEvent,
+        DistributedDiscreteGaussianDpEvent,
         dp_accounting.PoissonSampledDpEvent,
         dp_accounting.SelfComposedDpEvent,
         dp_accounting.ComposedDpEvent,

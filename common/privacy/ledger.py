@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS releases (
     released TEXT,  -- the values that left, once they have: lets a crashed run reuse them
     run_id TEXT NOT NULL DEFAULT '',
     request TEXT NOT NULL DEFAULT '',  -- digest of the request answered (common/protocol.py)
-    zeroed INTEGER NOT NULL DEFAULT 0  -- per-example rows that were not finite and counted as zero
+    zeroed INTEGER NOT NULL DEFAULT 0,  -- per-example rows that were not finite and counted as zero
+    collusion TEXT  -- under secure aggregation: the event that holds if every other party colludes
 );
 -- How many releases of one event fit a budget: a pure function of public values that costs the
 -- accountant ~1.5 s, kept so that every new process serving this silo does not pay it again.
@@ -63,6 +64,7 @@ _LATER_COLUMNS = (
     ("run_id", "TEXT NOT NULL DEFAULT ''"),
     ("request", "TEXT NOT NULL DEFAULT ''"),
     ("zeroed", "INTEGER NOT NULL DEFAULT 0"),
+    ("collusion", "TEXT"),
 )
 
 def _upgrade(db: sqlite3.Connection) -> None:
@@ -165,6 +167,13 @@ class PrivacyLedger:
         self._refresh()
         return epsilon_of(self._counts.elements(), self.delta, self.accountant)
 
+    def spent_if_all_collude(self) -> float:
+        """epsilon spent if every other party of every secure-aggregation round colluded against
+        this silo: each such release counted as the silo's own share of noise alone (the others
+        as charged). Equal to :meth:`spent` for a silo that never aggregated securely."""
+        rows = self._db.execute("SELECT COALESCE(collusion, event) FROM releases ORDER BY id")
+        return epsilon_of([event_codec.loads(text) for (text,) in rows], self.delta, self.accountant)
+
     def history(self) -> list[dict]:
         rows = self._db.execute("SELECT id, step, event, note, created, released, run_id, request, zeroed "
                                 "FROM releases ORDER BY id")
@@ -207,8 +216,10 @@ class PrivacyLedger:
         return self._capacity[event]
 
     def charge(self, event: dp_accounting.DpEvent, *, step: int, note: str = "", run_id: str = "",
-               request: str = "", zeroed: int = 0) -> int:
+               request: str = "", zeroed: int = 0, collusion: dp_accounting.DpEvent | None = None) -> int:
         """Record one release, durably, and return its id; refuse it if it would exceed the budget.
+        ``collusion``: what the release costs if every other party colludes (secure aggregation:
+        the silo's own share alone), recorded beside the event charged, never charged itself.
 
         Raises :class:`BudgetExhausted` (and records nothing) when the budget does not allow it, and
         whatever ``admit`` raises when the silo's limits do not.
@@ -227,9 +238,10 @@ class PrivacyLedger:
                     f"made, {epsilon_of(self._counts.elements(), self.delta, self.accountant):.4g} spent)"
                 )
             cursor = self._db.execute(
-                "INSERT INTO releases (step, event, note, created, run_id, request, zeroed) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (step, event_codec.dumps(event), note, time.time(), run_id, request, int(zeroed)),
+                "INSERT INTO releases (step, event, note, created, run_id, request, zeroed, collusion) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (step, event_codec.dumps(event), note, time.time(), run_id, request, int(zeroed),
+                 None if collusion is None else event_codec.dumps(collusion)),
             )
         self._counts[event] += 1
         self._last_id = int(cursor.lastrowid)

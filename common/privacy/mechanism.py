@@ -37,6 +37,7 @@ import dp_accounting
 import numpy as np
 import torch
 from seedtune.common.privacy.accounting import release_event
+from seedtune.common.privacy.distributed import DistributedDiscreteGaussianDpEvent
 from seedtune.common.privacy.ledger import PrivacyLedger
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.protocol import ReleaseParameters
@@ -87,6 +88,13 @@ def clip_per_example(differences: torch.Tensor, clip_bound: float) -> torch.Tens
     return differences * factors
 
 
+def clipped_sum(differences: torch.Tensor, clip_bound: float) -> tuple[np.ndarray, int]:
+    """The sum of the rows clipped to ``clip_bound`` (non-finite rows as zero), and how many
+    rows were zeroed."""
+    rows, zeroed = finite_rows(differences.to(torch.float64))
+    return clip_per_example(rows, clip_bound).sum(dim=0).numpy(), zeroed
+
+
 def private_release(
     differences: torch.Tensor,
     parameters: ReleaseParameters,
@@ -103,8 +111,7 @@ def private_release(
     that the same request can be answered again with the same values instead of a second charge."""
     p = parameters
     mechanism = NoiseMechanism.for_release(p.noise, p.noise_multiplier, p.clip_bound)
-    rows, zeroed = finite_rows(differences.to(torch.float64))
-    total = clip_per_example(rows, p.clip_bound).sum(dim=0).numpy()
+    total, zeroed = clipped_sum(differences, p.clip_bound)
     event = mechanism.event(p.sample_rate)
     # durable before anything leaves; refuses past the budget or the silo's limits
     release_id = ledger.charge(event, step=key.step, run_id=key.run_id, request=key.request, zeroed=zeroed)
@@ -113,6 +120,59 @@ def private_release(
     check_finite(values, key.step)
     ledger.attach(release_id, [float(v) for v in values])
     return Release(values, event, zeroed)
+
+
+@dataclass(frozen=True)
+class ShareRelease:
+    """One silo's part of a securely aggregated round: its lattice point plus its share of the
+    noise, as integers (units of g), before masking; never sent unmasked."""
+
+    units: np.ndarray  # int64, shape (K,)
+    event: dp_accounting.DpEvent  # charged: the sum of ``honest`` shares
+    collusion: dp_accounting.DpEvent  # what holds if every other party colludes: this share alone
+    zeroed: int = 0
+
+
+def share_release(
+    differences: torch.Tensor,
+    parameters: ReleaseParameters,
+    *,
+    honest: int,
+    randomness: SecretRandomness,
+    ledger: PrivacyLedger,
+    key: LedgerKey,
+) -> ShareRelease:
+    """Zero non-finite rows, clip, sum, round to the lattice, charge the ledger, add this silo's
+    share N_Z(0, (s D)^2) of the noise, with s = ``parameters.noise_multiplier`` the multiplier of
+    one share (:func:`~seedtune.common.privacy.accounting.calibrate_share_multiplier`).
+
+    The charge is the sum of ``honest`` shares (the silo's assumption: at least that many
+    participants, itself included, add theirs honestly), and the ledger records beside it the
+    share alone, what this silo's noise guarantees if every other party colludes. Not divided
+    by q N: the coordinator learns only the sum of the participants' releases and divides it by
+    their summed q N."""
+    p = parameters
+    if p.noise != "discrete":
+        raise ValueError("secure aggregation sums integers: it needs privacy.noise = 'discrete'")
+    if honest < 1:
+        raise ValueError(f"honest={honest}: a silo counts at least itself")
+    total, zeroed = clipped_sum(differences, p.clip_bound)
+    probes = total.shape[0]
+    sensitivity = lattice_sensitivity(p.clip_bound, probes)
+
+    def sampled(parties: int) -> dp_accounting.DpEvent:
+        share = DistributedDiscreteGaussianDpEvent(p.noise_multiplier, parties, probes, float(sensitivity))
+        return share if p.sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(p.sample_rate, share)
+
+    event, alone = sampled(honest), sampled(1)
+    # durable before anything leaves; refuses past the budget or the silo's limits
+    release_id = ledger.charge(event, step=key.step, run_id=key.run_id, request=key.request, zeroed=zeroed,
+                               collusion=alone)
+    noised = add_noise(total, clip_bound=p.clip_bound, noise_multiplier=p.noise_multiplier, randomness=randomness,
+                       noise="discrete")
+    units = (noised / lattice_step(p.clip_bound)).astype(np.int64)  # exact: lattice points, a power-of-two step
+    ledger.attach(release_id, [int(v) for v in units])
+    return ShareRelease(units, event, alone, zeroed)
 
 
 LATTICE_BITS = 12  # the lattice step g is C / 2^12 to C / 2^13
