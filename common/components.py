@@ -19,10 +19,13 @@ from seedtune.common.partition import partition_indices
 from seedtune.common.perturb import unreached_parameters
 from seedtune.common.privacy.accounting import (
     calibrate_noise_multiplier,
+    calibrate_share_multiplier,
     epsilon_of,
     evaluation_event,
     release_event,
 )
+from seedtune.common.privacy.mechanism import lattice_sensitivity, share_event
+from seedtune.common.protocol import ReleaseParameters
 from seedtune.common.privacy.randomness import PublicRandomness, SecretRandomness
 from seedtune.common.pruning import synflow_mask
 from seedtune.common.schedule import ConstantSchedule, Schedule, StagewiseSchedule
@@ -148,6 +151,11 @@ def noise_multiplier(config: Config) -> float:
         return p.noise_multiplier
     also = planned_evaluation(config)
     try:
+        if config.federation.secure_aggregation:
+            return calibrate_share_multiplier(
+                p.epsilon, p.delta, p.sample_rate, config.schedule.steps, honest=config.federation.honest,
+                dimension=config.zo.probes, sensitivity=float(lattice_sensitivity(p.clip_bound, config.zo.probes)),
+                also=also)
         return calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, config.schedule.steps, p.accountant,
                                           also=also, noise=p.noise)
     except ValueError:
@@ -170,10 +178,20 @@ def planned_epsilon(config: Config, sigma: float) -> float:
     p = config.privacy
     if not p.enabled:
         return float("inf")
-    events = [dp_accounting.SelfComposedDpEvent(release_event(p.sample_rate, sigma, p.noise), config.schedule.steps)]
+    events = [dp_accounting.SelfComposedDpEvent(planned_release(config, sigma), config.schedule.steps)]
     if planned_evaluation(config) is not None:
         events.append(planned_evaluation(config))
     return epsilon_of(events, p.delta, p.accountant)
+
+
+def planned_release(config: Config, sigma: float) -> dp_accounting.DpEvent:
+    """The event each of a silo's releases is charged: its own noise at sigma, or under secure
+    aggregation the sum of ``federation.honest`` shares of multiplier sigma."""
+    p = config.privacy
+    if config.federation.secure_aggregation:
+        release = ReleaseParameters(p.clip_bound, sigma, p.sample_rate, p.noise)
+        return share_event(release, config.federation.honest, config.zo.probes)
+    return release_event(p.sample_rate, sigma, p.noise)
 
 
 def randomness(config: Config, silo: int = 0) -> SecretRandomness:

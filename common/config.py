@@ -172,6 +172,11 @@ class FederationConfig:
     aggregation: str = "mean"  # how replies combine: "mean" (weighted by q n), "median", "trimmed-mean"
     trim: float = 0.2  # trimmed-mean: drop floor(trim * N) of the N values at each end of every coordinate
     local_steps: int = 1  # tau: steps each silo takes on its own shard per round (1: one step per round)
+    # Secure aggregation with distributed noise (docs/design.md): each silo adds a share of the
+    # noise to its integer release and masks it; the coordinator learns only the round's sum.
+    secure_aggregation: bool = False
+    secure_bits: int = 0  # b: replies are integers mod 2^b; 0 = the fewest bits no round's sum can wrap
+    secure_honest: int = 0  # t the shares are calibrated for: honest participants a round counts on (0 = every silo asked)
 
     def validate(self) -> None:
         _check("federation.silos", self.silos, 1 <= self.silos <= 1000, "an integer in [1, 1000]")
@@ -191,6 +196,27 @@ class FederationConfig:
                ", ".join(repr(name) for name in list(RULES)[:-1]) + f" or {list(RULES)[-1]!r}")
         _check("federation.trim", self.trim, 0 <= self.trim < 0.5,
                "in [0, 0.5), the share of silos dropped at each end (0.2 drops 1 of 5)")
+        _check("federation.secure_bits", self.secure_bits, self.secure_bits == 0 or 2 <= self.secure_bits <= 64,
+               "0 (chosen from the round's sizes) or an integer in [2, 64]")
+        _check("federation.secure_honest", self.secure_honest, 0 <= self.secure_honest <= self.asked,
+               f"in [0, {self.asked}], at most the silos asked each round (0 = all of them)")
+        if self.secure_aggregation:
+            _check("federation.aggregation", self.aggregation, self.aggregation == "mean",
+                   "'mean' under federation.secure_aggregation=true (a robust rule needs each silo's values, which "
+                   "secure aggregation hides; set one or the other)")
+            _check("federation.local_steps", self.local_steps, self.local_steps == 1,
+                   "1 under federation.secure_aggregation=true (a silo's local steps would move its model by its own "
+                   "release, which only its share of the noise protects)")
+
+    @property
+    def asked(self) -> int:
+        """Silos asked each round (of a simulation's ``silos``)."""
+        return min(self.silos, max(self.min_silos, math.ceil(self.fraction * self.silos)))
+
+    @property
+    def honest(self) -> int:
+        """t: the honest participants each secure round's shares are calibrated for."""
+        return self.secure_honest or self.asked
 
 
 @dataclass(frozen=True)
@@ -225,6 +251,12 @@ class Config:
             value = getattr(self, section.name)
             if is_dataclass(value):
                 value.validate()
+        if self.federation.secure_aggregation:
+            _check("privacy.enabled", self.privacy.enabled, self.privacy.enabled,
+                   "true under federation.secure_aggregation=true (it sums noised shares; without privacy set "
+                   "secure_aggregation=false)")
+            _check("privacy.noise", self.privacy.noise, self.privacy.noise == "discrete",
+                   "'discrete' under federation.secure_aggregation=true (masks sum integers)")
         return self
 
     def to_dict(self) -> dict:

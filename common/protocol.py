@@ -48,6 +48,38 @@ class LocalStep:
 
 
 @dataclass(frozen=True)
+class Participant:
+    """One silo of a securely aggregated round, as every participant must see it: its name, its
+    masking public key for the run (X25519, raw), that key's signature by its operator's roster
+    key (empty when unsigned), and the public size its release is normalised by."""
+
+    name: str
+    public: bytes
+    signature: bytes
+    public_size: int
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """Secure aggregation's part of a request: who takes part, the modulus 2^bits of the masked
+    replies, the attempt (a retried round masks and noises afresh, and is charged again), and t,
+    the honest participants the share multiplier was calibrated for."""
+
+    attempt: int
+    bits: int
+    honest: int
+    participants: tuple[Participant, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [participant.name for participant in self.participants]
+
+    def context(self, run_id: str, step: int) -> bytes:
+        """What binds a round's masks: the run, the step and the attempt (never two replies)."""
+        return f"{run_id}/{step}/{self.attempt}".encode()
+
+
+@dataclass(frozen=True)
 class TrainRequest:
     run_id: str
     step: int  # the step this request contributes to: the silo answers on the model after exactly `step` steps
@@ -58,6 +90,7 @@ class TrainRequest:
     # each in turn, moving its own copy of the model by its own released scalars in between
     # (each step sampled and charged as its own release), then returns to the round's model.
     local: tuple[LocalStep, ...] = ()
+    secure: SecureRound | None = None  # federation.secure_aggregation: the masked round's participants
 
     @property
     def steps(self) -> int:
@@ -85,9 +118,13 @@ class EvaluationRequest:
 @dataclass(frozen=True)
 class TrainReply:
     step: int  # the request's step: the silo answered on the model after exactly this many steps
-    projected_grads: tuple[float, ...]
+    projected_grads: tuple[float, ...]  # empty under secure aggregation
     expected_batch_size: float  # q * n: the aggregation weight
     events: tuple[dp_accounting.DpEvent, ...]  # the DP events charged for this reply (the wire serialises them)
+    # Secure aggregation: the masked integers mod 2^bits (K of them), and what the release costs
+    # this silo if every other party colludes (its own share alone; charged: ``events``).
+    masked: tuple[int, ...] = ()
+    collusion: tuple[dp_accounting.DpEvent, ...] = ()
 
 
 def probe_seeds(run_seed: int, step: int, probes: int) -> tuple[int, ...]:
@@ -102,5 +139,7 @@ def request_digest(request: TrainRequest | EvaluationRequest, kind: str = "train
     fields = asdict(request)
     if not fields.get("local", True):
         del fields["local"]  # one step per round: the digest it always had
-    text = json.dumps({"kind": kind, **fields}, sort_keys=True)
+    if fields.get("secure", 0) is None:
+        del fields["secure"]  # likewise without secure aggregation
+    text = json.dumps({"kind": kind, **fields}, sort_keys=True, default=lambda value: value.hex())
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

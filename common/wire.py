@@ -34,11 +34,21 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from seedtune.common.privacy import events as event_codec
-from seedtune.common.protocol import NOISES, EvaluationRequest, LocalStep, ReleaseParameters, TrainReply, TrainRequest
+from seedtune.common.protocol import (
+    NOISES,
+    EvaluationRequest,
+    LocalStep,
+    Participant,
+    ReleaseParameters,
+    SecureRound,
+    TrainReply,
+    TrainRequest,
+)
 from seedtune.common.updatelog import Checkpoint, StepRecord
 
 MAX_PROBES = 1024
 MAX_LOCAL_STEPS = 1024
+MAX_PARTICIPANTS = 1000
 
 
 class WireError(ValueError):
@@ -81,6 +91,11 @@ def encode_request(request: TrainRequest, sync: Sync) -> RecordDict:
     if request.local:  # only with local steps: a one-step request is what it always was
         content["request"]["local"] = json.dumps([
             [s.step, s.stage, list(s.probe_seeds), s.lr, s.beta, s.prox, s.anchor_step] for s in request.local])
+    if request.secure is not None:  # likewise without secure aggregation
+        secure = request.secure
+        content["request"]["secure"] = json.dumps({
+            "attempt": secure.attempt, "bits": secure.bits, "honest": secure.honest,
+            "participants": [[p.name, p.public.hex(), p.signature.hex(), p.public_size] for p in secure.participants]})
     _encode_sync(content, sync)
     return content
 
@@ -129,7 +144,36 @@ def decode_request(content: RecordDict) -> tuple[TrainRequest, Sync]:
         raise WireError(f"request.noise={request.release.noise!r} is not one of {', '.join(NOISES)}")
     if "local" in record:
         request = dataclasses.replace(request, local=_decode_local(record, request))
+    if "secure" in record:
+        request = dataclasses.replace(request, secure=_decode_secure(record))
     return request, _decode_sync(content)
+
+
+def _decode_secure(record: ConfigRecord) -> SecureRound:
+    """A secure round: an attempt >= 0, 2 <= bits <= 64, t >= 1, and 2..MAX_PARTICIPANTS named,
+    distinct participants, each with a 32-byte key and a public size >= 1."""
+    try:
+        data = json.loads(_field(record, "secure", str))
+        participants = tuple(Participant(str(name), bytes.fromhex(public), bytes.fromhex(signature), size)
+                             for name, public, signature, size in data["participants"])
+        secure = SecureRound(data["attempt"], data["bits"], data["honest"], participants)
+    except (ValueError, TypeError, KeyError) as error:
+        raise WireError(f"request.secure is malformed: {error}") from None
+    for key in ("attempt", "bits", "honest"):
+        value = getattr(secure, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise WireError(f"request.secure.{key} must be an integer >= 0")
+    if not 2 <= secure.bits <= 64 or secure.honest < 1:
+        raise WireError("request.secure needs bits in [2, 64] and honest >= 1")
+    names = secure.names
+    if not 1 <= len(names) <= MAX_PARTICIPANTS or len(set(names)) != len(names):
+        raise WireError(f"request.secure must name 1..{MAX_PARTICIPANTS} distinct participants")
+    for p in participants:
+        if not p.name or len(p.name) > 128 or len(p.public) != 32 or len(p.signature) > 512:
+            raise WireError(f"request.secure participant {p.name[:128]!r} has a malformed name, key or signature")
+        if isinstance(p.public_size, bool) or not isinstance(p.public_size, int) or p.public_size < 1:
+            raise WireError(f"request.secure participant {p.name!r} has a public size that is not an integer >= 1")
+    return secure
 
 
 def _decode_local(record: ConfigRecord, request: TrainRequest) -> tuple[LocalStep, ...]:
@@ -192,30 +236,79 @@ def encode_reply(reply: TrainReply, silo: str = "") -> RecordDict:
         "expected_batch_size": float(reply.expected_batch_size),
         "events": [event_codec.dumps(event) for event in reply.events],
     })
+    if reply.masked:  # secure aggregation: K integers mod 2^b, 8 bytes each
+        content["reply"]["masked"] = np.asarray(reply.masked, dtype="<u8").tobytes()
+        content["reply"]["collusion"] = [event_codec.dumps(event) for event in reply.collusion]
     return content
 
 
-def decode_reply(content: RecordDict, *, step: int, probes: int) -> tuple[TrainReply, str]:
-    """A reply, checked against the step and probe count it answers: (reply, silo)."""
+def decode_reply(content: RecordDict, *, step: int, probes: int, bits: int | None = None) -> tuple[TrainReply, str]:
+    """A reply, checked against the step and probe count it answers: (reply, silo). ``bits``: the
+    request was a secure round's, so the reply must be masked integers mod 2^bits."""
     record = _config(content, "reply")
     reply_step = _nonnegative_int(record, "step")
     if reply_step != step:
         raise WireError(f"reply is for step {reply_step}, not {step}")
     grads = _field(record, "projected_grads", list)
-    if len(grads) != probes:
-        raise WireError(f"reply has {len(grads)} projected gradients, expected {probes}")
-    if not all(isinstance(g, float) and math.isfinite(g) for g in grads):
-        raise WireError("reply has a projected gradient that is not a finite number")
-    events = _field(record, "events", list)
-    try:
-        decoded = tuple(event_codec.loads(text) for text in events)
-    except (event_codec.EventDecodeError, TypeError) as error:
-        raise WireError(f"reply.events: {error}") from None
-    reply = TrainReply(reply_step, tuple(grads), _positive(record, "expected_batch_size"), decoded)
+    masked: tuple[int, ...] = ()
+    collusion: tuple[dp_accounting.DpEvent, ...] = ()
+    if bits is not None:
+        blob = _field(record, "masked", bytes)
+        if grads or len(blob) != 8 * probes:
+            raise WireError(f"a secure reply carries {probes} masked integers (8 bytes each) and no plain scalars")
+        values = np.frombuffer(blob, dtype="<u8")
+        if bits < 64 and (values >> np.uint64(bits)).any():
+            raise WireError(f"reply has a masked value outside [0, 2^{bits})")
+        masked = tuple(int(v) for v in values)
+        collusion = _events(record, "collusion")
+    else:
+        if len(grads) != probes:
+            raise WireError(f"reply has {len(grads)} projected gradients, expected {probes}")
+        if not all(isinstance(g, float) and math.isfinite(g) for g in grads):
+            raise WireError("reply has a projected gradient that is not a finite number")
+    reply = TrainReply(reply_step, tuple(grads), _positive(record, "expected_batch_size"), _events(record, "events"),
+                       masked, collusion)
     silo = record.get("silo", "")
     if not isinstance(silo, str) or len(silo) > 128:
         raise WireError("reply.silo must be a short string")
     return reply, silo
+
+
+def _events(record: ConfigRecord, key: str) -> tuple[dp_accounting.DpEvent, ...]:
+    try:
+        return tuple(event_codec.loads(text) for text in _field(record, key, list))
+    except (event_codec.EventDecodeError, TypeError) as error:
+        raise WireError(f"reply.{key}: {error}") from None
+
+
+# -- secure aggregation's keys -----------------------------------------------------------------
+def encode_keys_request(run_id: str, sync: Sync) -> RecordDict:
+    """Ask a silo for its masking public key of the run (with the setup on first contact)."""
+    content = RecordDict()
+    content["keys"] = ConfigRecord({"run_id": run_id})
+    _encode_sync(content, sync)
+    return content
+
+
+def decode_keys_request(content: RecordDict) -> tuple[str, Sync]:
+    return _field(_config(content, "keys"), "run_id", str), _decode_sync(content)
+
+
+def encode_keys_reply(participant: Participant) -> RecordDict:
+    content = RecordDict()
+    content["key"] = ConfigRecord({"silo": participant.name, "public": participant.public,
+                                   "signature": participant.signature, "public_size": participant.public_size})
+    return content
+
+
+def decode_keys_reply(content: RecordDict) -> Participant:
+    record = _config(content, "key")
+    participant = Participant(_field(record, "silo", str), _field(record, "public", bytes),
+                              _field(record, "signature", bytes), _nonnegative_int(record, "public_size"))
+    if not participant.name or len(participant.name) > 128 or len(participant.public) != 32 \
+            or len(participant.signature) > 512 or participant.public_size < 1:
+        raise WireError("key reply has a malformed name, key, signature or public size")
+    return participant
 
 
 # -- evaluation on silos' own data -------------------------------------------------------------

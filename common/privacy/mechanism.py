@@ -157,14 +157,7 @@ def share_release(
     if honest < 1:
         raise ValueError(f"honest={honest}: a silo counts at least itself")
     total, zeroed = clipped_sum(differences, p.clip_bound)
-    probes = total.shape[0]
-    sensitivity = lattice_sensitivity(p.clip_bound, probes)
-
-    def sampled(parties: int) -> dp_accounting.DpEvent:
-        share = DistributedDiscreteGaussianDpEvent(p.noise_multiplier, parties, probes, float(sensitivity))
-        return share if p.sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(p.sample_rate, share)
-
-    event, alone = sampled(honest), sampled(1)
+    event, alone = share_event(p, honest, total.shape[0]), share_event(p, 1, total.shape[0])
     # durable before anything leaves; refuses past the budget or the silo's limits
     release_id = ledger.charge(event, step=key.step, run_id=key.run_id, request=key.request, zeroed=zeroed,
                                collusion=alone)
@@ -173,6 +166,15 @@ def share_release(
     units = (noised / lattice_step(p.clip_bound)).astype(np.int64)  # exact: lattice points, a power-of-two step
     ledger.attach(release_id, [int(v) for v in units])
     return ShareRelease(units, event, alone, zeroed)
+
+
+def share_event(parameters: ReleaseParameters, parties: int, probes: int) -> dp_accounting.DpEvent:
+    """One securely aggregated release, as charged: the Poisson-sampled sum of ``parties`` shares
+    of multiplier ``parameters.noise_multiplier`` at the lattice sensitivity of K = ``probes``."""
+    p = parameters
+    sensitivity = float(lattice_sensitivity(p.clip_bound, probes))
+    share = DistributedDiscreteGaussianDpEvent(p.noise_multiplier, parties, probes, sensitivity)
+    return share if p.sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(p.sample_rate, share)
 
 
 LATTICE_BITS = 12  # the lattice step g is C / 2^12 to C / 2^13
