@@ -47,11 +47,14 @@ from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.data import load_text_data
 from seedtune.common.errors import SeedtuneError
+from seedtune.client.secure import SecureSettings
 from seedtune.common.wire import (
     WireError,
     decode_evaluation,
+    decode_keys_request,
     decode_request,
     encode_evaluation_reply,
+    encode_keys_reply,
     encode_reply,
 )
 
@@ -96,6 +99,12 @@ def handle_evaluate(content: RecordDict, node: SiloNode) -> RecordDict:
     return encode_evaluation_reply(correct, count, events, silo=node.name)
 
 
+def handle_keys(content: RecordDict, node: SiloNode) -> RecordDict:
+    """Secure aggregation: this silo's masking public key for the run (client/secure.py)."""
+    run_id, sync = decode_keys_request(content)
+    return encode_keys_reply(node.participant(run_id, sync))
+
+
 def own_data(path: Path, config: Config, label_names: tuple[str, ...], split: str):
     """The silo's own file, split reproducibly, its labels numbered as the run's ``label_names``
     (a file's labels are names: "positive", not 1, so no silo can silently flip them)."""
@@ -107,13 +116,16 @@ def own_data(path: Path, config: Config, label_names: tuple[str, ...], split: st
 
 
 
-def node_for(context: Context, state_root: Path | None = None) -> tuple[SiloNode, int | None]:
-    """This process's SiloNode for the node described by ``context.node_config`` (built once per
-    state directory, then kept for the life of the process): see :func:`build_node`."""
-    state_dir, partition = silo_location(context.node_config, state_root)
+def node_for(context: Context, state_root: Path | None = None,
+             settings: dict | None = None) -> tuple[SiloNode, int | None]:
+    """This process's SiloNode for the node described by ``context.node_config`` over the shared
+    ``settings`` (built once per state directory, then kept for the life of the process): see
+    :func:`build_node`."""
+    node_config = {**(settings or {}), **dict(context.node_config)}
+    state_dir, partition = silo_location(node_config, state_root)
     key = str(state_dir.resolve())
     if key not in _NODES:
-        _NODES[key] = build_node(context.node_config, state_root)
+        _NODES[key] = build_node(node_config, state_root)
     return _NODES[key], partition
 
 
@@ -153,7 +165,8 @@ def build_node(node_config, state_root: Path | None = None) -> SiloNode:
     where = placement(str(node_config.get("device", "cpu")), str(node_config.get("dtype", "float32")))
     return SiloNode(state_dir, shard, budget=budget, partition=partition, name=_name(node_config) or state_dir.name,
                     limits=limits, public_size=public_size, budget_required=deployed,
-                    micro_batch=_positive_int(node_config, "micro-batch"), where=where)
+                    micro_batch=_positive_int(node_config, "micro-batch"), where=where,
+                    secure=SecureSettings.from_node_config(node_config))
 
 
 def _name(node_config) -> str | None:
@@ -212,14 +225,17 @@ def handle(kind: str, content: RecordDict, node: SiloNode, partition: int | None
     """A silo's answer to one message of ``kind`` (train or evaluate), in this process or an engine's."""
     if kind == "train":
         return handle_train(content, node, partition=partition)
+    if kind == "keys":
+        return handle_keys(content, node)
     return handle_evaluate(content, node)
 
 
-def reply_in_process(kind: str, message: Message, context: Context, state_root: Path | None = None) -> Message:
-    """Answer ``message`` (``kind``: train or evaluate) with this process's silo: the simulation
+def reply_in_process(kind: str, message: Message, context: Context, state_root: Path | None = None,
+                     settings: dict | None = None) -> Message:
+    """Answer ``message`` (``kind``: train, evaluate or keys) with this process's silo: the simulation
     engine's way, and a deployed SuperNode's when it has no resident engine (client/engine.py)."""
     try:
-        node, partition = node_for(context, state_root)
+        node, partition = node_for(context, state_root, settings)
         content = handle(kind, message.content, node, partition)
     except REFUSALS as error:
         log.warning("silo refused a request: %s", error)
@@ -227,16 +243,21 @@ def reply_in_process(kind: str, message: Message, context: Context, state_root: 
     return Message(content, reply_to=message)
 
 
-def make_client_app(state_root: Path | None = None) -> ClientApp:
-    """Silos in this process, their state under ``state_root`` (``seedtune simulate``)."""
+def make_client_app(state_root: Path | None = None, settings: dict | None = None) -> ClientApp:
+    """Silos in this process, their state under ``state_root`` (``seedtune simulate``), with the
+    node ``settings`` every simulated silo shares (its operator's, in a deployment)."""
     app = ClientApp(mods=[message_log_mod])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return reply_in_process("train", message, context, state_root)
+        return reply_in_process("train", message, context, state_root, settings)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        return reply_in_process("evaluate", message, context, state_root)
+        return reply_in_process("evaluate", message, context, state_root, settings)
+
+    @app.query()
+    def keys(message: Message, context: Context) -> Message:
+        return reply_in_process("keys", message, context, state_root, settings)
 
     return app

@@ -6,7 +6,7 @@ the silo's operator can open (the engine creates it with mode 0600):
 
     frame = (header length, body length) as two big-endian uint32, a JSON header, the body
 
-The thin ClientApp sends ``{"kind": "train" | "evaluate" | "ping"}`` and the message's records
+The thin ClientApp sends ``{"kind": "train" | "evaluate" | "keys" | "ping"}`` and the message's records
 (Flower's own protobuf serialisation of a ``RecordDict``); the engine answers ``{"ok": true}`` with
 the reply's records, or ``{"ok": false, "reason": "..."}`` when the silo refused.
 """
@@ -17,7 +17,7 @@ import json
 import socket
 import struct
 
-KINDS = ("train", "evaluate", "ping")
+KINDS = ("train", "evaluate", "keys", "ping")
 REFUSED = 100  # Flower error code of a request the silo refused, with the reason
 MAX_HEADER = 1 << 16
 MAX_BODY = (1 << 32) - 1  # a checkpoint of a large trainable set is the biggest message

@@ -68,7 +68,7 @@ class SiloEngine:
         """(header, body) for one request; a refusal is an answer too, with its reason."""
         if kind == "ping":
             return {"ok": True, "silo": self.node.name, "pid": os.getpid()}, b""
-        if kind not in ("train", "evaluate"):
+        if kind not in ("train", "evaluate", "keys"):
             return {"ok": False, "reason": f"ChannelError: unknown request kind {kind!r}"}, b""
         try:
             reply = handle(kind, decode(body), self.node, self.partition)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import dp_accounting
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.privacy.accounting import DiscreteGaussianDpEvent
+from seedtune.common.privacy.distributed import DistributedDiscreteGaussianDpEvent
 from seedtune.common.protocol import MIN_BETA, TrainRequest
 from seedtune.common.wire import MAX_PROBES
 
@@ -174,4 +175,6 @@ def _mechanism(event: dp_accounting.DpEvent) -> tuple[float, float]:
         event = event.event
     if isinstance(event, (dp_accounting.GaussianDpEvent, DiscreteGaussianDpEvent)):
         return float(event.noise_multiplier), rate
+    if isinstance(event, DistributedDiscreteGaussianDpEvent):  # the summed noise the silo counts on
+        return float(event.noise_multiplier) * math.sqrt(event.parties), rate
     raise RequestRefused(f"request refused: this silo does not release {type(event).__name__}")

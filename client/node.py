@@ -24,6 +24,7 @@ import datasets
 import dp_accounting
 from seedtune.client.limits import Limits, RequestRefused
 from seedtune.client.placement import CPU_FLOAT32, Placement
+from seedtune.client.secure import SecureSettings, check_round, masking_key, own_participant
 from seedtune.client.silo import Silo
 from seedtune.common import components
 from seedtune.common.config import Config
@@ -32,9 +33,10 @@ from seedtune.common.estimator import ZerothOrderEstimator, safe_micro_batch
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import LEDGER_FILE
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import LedgerKey, NoiseMechanism, private_counts
+from seedtune.common.privacy.mechanism import LedgerKey, NoiseMechanism, private_counts, share_event
 from seedtune.common.privacy.randomness import SecretRandomness
-from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest, request_digest
+from seedtune.common.protocol import EvaluationRequest, Participant, TrainReply, TrainRequest, request_digest
+from seedtune.common.secagg import mask
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import Checkpoint, StepRecord, UpdateApplier, UpdateLog
 from seedtune.common.wire import Setup, Sync
@@ -155,8 +157,10 @@ class SiloNode:
         randomness: Callable[[], SecretRandomness] | None = None,
         micro_batch: int | None = None,
         where: Placement = CPU_FLOAT32,
+        secure: SecureSettings | None = None,
     ):
         self.state_dir = Path(state_dir)
+        self.secure = secure or SecureSettings()  # client/secure.py: the operator's secure-aggregation settings
         self.where = where
         self.limits = limits or Limits()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -194,16 +198,44 @@ class SiloNode:
         if run.step != request.step:
             raise SyncError(f"asked to answer after {request.step} steps, but this silo's model has {run.step}")
         silo = self._silo(request.run_id, run)
-        if silo.ledger is not None:  # refused here costs nothing; the ledger checks again as it charges
-            asked = request.release
-            mechanism = NoiseMechanism.for_release(silo.noise, asked.noise_multiplier, asked.clip_bound)
-            self.limits.admit(mechanism.event(asked.sample_rate), 0)
-        reply = self._answer_locally(run, silo, request) if request.local else silo.answer(request)
+        if request.secure is not None:
+            reply = self._answer_securely(run, silo, request)
+        else:
+            if silo.ledger is not None:  # refused here costs nothing; the ledger checks again as it charges
+                asked = request.release
+                mechanism = NoiseMechanism.for_release(silo.noise, asked.noise_multiplier, asked.clip_bound)
+                self.limits.admit(mechanism.event(asked.sample_rate), 0)
+            reply = self._answer_locally(run, silo, request) if request.local else silo.answer(request)
         self._record_timing(request.step, {
             "setup_and_catch_up_s": caught_up - start, "forward_s": silo.last_compute_s,
             "total_s": time.perf_counter() - start, "replayed": len(sync.records), "zeroed": silo.last_zeroed,
             "reused": silo.last_reused})
         return reply
+
+    def participant(self, run_id: str, sync: Sync) -> Participant:
+        """How this silo takes part in the run's secure rounds: its masking key (made once per run
+        and kept), signed if its operator gave it a signing key, and its public size."""
+        run = self.run(run_id, sync.setup)
+        silo = self._silo(run_id, run)
+        return own_participant(self.name, masking_key(self.state_dir, run_id), self.secure, run_id, silo.public_size)
+
+    def _answer_securely(self, run: _Run, silo: Silo, request: TrainRequest) -> TrainReply:
+        """A secure round: every check first (participants, keys, bits, limits; refused costs
+        nothing), then this silo's share release, masked with every peer's pairwise mask."""
+        if request.local:
+            raise SyncError("secure aggregation takes one step a round (federation.local_steps=1)")
+        key = masking_key(self.state_dir, request.run_id)
+        own = own_participant(self.name, key, self.secure, request.run_id, silo.public_size)
+        peers = check_round(request, own, self.secure, deployed=self._budget_required)
+        honest = int(self.secure.honest)
+        probes = len(request.probe_seeds)
+        self.limits.admit(share_event(request.release, honest, probes), 0)  # the ledger checks again as it charges
+        release = silo.share(request, honest)
+        secure = request.secure
+        masked = mask(release.units, own=self.name, key=key, peers=peers,
+                      context=secure.context(request.run_id, request.step), bits=secure.bits)
+        return TrainReply(request.step, (), request.release.sample_rate * silo.public_size, (release.event,),
+                          tuple(int(v) for v in masked), (release.collusion,))
 
     @staticmethod
     def _answer_locally(run: _Run, silo: Silo, request: TrainRequest) -> TrainReply:

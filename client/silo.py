@@ -13,10 +13,18 @@ from __future__ import annotations
 import time
 
 import datasets
+import numpy as np
 from seedtune.common.errors import SeedtuneError
 from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for, safe_micro_batch
 from seedtune.common.privacy.ledger import PrivacyLedger
-from seedtune.common.privacy.mechanism import LedgerKey, nonprivate_release, private_release
+from seedtune.common.privacy.mechanism import (
+    LedgerKey,
+    ShareRelease,
+    nonprivate_release,
+    private_release,
+    share_event,
+    share_release,
+)
 from seedtune.common.privacy.randomness import SecretRandomness
 from seedtune.common.privacy.sampling import poisson_sample
 from seedtune.common.protocol import TrainReply, TrainRequest, request_digest
@@ -77,24 +85,14 @@ class Silo:
         """One step's release. ``digest``: what the ledger keeps it under (default: the request's
         own; a local step's names the round's request and its position in it)."""
         asked = request.release
-        if asked.noise != self.noise:  # the request and the run's setup must agree, or nothing is released
-            raise ReleaseMismatch(f"the request asks for {asked.noise!r} noise but this run's setup names "
-                                  f"privacy.noise={self.noise!r}; nothing was released")
+        self._check_noise(request)
         digest = digest or request_digest(request)
         reused = self._answered(request, digest)
         self.last_reused = reused is not None
         if reused is not None:
-            self.last_loss, self.last_batch_size, self.last_compute_s, self.last_zeroed = float("nan"), 0, 0.0, 0
+            self._nothing_computed()
             return reused
-        chosen = poisson_sample(len(self.shard), asked.sample_rate, self.randomness)
-        rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
-        micro_batch = safe_micro_batch(self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size),
-                                       self.task.module)
-        start = time.perf_counter()
-        self._keep_prefixes(micro_batch)
-        estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
-                                                    request.beta, micro_batch)
-        self.last_compute_s = time.perf_counter() - start
+        estimate, chosen = self._estimate(request)
         if self.ledger is None:
             release = nonprivate_release(
                 estimate.differences, sample_rate=asked.sample_rate, population=self.public_size
@@ -111,6 +109,50 @@ class Silo:
             expected_batch_size=asked.sample_rate * self.public_size,
             events=events,
         )
+
+    def share(self, request: TrainRequest, honest: int) -> ShareRelease:
+        """This silo's part of a securely aggregated step (:func:`share_release`): its lattice
+        point plus its share of the noise, in integers, charged as the sum of ``honest`` shares.
+        The very request asked again (same participants and attempt) gets the same integers back,
+        uncharged; a retried round is a new request, so fresh noise and a new charge."""
+        if self.ledger is None:
+            raise ReleaseMismatch("secure aggregation sums noised shares: it needs a private run")
+        self._check_noise(request)
+        digest = request_digest(request)
+        previous = self.ledger.answered(request.run_id, request.step)
+        self.last_reused = previous is not None and previous.request == digest and previous.values is not None
+        if self.last_reused:
+            self._nothing_computed()
+            probes = len(request.probe_seeds)
+            return ShareRelease(np.array(previous.values, dtype=np.int64), previous.event,
+                                share_event(request.release, 1, probes))
+        estimate, chosen = self._estimate(request)
+        release = share_release(estimate.differences, request.release, honest=honest, randomness=self.randomness,
+                                ledger=self.ledger, key=LedgerKey(request.step, request.run_id, digest))
+        self.last_loss, self.last_batch_size, self.last_zeroed = estimate.loss, len(chosen), release.zeroed
+        return release
+
+    def _check_noise(self, request: TrainRequest) -> None:
+        if request.release.noise != self.noise:  # the request and the run's setup must agree, or nothing is released
+            raise ReleaseMismatch(f"the request asks for {request.release.noise!r} noise but this run's setup names "
+                                  f"privacy.noise={self.noise!r}; nothing was released")
+
+    def _nothing_computed(self) -> None:
+        self.last_loss, self.last_batch_size, self.last_compute_s, self.last_zeroed = float("nan"), 0, 0.0, 0
+
+    def _estimate(self, request: TrainRequest):
+        """Sample -> estimate: the per-example directional differences, and the rows sampled."""
+        asked = request.release
+        chosen = poisson_sample(len(self.shard), asked.sample_rate, self.randomness)
+        rows = self.shard[chosen] if len(chosen) else {"text": [], "label": []}
+        micro_batch = safe_micro_batch(self.micro_batch or micro_batch_for(asked.sample_rate * self.public_size),
+                                       self.task.module)
+        start = time.perf_counter()
+        self._keep_prefixes(micro_batch)
+        estimate = self.estimator.estimate_examples(self.task, rows["text"], rows["label"], request.probe_seeds,
+                                                    request.beta, micro_batch)
+        self.last_compute_s = time.perf_counter() - start
+        return estimate, chosen
 
     def _keep_prefixes(self, micro_batch: int) -> None:
         """The frozen prefix's outputs on the shard, computed ahead in micro-batches of this size

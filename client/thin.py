@@ -34,6 +34,11 @@ def evaluate(message: Message, context: Context) -> Message:
     return _answer("evaluate", message, context)
 
 
+@app.query()
+def keys(message: Message, context: Context) -> Message:
+    return _answer("keys", message, context)
+
+
 def _answer(kind: str, message: Message, context: Context) -> Message:
     path = context.node_config.get(ENGINE_KEY)
     if path is None:
