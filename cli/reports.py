@@ -182,16 +182,22 @@ def print_simulation(result) -> None:
         evaluation = federation.silo_evaluation
         kind = "noised, charged" if evaluation["private"] else "NOT private"
         print(f"accuracy on the silos' own held-out data ({kind}): {evaluation['accuracy']:.4f}")
+    secure = bool(federation.epsilons_if_all_collude)
+    if secure:
+        print(f"secure aggregation: epsilon holds with at least {federation.secure_honest} honest participants a "
+              "round; 'if all collude' is each silo's own share of the noise alone")
     print()
     print(f"{'silo':<14}{'releases':>9}{'epsilon (silo)':>16}{'epsilon (server)':>18}"
-          f"{'up B/round':>12}{'down B/round':>14}")
+          + (f"{'if all collude':>16}" if secure else "") + f"{'up B/round':>12}{'down B/round':>14}")
     for silo in sorted(set(federation.epsilons) | set(result.silo_ledgers)):  # each silo once, by its name
         ledger = result.silo_ledgers.get(silo, {"releases": 0, "epsilon": float("nan")})
         releases, own = ledger["releases"], ledger["epsilon"]
         traffic = federation.traffic.get(silo, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
         messages = max(traffic["messages"], 1)
+        colluding = ledger.get("epsilon_if_all_collude", federation.epsilons_if_all_collude.get(silo, float("nan")))
         print(f"{silo:<14}{releases:>9}{_number(own):>16}{_number(federation.epsilons.get(silo, float('nan'))):>18}"
-              f"{traffic['bytes_up'] / messages:>12.0f}{traffic['bytes_down'] / messages:>14.0f}")
+              + (f"{_number(colluding):>16}" if secure else "")
+              + f"{traffic['bytes_up'] / messages:>12.0f}{traffic['bytes_down'] / messages:>14.0f}")
 
 
 def print_run(report: dict, run_dir, steps: int) -> None:
@@ -208,6 +214,11 @@ def print_run(report: dict, run_dir, steps: int) -> None:
         print("privacy per silo (each silo's own ledger): " + ", ".join(
             f"{silo}={_number(entry['epsilon'])} in {entry['releases']} releases"
             for silo, entry in privacy["ledger_per_silo"].items()))
+    if privacy.get("secure_aggregation"):
+        print(f"secure aggregation: the epsilons above hold with at least {privacy['secure_aggregation']['honest']} "
+              "honest participants a round; if every other party colluded, each silo's own share alone gives: "
+              + ", ".join(f"{silo}={_number(value)}"
+                          for silo, value in privacy.get("epsilon_per_silo_if_all_collude", {}).items()))
     if "federation" in report:
         for silo in report["federation"]["silos"]:
             print(f"  {silo['silo']}: {silo['releases']} releases, {silo['bytes_up']} B up and "

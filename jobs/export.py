@@ -89,7 +89,11 @@ def describe(run_dir: Path) -> dict:
         privacy["epsilon_per_silo"] = {silo["silo"]: silo["epsilon"] for silo in federation["silos"]}
         privacy["epsilon"] = max(privacy["epsilon_per_silo"].values(), default=0.0)
         privacy["releases"] = sum(silo["releases"] for silo in federation["silos"])
-        ledgers = silo_ledgers(run_dir)
+        if config.federation.secure_aggregation:
+            privacy["secure_aggregation"] = {"honest": config.federation.honest}
+            privacy["epsilon_per_silo_if_all_collude"] = {silo["silo"]: silo.get("epsilon_if_all_collude", 0.0)
+                                                          for silo in federation["silos"]}
+        ledgers = silo_ledgers(run_dir, secure=config.federation.secure_aggregation)
         if ledgers:  # a simulation keeps each silo's own ledger: the authority, shown beside the view
             privacy["ledger_per_silo"] = ledgers
     report = {
@@ -110,12 +114,16 @@ def describe(run_dir: Path) -> dict:
     return report
 
 
-def silo_ledgers(run_dir: Path) -> dict[str, dict]:
-    """Each simulated silo's own ledger (``RUN_DIR/silos/<name>/ledger.sqlite``): epsilon and releases."""
+def silo_ledgers(run_dir: Path, secure: bool = False) -> dict[str, dict]:
+    """Each simulated silo's own ledger (``RUN_DIR/silos/<name>/ledger.sqlite``): epsilon and
+    releases; with ``secure`` (a run under secure aggregation) also the epsilon that holds if
+    every other party colluded."""
     result = {}
     for path in RunLayout(run_dir).silo_ledgers():
         with PrivacyLedger.existing(path) as ledger:
             result[path.parent.name] = {"epsilon": ledger.spent(), "releases": ledger.releases}
+            if secure:
+                result[path.parent.name]["epsilon_if_all_collude"] = ledger.spent_if_all_collude()
     return result
 
 
@@ -130,12 +138,16 @@ def _federation_report(run_dir: Path, config: Config) -> dict | None:
     try:
         releases = store.releases()
         epsilons = store.epsilons(config.privacy.delta, config.privacy.accountant) if config.privacy.enabled else {}
+        colluding = store.epsilons(config.privacy.delta, config.privacy.accountant, colluding=True) \
+            if config.privacy.enabled and store.secure() else {}
         traffic = store.traffic()
         silos = []
         for name in store.silos():  # each silo once, by the name it asserts, across node ids and resumes
             moved = traffic.get(name, {"messages": 0, "bytes_up": 0, "bytes_down": 0})
             silos.append({"silo": name, "releases": releases.get(name, 0),
                           "epsilon": epsilons.get(name, float("inf")), **moved})
+            if colluding:
+                silos[-1]["epsilon_if_all_collude"] = colluding.get(name, float("inf"))
         rounds = {}
         for round, attempt, silo, down, up in store.traffic_rows():
             rounds.setdefault(str(round), []).append({"silo": silo, "attempt": attempt, "bytes_down": down,

@@ -53,7 +53,10 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
 
     outcome = Outcome()
     server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome)
-    client_app = make_client_app(state_root=RunLayout(run_dir).silos)
+    # Simulated silos share one operator: under secure aggregation each counts on the t honest
+    # participants the run was calibrated for (a deployed silo's operator sets its own).
+    settings = {"secure-honest": config.federation.honest} if config.federation.secure_aggregation else None
+    client_app = make_client_app(state_root=RunLayout(run_dir).silos, settings=settings)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.silos)),
                              "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}}
@@ -87,7 +90,7 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
     if outcome.result is None:
         raise SeedtuneError(f"the simulation stopped before finishing; see the log above. Finished rounds are "
                             f"in {run_dir}: resume with seedtune simulate --resume --out {run_dir}")
-    return SimulationResult(run_dir, outcome.result, silo_ledgers(run_dir))
+    return SimulationResult(run_dir, outcome.result, silo_ledgers(run_dir, secure=config.federation.secure_aggregation))
 
 
 def _stop_ray() -> None:

@@ -46,7 +46,7 @@ class GridTransport:
 
     def exchange(self, messages: dict[int, RecordDict], *, round: int, timeout: float,
                  kind: str = "train") -> list[Response]:
-        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        message_type = {"train": MessageType.TRAIN, "keys": MessageType.QUERY}.get(kind, MessageType.EVALUATE)
         outgoing = {node: Message(content, dst_node_id=node, message_type=message_type, group_id=str(round))
                     for node, content in messages.items()}
         sizes = {node: serialized_size(message) for node, message in outgoing.items()}
@@ -95,6 +95,8 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
     releases = federation.store.releases()
     finish_run(run, result.before, result.after, result.epsilons,
                extra={"silos": {silo: {"epsilon": result.epsilons.get(silo), "releases": releases.get(silo, 0),
+                                       **({"epsilon_if_all_collude": result.epsilons_if_all_collude.get(silo)}
+                                          if result.epsilons_if_all_collude else {}),
                                        **result.traffic.get(silo, {})}
                                 for silo in federation.store.silos()},
                       "rejections": result.rejections, "silo_evaluation": result.silo_evaluation,

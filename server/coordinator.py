@@ -19,7 +19,9 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from seedtune.common.errors import SeedtuneError
+from seedtune.common.privacy.mechanism import lattice_step
 from seedtune.common.protocol import LocalStep, ReleaseParameters, TrainReply, TrainRequest, probe_seeds
 from seedtune.common.schedule import Schedule
 from seedtune.common.updatelog import StepRecord, UpdateApplier, UpdateLog
@@ -92,12 +94,27 @@ class Coordinator:
         if not replies:
             raise ValueError(f"step {request.step}: no replies to aggregate")
         weights = [reply.expected_batch_size for reply in replies]
-        records = []
+        aggregated = []
         for position in range(request.steps):
-            asked = request.one_step(position)
-            width = len(asked.probe_seeds)
+            width = len(request.probe_seeds)
             scalars = [reply.projected_grads[position * width:(position + 1) * width] for reply in replies]
-            grads = aggregate(self.aggregation, scalars, weights, self.trim)
+            aggregated.append(aggregate(self.aggregation, scalars, weights, self.trim))
+        return self.commit(request, aggregated)
+
+    def apply_sum(self, request: TrainRequest, total: np.ndarray, weight: float) -> list[StepRecord]:
+        """Secure aggregation: the round's step from the unmasked sum of the participants' releases
+        (integers in lattice units) and their summed q N; the weighted mean of the replies that
+        :meth:`apply` computes, had the coordinator seen them one by one."""
+        if request.steps != 1:
+            raise ValueError("secure aggregation takes one step a round")
+        step = lattice_step(self.release.clip_bound)  # exact: a power of two
+        return self.commit(request, [tuple(float(v) for v in total.astype(np.float64) * step / weight)])
+
+    def commit(self, request: TrainRequest, aggregated: Sequence[Sequence[float]]) -> list[StepRecord]:
+        """The round's steps (one aggregate of K scalars each) into the log, then into the model."""
+        records = []
+        for position, grads in enumerate(aggregated):
+            asked = request.one_step(position)
             if not all(math.isfinite(g) for g in grads):  # refused before the log: nothing half-applied
                 raise NonFiniteStep(
                     f"step {asked.step}: the {self.aggregation} of the replies is not finite (a silo sent "
@@ -105,7 +122,7 @@ class Coordinator:
                     "federation.aggregation='trimmed-mean' or 'median' bounds what one silo can do")
             plan = self.schedule.plan(asked.step)
             records.append(StepRecord(step=asked.step, stage=plan.stage, probe_seeds=asked.probe_seeds,
-                                      projected_grads=grads, lr=plan.lr, beta=plan.beta, prox=plan.prox,
+                                      projected_grads=tuple(grads), lr=plan.lr, beta=plan.beta, prox=plan.prox,
                                       anchor_step=plan.anchor_step))
         self.log.extend(records)  # durable first: the steps count once they are in the log
         self.applier.apply_all(records)

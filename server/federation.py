@@ -15,6 +15,7 @@ whenever a node restarts (:mod:`seedtune.server.store`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,15 +28,20 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import RecordDict
+import numpy as np
 from seedtune.common.errors import BudgetExhausted, SeedtuneError
-from seedtune.common.protocol import EvaluationRequest, TrainReply, TrainRequest
+from seedtune.common.privacy.mechanism import lattice_sensitivity, lattice_step
+from seedtune.common.protocol import EvaluationRequest, Participant, SecureRound, TrainReply, TrainRequest
+from seedtune.common.secagg import check_bits, sum_bits, unmask_sum
 from seedtune.common.updatelog import Checkpoint
 from seedtune.common.wire import (
     Sync,
     WireError,
     decode_evaluation_reply,
+    decode_keys_reply,
     decode_reply,
     encode_evaluation,
+    encode_keys_request,
     encode_request,
 )
 from seedtune.common.aggregation import RuleCost
@@ -109,6 +115,9 @@ class FederationResult:
     silo_evaluation: dict | None = None
     aggregation: RuleCost | None = None  # the rule's sensitivity and noise, over the last round's silos
     stopped_early: str | None = None  # why the run ended before its planned rounds (silos out of budget)
+    # secure aggregation: silo name -> epsilon if every other party colluded (its own share alone)
+    epsilons_if_all_collude: dict[str, float] = field(default_factory=dict)
+    secure_honest: int = 0  # t the charged epsilons assume
 
 
 class Federation:
@@ -122,6 +131,7 @@ class Federation:
         self.store = FederationStore(run.layout.store)
         self.held: dict[int, int | None] = {}  # node -> the steps its model holds, as last known (None: unknown)
         self.aggregation: RuleCost | None = None
+        self.keys: dict[int, Participant] = {}  # secure aggregation: node -> its masking key, as it reported it
 
     # -- one round -----------------------------------------------------------------------------
     def sync_for(self, node: int) -> Sync:
@@ -146,8 +156,12 @@ class Federation:
 
     def collect(self, request: TrainRequest, responses: list[Response], asked: dict[int, RecordDict],
                 round: int, attempt: int) -> dict[int, TrainReply]:
-        """Validate every response; keep the good replies, record why the others were refused."""
+        """Validate every response; keep the good replies, record why the others were refused.
+        Under secure aggregation a retried round's replies are new releases, charged again: each
+        attempt's are recorded apart."""
         valid: dict[int, TrainReply] = {}
+        secure = request.secure
+        kind = "train" if secure is None or attempt == 0 else f"train/{attempt}"
         for response in responses:
             node = response.node
             self.store.record_traffic(round, attempt, node, response.bytes_down, response.bytes_up)
@@ -163,10 +177,14 @@ class Federation:
             else:
                 try:
                     reply, silo = decode_reply(response.content, step=request.step,
-                                               probes=len(request.probe_seeds) * request.steps)
+                                               probes=len(request.probe_seeds) * request.steps,
+                                               bits=None if secure is None else secure.bits)
                     silo = silo or f"node {node}"
                     self.store.register(node, silo)
-                    self.store.record_release(silo, round, reply.events)  # spent, whatever follows
+                    self.store.record_release(silo, round, reply.events, kind=kind)  # spent, whatever follows
+                    if secure is not None:
+                        self.store.record_collusion(silo, round, reply.collusion, kind=kind)
+                        self._check_participant(request, node, silo, reply)
                     valid[node] = reply
                     self.held[node] = request.step  # it answered on the model after request.step steps
                 except WireError as error:
@@ -176,12 +194,26 @@ class Federation:
                 self.store.reject(round, node, reason)
         return valid
 
+    def _check_participant(self, request: TrainRequest, node: int, silo: str, reply: TrainReply) -> None:
+        """A secure reply must come from the participant the round lists for its node, with the q N
+        its key reply published (the unmasked sum is divided by the summed q N)."""
+        participant = self.keys.get(node)
+        if participant is None or participant.name != silo:
+            raise WireError(f"a secure reply named {silo!r} from a node the round lists as "
+                            f"{participant.name if participant else 'no participant'!r}")
+        expected = request.release.sample_rate * participant.public_size
+        if not math.isclose(reply.expected_batch_size, expected, rel_tol=1e-9):
+            raise WireError(f"reply.expected_batch_size={reply.expected_batch_size:g}, not q x its public size "
+                            f"({expected:g})")
+
     def play_round(self) -> int:
         """Run the next round to completion (retrying if short of replies); returns replies used."""
         coordinator = self.run.coordinator
         federation = self.config.federation
         request = coordinator.request()
         round = request.step  # a round is numbered by the (first) step it asks for
+        if federation.secure_aggregation:
+            return self.play_secure_round(request, round)
         for attempt in range(federation.round_retries + 1):
             nodes = self.select(self.transport.nodes(), round, attempt)
             asked = {node: encode_request(request, self.sync_for(node)) for node in nodes}
@@ -195,19 +227,107 @@ class Federation:
                 return len(valid)
             log.warning("round %d attempt %d: %d valid replies of %d asked, need %d",
                         round, attempt, len(valid), len(asked), federation.min_silos)
-            spent = {r["silo"]: r["reason"] for r in self.store.rejections()
-                     if r["round"] == round and "BudgetExhausted" in r["reason"]}
-            if spent and len(valid) + len(asked) - len(spent) < federation.min_silos:
-                raise OutOfBudget(
-                    f"round {round} of {self.run.schedule.steps}: {len(spent)} silo(s) refuse for lack of "
-                    "privacy budget, so fewer than federation.min_silos="
-                    f"{federation.min_silos} can answer; the run ends with the {coordinator.step} rounds it has. "
-                    + "; ".join(f"{silo}: {reason.split('BudgetExhausted: ')[-1]}" for silo, reason in spent.items()))
+            self._out_of_budget(round, valid, asked)
         raise FederationError(
             f"round {round} got fewer than federation.min_silos={federation.min_silos} valid "
             f"replies in {federation.round_retries + 1} attempts; every earlier round is in the log "
             f"({self.run.run_dir}), so the run can resume once enough silos are back"
         )
+
+    # -- secure aggregation ----------------------------------------------------------------------
+    def participants(self, nodes: Sequence[int], round: int, attempt: int) -> dict[int, Participant]:
+        """The masking keys of ``nodes``: asked once of each node (a silo keeps its key for the
+        run, so a resumed coordinator asks again and gets the same); a node that does not answer
+        is left out of the round."""
+        missing = [node for node in nodes if node not in self.keys]
+        if missing:
+            setup = Sync(self.run.coordinator.step, (), self.run.setup())
+            messages = {node: encode_keys_request(self.run.run_id, setup) for node in missing}
+            for response in self.transport.exchange(messages, round=round, timeout=self.config.federation.round_timeout,
+                                                    kind="keys"):
+                self.store.record_traffic(round, attempt, response.node, response.bytes_down, response.bytes_up)
+                try:
+                    if response.node not in messages or response.error is not None:
+                        raise WireError(response.error or "reply from a node that was not asked")
+                    participant = decode_keys_reply(response.content)
+                except WireError as error:
+                    self.store.reject(round, response.node, f"masking key: {error}")
+                    continue
+                self.store.register(response.node, participant.name)
+                self.keys[response.node] = participant
+        chosen: dict[int, Participant] = {}
+        for node in nodes:
+            if node in self.keys and self.keys[node].name not in {p.name for p in chosen.values()}:
+                chosen[node] = self.keys[node]
+        return chosen
+
+    def round_bits(self, participants: Sequence[Participant]) -> int:
+        """b: federation.secure_bits, checked, or the fewest bits no sum of this round can wrap."""
+        release = self.run.coordinator.release
+        probes = self.config.zo.probes
+        sizes = [participant.public_size for participant in participants]
+        clip_units = release.clip_bound / lattice_step(release.clip_bound)
+        share_std = release.noise_multiplier * float(lattice_sensitivity(release.clip_bound, probes))
+        bits = self.config.federation.secure_bits or sum_bits(sizes, clip_units, share_std)
+        check_bits(bits, sizes, clip_units, share_std)
+        return bits
+
+    def play_secure_round(self, request: TrainRequest, round: int) -> int:
+        """A round under secure aggregation: the participants' keys, the masked replies, their sum
+        unmasked, the step. Any participant missing makes the attempt fail (nothing is unmasked
+        from part of a round); the next attempt asks the others, with fresh masks and noise, and
+        each silo charges it again."""
+        coordinator = self.run.coordinator
+        federation = self.config.federation
+        failed: set[int] = set()
+        for attempt in range(federation.round_retries + 1):
+            nodes = [node for node in self.select(self.transport.nodes(), round, attempt) if node not in failed]
+            participants = self.participants(nodes, round, attempt)
+            if len(participants) < max(federation.min_silos, federation.honest):
+                log.warning("round %d attempt %d: %d participant(s), the round needs %d (federation.min_silos, "
+                            "federation.secure_honest)", round, attempt, len(participants),
+                            max(federation.min_silos, federation.honest))
+                failed |= set(nodes) - set(participants)
+                continue
+            ordered = sorted(participants.values(), key=lambda participant: participant.name)
+            secure = SecureRound(attempt, self.round_bits(ordered), federation.honest, tuple(ordered))
+            asked_request = dataclasses.replace(request, secure=secure)
+            asked = {node: encode_request(asked_request, self.sync_for(node)) for node in participants}
+            responses = self.transport.exchange(asked, round=round, timeout=federation.round_timeout)
+            valid = self.collect(asked_request, responses, asked, round, attempt)
+            if len(valid) == len(participants):
+                masked = {participants[node].name: np.array(reply.masked, dtype=np.uint64)
+                          for node, reply in valid.items()}
+                total = unmask_sum(masked, set(masked), secure.bits)
+                _stop_mid_round(round)
+                coordinator.apply_sum(asked_request, total, sum(reply.expected_batch_size for reply in valid.values()))
+                self._note_cost(round, list(valid.values()))
+                return len(valid)
+            missing = set(participants) - set(valid)
+            log.warning("round %d attempt %d: %d of %d participants answered; the round is not unmasked and is "
+                        "asked again without %s", round, attempt, len(valid), len(participants),
+                        ", ".join(participants[node].name for node in sorted(missing)))
+            failed |= missing
+            for node in missing:
+                self.keys.pop(node, None)  # asked again if it comes back: it may have a new key
+            self._out_of_budget(round, valid, asked)
+        raise FederationError(
+            f"round {round} could not be completed under secure aggregation in {federation.round_retries + 1} "
+            f"attempts (every participant must answer, at least max(federation.min_silos, "
+            f"federation.secure_honest) = {max(federation.min_silos, federation.honest)} of them); every earlier round "
+            f"is in the log ({self.run.run_dir}), so the run can resume once enough silos are back")
+
+    def _out_of_budget(self, round: int, valid: dict, asked: dict) -> None:
+        """End the run if too few silos with budget are left to answer a round."""
+        federation = self.config.federation
+        spent = {r["silo"]: r["reason"] for r in self.store.rejections()
+                 if r["round"] == round and "BudgetExhausted" in r["reason"]}
+        if spent and len(valid) + len(asked) - len(spent) < federation.min_silos:
+            raise OutOfBudget(
+                f"round {round} of {self.run.schedule.steps}: {len(spent)} silo(s) refuse for lack of "
+                "privacy budget, so fewer than federation.min_silos="
+                f"{federation.min_silos} can answer; the run ends with the {self.run.coordinator.step} rounds it has. "
+                + "; ".join(f"{silo}: {reason.split('BudgetExhausted: ')[-1]}" for silo, reason in spent.items()))
 
     def _note_cost(self, round: int, replies: list[TrainReply]) -> None:
         """Log what the aggregation rule costs whenever the silos that answered change it."""
@@ -259,8 +379,12 @@ class Federation:
             silo_evaluation = (run.log.meta("silo_evaluation") or run.log.meta("client_evaluation")
                                or self.evaluate_on_silos())
             run.log.set_meta("silo_evaluation", silo_evaluation)
+        colluding = {}
+        if federation.secure_aggregation:
+            colluding = self.store.epsilons(self.config.privacy.delta, self.config.privacy.accountant, colluding=True)
         return FederationResult(run.coordinator.step, loop.before, loop.after, self.epsilons(), self.store.traffic(),
-                                self.store.rejections(), silo_evaluation, self.aggregation, loop.stopped_early)
+                                self.store.rejections(), silo_evaluation, self.aggregation, loop.stopped_early,
+                                colluding, federation.honest if federation.secure_aggregation else 0)
 
     def evaluate_on_silos(self) -> dict:
         """Accuracy of the final model on the silos' own held-out data: noised and charged to
@@ -299,9 +423,10 @@ class DirectTransport:
     """Silos called in this process: ``handlers[node](content) -> content``. For tests and tools;
     every message still goes through the wire encoding, and its size is measured."""
 
-    def __init__(self, handlers: dict, evaluators: dict | None = None):
+    def __init__(self, handlers: dict, evaluators: dict | None = None, keys: dict | None = None):
         self.handlers = handlers
         self.evaluators = evaluators or {}
+        self.keys = keys or {}
 
     def nodes(self) -> list[int]:
         return sorted(self.handlers)
@@ -310,7 +435,7 @@ class DirectTransport:
                  kind: str = "train") -> list[Response]:
         from seedtune.common.wire import serialized_size
 
-        handlers = self.handlers if kind == "train" else self.evaluators
+        handlers = {"train": self.handlers, "keys": self.keys}.get(kind, self.evaluators)
         responses = []
         for node, content in messages.items():
             down = serialized_size(content)

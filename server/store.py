@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS traffic (
 CREATE TABLE IF NOT EXISTS rejections (
     round INTEGER NOT NULL, node TEXT NOT NULL, reason TEXT NOT NULL, created REAL NOT NULL
 );
+-- Secure aggregation: what each release costs its silo if every other party colludes (its own
+-- share of the noise alone), beside the event it charged (silo_events).
+CREATE TABLE IF NOT EXISTS silo_collusion (
+    silo TEXT NOT NULL, round INTEGER NOT NULL, kind TEXT NOT NULL, events TEXT NOT NULL,
+    PRIMARY KEY (silo, round, kind)
+);
 -- Flower node ids are unsigned 64-bit, beyond SQLite's INTEGER: stored as text.
 CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, silo TEXT NOT NULL DEFAULT '');
 """
@@ -77,6 +83,15 @@ class FederationStore:
                              (silo, round, kind,
                               json.dumps([event_codec.event_to_dict(e) for e in events], sort_keys=True)))
 
+    def record_collusion(self, silo: str, round: int, events: tuple[dp_accounting.DpEvent, ...],
+                         kind: str = "train") -> None:
+        """Beside :meth:`record_release` under secure aggregation: what that release costs the
+        silo if every other party colludes."""
+        with self._db:
+            self._db.execute("INSERT OR IGNORE INTO silo_collusion VALUES (?, ?, ?, ?)",
+                             (silo, round, kind,
+                              json.dumps([event_codec.event_to_dict(e) for e in events], sort_keys=True)))
+
     def record_traffic(self, round: int, attempt: int, node: int, bytes_down: int, bytes_up: int) -> None:
         with self._db:
             self._db.execute("INSERT INTO traffic VALUES (?, ?, ?, ?, ?)", (round, attempt, str(node), bytes_down, bytes_up))
@@ -103,21 +118,30 @@ class FederationStore:
         names |= {silo for (silo,) in self._db.execute("SELECT DISTINCT silo FROM silo_events")}
         return sorted(names)
 
-    def reported_events(self) -> dict[str, list]:
-        """Silo -> the events of every release it reported, each release once."""
+    def reported_events(self, colluding: bool = False) -> dict[str, list]:
+        """Silo -> the events of every release it reported, each release once; ``colluding``: a
+        securely aggregated release as what it costs if every other party colludes."""
         events: dict[str, list] = defaultdict(list)
-        for silo, text in self._db.execute("SELECT silo, events FROM silo_events ORDER BY silo, round, kind"):
+        query = ("SELECT e.silo, COALESCE(c.events, e.events) FROM silo_events e LEFT JOIN silo_collusion c "
+                 "ON c.silo = e.silo AND c.round = e.round AND c.kind = e.kind ORDER BY e.silo, e.round, e.kind"
+                 if colluding else "SELECT silo, events FROM silo_events ORDER BY silo, round, kind")
+        for silo, text in self._db.execute(query):
             events[silo].extend(event_codec.event_from_dict(record) for record in json.loads(text))
         return dict(events)
+
+    def secure(self) -> bool:
+        """Whether any release was securely aggregated."""
+        return self._db.execute("SELECT 1 FROM silo_collusion LIMIT 1").fetchone() is not None
 
     def releases(self) -> dict[str, int]:
         """Silo -> how many releases it reported (training rounds and evaluations)."""
         return dict(self._db.execute("SELECT silo, COUNT(*) FROM silo_events GROUP BY silo").fetchall())
 
-    def epsilons(self, delta: float, accountant: str) -> dict[str, float]:
+    def epsilons(self, delta: float, accountant: str, colluding: bool = False) -> dict[str, float]:
         """ε per silo, recomputed from its reported events (once per distinct multiset of events:
-        silos asked the same rounds spent the same, and each computation takes a fraction of a second)."""
-        reported = self.reported_events()
+        silos asked the same rounds spent the same, and each computation takes a fraction of a second).
+        ``colluding``: what holds if every other party of its secure rounds colluded."""
+        reported = self.reported_events(colluding)
         computed: dict[frozenset, float] = {}
         epsilons = {}
         for silo in self.silos():

@@ -178,3 +178,35 @@ def test_flwr_run_drives_the_same_apps_against_a_local_simulation_federation(tmp
         for process in marked_processes(marker):
             process.kill()
     assert wait_gone(marker) == []
+
+
+def test_secure_aggregation_on_flowers_engine_stops_resumes_and_reports_both_figures(tmp_path):
+    """Under secure aggregation on the real simulation engine: stopped with round 2's masked
+    replies in, the resumed run asks the same round again and every silo answers with the same
+    masked integers, uncharged; the summary and ``seedtune show`` print each silo's epsilon with
+    t honest participants and what holds if every other party colludes."""
+    marker = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    common = ["--no-progress", "--set", "eval.every=0", "--set", "federation.secure_aggregation=true"]
+    stopped = seedtune("simulate", "--preset", "tiny", "--rounds", 5, "--out", run_dir, *common,
+                       env={"SEEDTUNE_TEST_MARKER": marker, "SEEDTUNE_TEST_STOP_MID_ROUND": "2:stop"})
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    ledgers = sorted((run_dir / "silos").glob("*/ledger.sqlite"))
+    assert len(ledgers) == 3 and all(_releases(path) == 3 for path in ledgers)  # rounds 0-2 charged
+    resumed = seedtune("simulate", "--resume", "--out", run_dir, "--no-progress", env={"SEEDTUNE_TEST_MARKER": marker})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(_releases(path) == 5 for path in ledgers)  # round 2 answered again, not charged again
+    assert "secure aggregation: epsilon holds with at least 3 honest participants" in resumed.stdout
+    header = next(line for line in resumed.stdout.splitlines() if line.startswith("silo "))
+    assert "if all collude" in header
+    report = json.loads(seedtune("show", run_dir, "--json").stdout)
+    privacy = report["privacy"]
+    assert privacy["secure_aggregation"] == {"honest": 3}
+    for name, ledger in privacy["ledger_per_silo"].items():
+        assert privacy["epsilon_per_silo"][name] == pytest.approx(ledger["epsilon"], rel=1e-9)
+        assert privacy["epsilon_per_silo_if_all_collude"][name] == pytest.approx(ledger["epsilon_if_all_collude"],
+                                                                                 rel=1e-9)
+        assert ledger["epsilon"] <= privacy["budget_epsilon"] * (1 + 1e-9) < ledger["epsilon_if_all_collude"]
+    shown = seedtune("show", run_dir).stdout
+    assert "if every other party colluded, each silo's own share alone gives" in shown
+    assert wait_gone(marker) == []
