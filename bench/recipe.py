@@ -22,6 +22,7 @@ The default preset's recipe (K, q, C, step size, schedule) was chosen with it (d
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from seedtune.common.config import Config, with_changes
 from seedtune.common.errors import ConfigError
 from seedtune.common.partition import partition_indices
 from seedtune.common.privacy.accounting import calibrate_noise_multiplier
+from seedtune.common.privacy.mechanism import lattice_sensitivity, lattice_step
 
 # What a sweep may vary, and where each lives in the config.
 KEYS = {"steps": ("schedule", "steps", int), "lr": ("schedule", "lr", float), "kind": ("schedule", "kind", str),
@@ -63,26 +65,41 @@ def features(config: Config) -> Features:
                     head.bias.detach().float().clone(), list(data.train["text"]))
 
 
-def replay(config: Config, data: Features, seed: int) -> tuple[float, float]:
+def replay(config: Config, data: Features, seed: int, noise: str = "per-silo") -> tuple[float, float]:
     """Validation accuracy and loss of one private head-only run of ``config``, replayed on the
-    embeddings."""
-    weight, bias = train_head(config, data, seed)
+    embeddings (``noise``: :func:`train_head`'s)."""
+    weight, bias = train_head(config, data, seed, noise)
     logits = data.validation @ weight.T + bias
     return (float((logits.argmax(dim=1) == data.validation_labels).float().mean()),
             float(F.cross_entropy(logits, data.validation_labels)))
 
 
-def train_head(config: Config, data: Features, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+NOISE_MODES = ("per-silo", "secure", "one-silo")
+
+
+def train_head(config: Config, data: Features, seed: int, noise: str = "per-silo") -> tuple[torch.Tensor, torch.Tensor]:
     """The head after ``config``'s run, replayed on the embeddings with directions, samples and
-    noise drawn from ``seed``."""
+    noise drawn from ``seed``. ``noise``: each silo noises its own sum at sigma ("per-silo", what
+    seedtune does without secure aggregation); only the sum of the silos' sums is noised, by t
+    shares of a multiplier calibrated for them ("secure": secure aggregation with distributed
+    noise, t = ``federation.honest``; the sum of t discrete Gaussian shares replayed as one
+    Gaussian of their summed variance); or one silo holds all the data ("one-silo")."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise={noise!r} is not one of {NOISE_MODES}")
     generator = torch.Generator().manual_seed(seed)
     p, schedule = config.privacy, config.schedule
-    silos = config.federation.silos
+    silos = 1 if noise == "one-silo" else config.federation.silos
     shards = partition_indices(data.texts, data.train_labels.tolist(), silos, scheme=config.federation.partition,
                                alpha=config.federation.alpha, seed=config.data.split_seed)
     shards = [torch.as_tensor(shard) for shard in shards]
     sigma = (calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, schedule.steps, p.accountant, noise="gaussian")
-             if p.enabled else 0.0)
+             if p.enabled and noise != "secure" else 0.0)
+    summed_std = 0.0  # secure: the standard deviation of the summed shares, per coordinate
+    if p.enabled and noise == "secure":
+        with_secure = with_changes(config, federation={"secure_aggregation": True})
+        share = components.noise_multiplier(with_secure)
+        unit = float(lattice_sensitivity(p.clip_bound, config.zo.probes)) * lattice_step(p.clip_bound)  # D g
+        summed_std = math.sqrt(with_secure.federation.honest) * share * unit
     weight, bias = data.weight.clone(), data.bias.clone()
     classes, width = weight.shape
     dimension = classes * width + classes
@@ -103,6 +120,8 @@ def train_head(config: Config, data: Features, seed: int) -> tuple[torch.Tensor,
                 total += torch.randn(probes, generator=generator) * sigma * p.clip_bound
             total += projected.sum(dim=0)
             population += p.sample_rate * len(shard)
+        if summed_std:
+            total += torch.randn(probes, generator=generator) * summed_std
         plan = plan_of(step)
         update = (total / population) @ z * (plan.lr / probes)
         weight -= update[: classes * width].view(classes, width)

@@ -1,4 +1,4 @@
-"""``seedtune bench step|memory|comm|server|scale|sweep|noise|robust|deploy``: run one, print its figures and targets.
+"""``seedtune bench step|memory|comm|server|scale|sweep|noise|robust|deploy|secure``: run one, print its figures and targets.
 
 Each bench returns a report: ``setup`` (what was measured, on what), ``rows`` (the figures) and
 ``targets`` (each claim of ``docs/performance.md`` with its measured value, its limit and
@@ -17,10 +17,11 @@ from seedtune.bench.cost import SWEEP_BATCHES, bench_memory, bench_step, bench_s
 from seedtune.bench.deploy import bench_deploy, bench_deploy_job
 from seedtune.bench.noise import bench_noise
 from seedtune.bench.robust import bench_robust
+from seedtune.bench.secure import bench_secure
 from seedtune.bench.traffic import bench_comm, bench_scale, bench_server
 
 def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progress: bool = True,
-              profile: bool = False, overrides: tuple[str, ...] = ()) -> dict:
+              profile: bool = False, overrides: tuple[str, ...] = (), preset: str = "default") -> dict:
     import torch
 
     from seedtune.bench.cost import _threads
@@ -43,6 +44,8 @@ def run_bench(name: str, *, quick: bool = False, out: Path | None = None, progre
         report = bench_robust(quick=quick, progress=progress, overrides=overrides)
     elif name == "deploy":
         report = bench_deploy(quick=quick, progress=progress, overrides=overrides)
+    elif name == "secure":
+        report = bench_secure(quick=quick, progress=progress, overrides=overrides, preset=preset)
     elif name == "deploy-job":
         report = bench_deploy_job(overrides=overrides)  # no progress bar: the run is another process's
     elif name == "sweep":

@@ -140,6 +140,9 @@ COST_BENCHES = {
               "the mean, the median and the trimmed mean (tiny preset)",
     "deploy": "seconds per round on a loopback deployment (TLS, node auth, resident engines) against the "
               "simulation engine, the same job: tiny and default presets, tau 1 and 6",
+    "secure": "federated accuracy at equal epsilon per silo and equal total data, 3 and 10 silos: per-silo noise, "
+              "secure aggregation with distributed noise, and one silo holding all the data; bytes and seconds "
+              "per round beside it",
 }
 
 
@@ -158,7 +161,10 @@ def _add_bench(commands) -> None:
         if name == "server":
             command.add_argument("--profile", action="store_true",
                                  help="also print torch's profile of the every-parameter replay")
-        if name in ("robust", "deploy"):
+        if name == "secure":
+            command.add_argument("--preset", default="default",
+                                 help="the run to compare on (default: simulate's default, head only)")
+        if name in ("robust", "deploy", "secure"):
             command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                                  help="override a setting of every run, e.g. --set data.synthetic_size=1500")
         if name == "deploy":
@@ -353,7 +359,8 @@ def _bench_cost(args) -> int:
 
     name = "deploy-job" if getattr(args, "job", False) else args.bench
     report = run_bench(name, quick=args.quick, out=args.out, progress=not args.no_progress,
-                       profile=getattr(args, "profile", False), overrides=tuple(getattr(args, "overrides", ())))
+                       profile=getattr(args, "profile", False), overrides=tuple(getattr(args, "overrides", ())),
+                       preset=getattr(args, "preset", "default"))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -45,6 +45,12 @@ COLUMNS = {
                    ("rounds", "rounds", "{:>7}"), ("minutes", "wall_min", "{:>8.1f}"),
                    ("test before", "test_before", "{:>12.4f}"), ("test after", "test_after", "{:>11.4f}"),
                    ("epsilon", "epsilon", "{:>8.3f}")],
+    "secure": [("epsilon", "epsilon", "{:>7g}"), ("silos", "silos", "{:>6}"), ("noise", "mode", "{:<9}"),
+               ("multiplier", "multiplier", "{:>11.3f}"), ("sum's noise /C", "summed_noise", "{:>15.3f}"),
+               ("val accuracy", "validation_accuracy", "{:>13.4f}"), ("smallest", "smallest", "{:>9.4f}"),
+               ("up B/round", "bytes_up", "{:>11.0f}"), ("down B/round", "bytes_down", "{:>13.0f}"),
+               ("s/round", "seconds", "{:>8.3f}"), ("mask ms", "mask_ms", "{:>8.2f}"),
+               ("unmask ms", "unmask_ms", "{:>10.2f}"), ("first round B", "first_round_bytes", "{:>14.0f}")],
 }
 MILLISECONDS = {("step", "step_s"), ("step", "baseline_s"), ("server", "server_round_s"),
                 ("server", "client_step_s")}  # stored in seconds, printed in ms
@@ -84,6 +90,11 @@ def print_bench(report: dict, file=None) -> None:
     if report["bench"] == "deploy":
         print(f"a fresh flwr-clientapp process imports Flower for {report['setup']['clientapp_import_s']:.2f} s "
               f"(part of the way out); deployed over simulated, default preset: {report['ratio']:.2f}", file=file)
+    if report["bench"] == "secure":
+        for fall in report["falls"]:
+            print(f"epsilon {fall['epsilon']:g}, {fall['silos']} silos: per-silo noise ends "
+                  f"{100 * fall['per_silo_below_one_silo']:.2f} points below one silo holding all the data, secure "
+                  f"aggregation {100 * fall['secure_below_one_silo']:.2f}", file=file)
     if report["bench"] == "robust":
         print(f"test accuracy before training: {report['rows'][0]['before']:.3f}", file=file)
         for row in report["rows"]:

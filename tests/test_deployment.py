@@ -186,3 +186,45 @@ def test_silo_engines_serve_a_deployment_and_one_killed_mid_run_loses_nothing(tm
         assert any(f"no silo engine answers at {deployment.engine_socket(0)}" in reason for reason in reasons), reasons
     finally:
         assert deployment.close() == []
+
+
+def test_a_secure_aggregation_round_runs_end_to_end_on_a_tls_authenticated_deployment(tmp_path):
+    """Three silos, each checking its peers' masking keys against a roster of the operators' node
+    keys: the coordinator receives only masked integers and a Flower query for each key, every
+    silo's ledger charges the sum of t = 3 shares and records what holds if all others collude."""
+    deployment = Loopback(tmp_path, silos=3)
+    try:
+        shards = _shards(tmp_path, 3)
+        roster = tmp_path / "roster.toml"
+        roster.write_text("[silos]\n" + "".join(
+            f'"silo-{i}" = "{(deployment.credentials / f"silo-{i}.pub").read_text().strip()}"\n' for i in range(3)))
+        deployment.start_superlink()
+        for silo, shard in enumerate(shards):
+            deployment.register(silo)
+            deployment.start_supernode(silo, data=shard, extra=(
+                f'secure-honest=3 secure-roster="{roster}" '
+                f'secure-signing-key="{deployment.credentials / f"silo-{silo}"}"'))
+        deployment.wait_online(3)
+        run_dir = tmp_path / "out"
+        result = deployment.run(SETTINGS + f'run-dir="{run_dir}" schedule.steps=3 federation.silos=3 '
+                                           'federation.min_silos=3 federation.secure_aggregation=true')
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["steps"] == 3, result.stdout[-3000:]
+        for silo in range(3):
+            assert _releases(deployment, silo) == 3
+            entry = metrics["silos"][f"silo-{silo}"]
+            assert 0 < entry["epsilon"] <= 6.0 + 1e-9 < entry["epsilon_if_all_collude"]
+            messages = _messages(deployment, silo)
+            assert [m["direction"] for m in messages if m["type"] == "query"] == ["in", "out"]  # the key, once
+            replies = [m["records"]["reply"]["values"] for m in messages
+                       if m["type"] == "train" and m["direction"] == "out"]
+            assert len(replies) == 3
+            for reply in replies:  # masked integers, 8 bytes a probe; no plain scalar leaves
+                assert reply["projected_grads"] == [] and reply["masked"] == {"bytes": 8 * 4}
+        with sqlite3.connect(deployment.root / "silo-0" / "ledger.sqlite") as ledger:
+            events = [json.loads(e) for (e,) in ledger.execute("SELECT event FROM releases")]
+        assert all(e["event"]["type"] == "DistributedDiscreteGaussianDpEvent" and e["event"]["parties"] == 3
+                   for e in events)
+    finally:
+        assert deployment.close() == []
