@@ -49,7 +49,7 @@ def bench_secure(*, quick: bool = False, progress: bool = True, overrides: tuple
         accuracies = [replay(config, data, seed, mode)[0] for seed in range(seeds)]
         rows.append({"epsilon": epsilon, "silos": n, "mode": mode, "validation_accuracy": statistics.fmean(accuracies),
                      "smallest": min(accuracies), "each": accuracies, **_noise(config, mode)})
-    costs = {(row["silos"], row["mode"]): row for row in round_costs(base, rounds=4 if quick else 12, silos=counts)}
+    costs = {(row["silos"], row["mode"]): row for row in round_costs(base, rounds=4 if quick else 8, silos=counts)}
     for row in rows:
         row.update({key: costs[(row["silos"], row["mode"])][key]
                     for key in ("bytes_up", "bytes_down", "seconds", "first_round_bytes")})
