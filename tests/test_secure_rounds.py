@@ -264,3 +264,22 @@ def test_secure_requests_and_masked_replies_cross_the_wire_checked(tmp_path):
     content["request"]["secure"] = content["request"]["secure"].replace('"bits": 40', '"bits": 80')
     with pytest.raises(WireError, match="bits in \\[2, 64\\]"):
         decode_request(content)
+
+
+def test_private_evaluation_counts_work_under_secure_aggregation_and_stay_in_the_budget(tmp_path):
+    """Each silo noises its own evaluation counts, as without secure aggregation; the share is
+    calibrated with that evaluation's charge, so every ledger ends within its epsilon."""
+    from seedtune.client.app import handle_evaluate
+
+    config = _config("federation.silo_eval=private")
+    run = open_run(config, tmp_path / "run", resume=False)
+    nodes = _nodes(tmp_path)
+    transport = _transport(nodes)
+    transport.evaluators = {k: (lambda c, n=n: handle_evaluate(c, n)) for k, n in nodes.items()}
+    result = Federation(run, transport, progress=False).run_all()
+    assert result.steps == 6 and result.silo_evaluation["private"] and result.silo_evaluation["silos"] == 3
+    for node in nodes.values():
+        notes = [row["note"] for row in node.ledger.history()]
+        assert notes.count("evaluation") == 1 and len(notes) == 7
+        assert node.ledger.spent() == pytest.approx(config.privacy.epsilon, rel=1e-3)
+        assert node.ledger.spent() <= config.privacy.epsilon * (1 + 1e-9)
