@@ -87,13 +87,18 @@ def masking_key(state_dir: Path, run_id: str) -> MaskingKey:
         fresh = X25519PrivateKey.generate()
         raw = fresh.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                   serialization.NoEncryption())
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(raw)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)  # whole or absent: a crash never leaves half a key
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(raw)
+                file.flush()
+                os.fsync(file.fileno())
+            os.link(temporary, path)  # whole or absent, and the first process to make one wins
+        except FileExistsError:
+            pass  # another process serving this silo made it first: use that one
+        finally:
+            temporary.unlink(missing_ok=True)
     return MaskingKey(X25519PrivateKey.from_private_bytes(path.read_bytes()))
 
 

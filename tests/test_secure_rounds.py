@@ -214,6 +214,20 @@ def test_a_silo_keeps_its_masking_key_across_restarts_readable_by_it_alone(tmp_p
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
 
 
+def test_two_processes_making_a_silos_key_at_once_end_with_the_same_one(tmp_path, monkeypatch):
+    """The first key written wins; a process that made another reads the winner's."""
+    from seedtune.client import secure
+
+    first = secure.masking_key(tmp_path, "run-1")
+    path = next((tmp_path / "secagg").iterdir())
+    exists = type(path).exists  # the second process looked before the first had written:
+    monkeypatch.setattr(type(path), "exists", lambda self: False if self == path else exists(self))
+    second = secure.masking_key(tmp_path, "run-1")
+    monkeypatch.undo()
+    assert second.public_bytes == first.public_bytes
+    assert sorted(p.name for p in (tmp_path / "secagg").iterdir()) == [path.name]  # no temporary left
+
+
 @pytest.mark.parametrize("extra, message", [
     (["federation.aggregation=median"], "federation.aggregation='median' is invalid: it must be 'mean' under"),
     (["federation.local_steps=4"], "federation.local_steps=4 is invalid: it must be 1 under"),
