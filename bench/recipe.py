@@ -21,6 +21,7 @@ The default preset's recipe (K, q, C, step size, schedule) was chosen with it (d
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -97,7 +98,7 @@ def train_head(config: Config, data: Features, seed: int, noise: str = "per-silo
     summed_std = 0.0  # secure: the standard deviation of the summed shares, per coordinate
     if p.enabled and noise == "secure":
         with_secure = with_changes(config, federation={"secure_aggregation": True})
-        share = components.noise_multiplier(with_secure)
+        share = share_multiplier(with_secure)
         unit = float(lattice_sensitivity(p.clip_bound, config.zo.probes)) * lattice_step(p.clip_bound)  # D g
         summed_std = math.sqrt(with_secure.federation.honest) * share * unit
     weight, bias = data.weight.clone(), data.bias.clone()
@@ -127,6 +128,13 @@ def train_head(config: Config, data: Features, seed: int, noise: str = "per-silo
         weight -= update[: classes * width].view(classes, width)
         bias -= update[classes * width :]
     return weight, bias
+
+
+@functools.lru_cache(maxsize=64)
+def share_multiplier(config: Config) -> float:
+    """The calibrated share of a secure-aggregation config, once per config (a calibration under
+    distributed noise takes seconds; a bench replays the same config for every seed)."""
+    return components.noise_multiplier(config)
 
 
 def parse_grid(pairs: list[str]) -> dict[str, list]:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from seedtune.bench.recipe import features, replay
+from seedtune.bench.recipe import features, replay, share_multiplier
 from seedtune.common.config import load_config, with_changes
 
 SILOS = (3, 10)
@@ -79,7 +79,7 @@ def _noise(config, mode: str) -> dict:
 
     if mode == "secure":
         secure = with_changes(config, federation={"secure_aggregation": True})
-        share = components.noise_multiplier(secure)
+        share = share_multiplier(secure)
         return {"multiplier": share, "summed_noise": share * math.sqrt(secure.federation.honest)}
     sigma = components.noise_multiplier(config)
     silos = 1 if mode == "one-silo" else config.federation.silos
