@@ -150,6 +150,9 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
                    "engine_s": 0.9, "way_back_s": 0.9, "way_out_s": 2.0},
         "deploy-job": {"case": "default job, tau 6", "silos": 3, "steps": 600, "rounds": 100, "wall_min": 14.7,
                        "test_before": 0.625, "test_after": 0.72, "epsilon": 6.0},
+        "secure": {"epsilon": 6.0, "silos": 3, "mode": "secure", "multiplier": 0.94, "summed_noise": 1.62,
+                   "validation_accuracy": 0.75, "smallest": 0.74, "bytes_up": 1268, "bytes_down": 4304, "seconds": 0.46,
+                   "mask_ms": 0.09, "unmask_ms": 0.01, "first_round_bytes": 7541},
     }
     assert set(rows) == set(COLUMNS)
     for name, row in rows.items():
@@ -157,7 +160,8 @@ def test_reports_print_for_every_bench_and_the_sweep_plots(tmp_path):
                                                               "at_least": False, "met": True}],
                   "fedavg_round_bytes": {"down": 1, "total_1000_rounds": 1},
                   "setup": {"model_download_s_at_100_mbit": 1.0, "model_bytes": 1, "clientapp_import_s": 1.0},
-                  "ratio": 4.3}
+                  "ratio": 4.3,
+                  "falls": [{"epsilon": 6.0, "silos": 3, "per_silo_below_one_silo": 0.01, "secure_below_one_silo": 0.0}]}
         print_bench(report)
     summary = {"setup": {"length": 64}, "rows": [
         {"method": method, "batch": batch, "step_s": 0.1 * batch, "peak_above_model_mib": 5.0 * batch}
