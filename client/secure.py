@@ -34,7 +34,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from seedtune.client.limits import NodeConfigError, node_setting
-from seedtune.common.privacy.mechanism import lattice_sensitivity, lattice_step
+from seedtune.common.privacy.mechanism import share_scale
 from seedtune.common.protocol import Participant, TrainRequest
 from seedtune.common.secagg import MaskingKey, Roster, SecureAggregationError, SignedKey, check_bits
 
@@ -138,8 +138,6 @@ def check_round(request: TrainRequest, own: Participant, settings: SecureSetting
         raise SecureAggregationError(
             "a secure round, but this silo has no secure-roster to check its peers' keys against; set node config "
             "secure-roster=<file>, or secure-trust-coordinator=true to accept an honest-but-curious coordinator")
-    release = request.release
-    share_std = release.noise_multiplier * float(lattice_sensitivity(release.clip_bound, len(request.probe_seeds)))
     check_bits(secure.bits, [p.public_size for p in secure.participants],
-               release.clip_bound / lattice_step(release.clip_bound), share_std)
+               *share_scale(request.release, len(request.probe_seeds)))
     return {name: peer.public for name, peer in peers.items()}

@@ -30,7 +30,7 @@ from typing import Protocol
 from flwr.app import RecordDict
 import numpy as np
 from seedtune.common.errors import BudgetExhausted, SeedtuneError
-from seedtune.common.privacy.mechanism import lattice_sensitivity, lattice_step
+from seedtune.common.privacy.mechanism import share_scale
 from seedtune.common.protocol import EvaluationRequest, Participant, SecureRound, TrainReply, TrainRequest
 from seedtune.common.secagg import check_bits, sum_bits, unmask_sum
 from seedtune.common.updatelog import Checkpoint
@@ -263,13 +263,10 @@ class Federation:
 
     def round_bits(self, participants: Sequence[Participant]) -> int:
         """b: federation.secure_bits, checked, or the fewest bits no sum of this round can wrap."""
-        release = self.run.coordinator.release
-        probes = self.config.zo.probes
         sizes = [participant.public_size for participant in participants]
-        clip_units = release.clip_bound / lattice_step(release.clip_bound)
-        share_std = release.noise_multiplier * float(lattice_sensitivity(release.clip_bound, probes))
-        bits = self.config.federation.secure_bits or sum_bits(sizes, clip_units, share_std)
-        check_bits(bits, sizes, clip_units, share_std)
+        scale = share_scale(self.run.coordinator.release, self.config.zo.probes)
+        bits = self.config.federation.secure_bits or sum_bits(sizes, *scale)
+        check_bits(bits, sizes, *scale)
         return bits
 
     def play_secure_round(self, request: TrainRequest, round: int) -> int:

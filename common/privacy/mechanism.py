@@ -177,6 +177,13 @@ def share_event(parameters: ReleaseParameters, parties: int, probes: int) -> dp_
     return share if p.sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(p.sample_rate, share)
 
 
+def share_scale(parameters: ReleaseParameters, probes: int) -> tuple[float, float]:
+    """(C / g, s D): the clip bound and a share's standard deviation in lattice units, the two
+    public numbers that bound a secure round's sums (:func:`seedtune.common.secagg.sum_bits`)."""
+    p = parameters
+    return p.clip_bound / lattice_step(p.clip_bound), p.noise_multiplier * float(lattice_sensitivity(p.clip_bound, probes))
+
+
 LATTICE_BITS = 12  # the lattice step g is C / 2^12 to C / 2^13
 
 
