@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from seedtune.bench.utility import METHODS, QUICK, grid, method_config, summarize
+from seedtune.bench.utility import FULL, METHODS, QUICK, grid, method_config, summarize
 from seedtune.cli.main import main
 from seedtune.common.config import load_config
 
@@ -21,7 +21,8 @@ def test_each_method_is_the_configuration_it_claims():
     assert mezo.prune == base.prune  # the same trainable subset as DP-ZOSO
     dpzero = method_config(base, "dpzero", 2.0, 0)
     assert dpzero.privacy.epsilon == 2.0 and dpzero.schedule.kind == "constant"
-    assert not dpzero.prune.enabled and dpzero.zo.probes == 1 and dpzero.schedule.lr < base.schedule.lr
+    assert dpzero.prune == base.prune and dpzero.zo.probes == 1  # one direction, on the same set
+    assert dpzero.zo.distribution == "rademacher" and dpzero.schedule.lr == FULL.dpzero_lr
     zoso = method_config(base, "dp-zoso", 6.0, 2)
     assert zoso.schedule.kind == "stagewise" and zoso.prune == base.prune and zoso.privacy.epsilon == 6.0
     assert method_config(base, "federated", 6.0, 0, QUICK).federation.silos == 3
@@ -42,15 +43,27 @@ def test_summaries_are_means_and_sample_deviations_over_seeds():
                 "peak_memory_mib": 100.0, "wall_s": 1.0} for s, a in enumerate((0.6, 0.7, 0.8))]
     (row,) = summarize(records)
     assert row["runs"] == 3 and row["accuracy"] == pytest.approx(0.7) and row["accuracy_std"] == pytest.approx(0.1)
+    assert "of_ceiling" not in row  # no zero-shot and ceiling to read it against
+
+
+def test_every_row_reads_as_the_share_of_the_gap_to_the_ceiling_it_closes():
+    def run(method, accuracy, epsilon=None):
+        return {"method": method, "epsilon": epsilon, "seed": 0, "accuracy": accuracy, "loss": 1.0,
+                "epsilon_spent": epsilon, "peak_memory_mib": 1.0, "wall_s": 1.0}
+
+    rows = summarize([run("zero-shot", 0.6), run("ceiling", 0.8), run("dp-sgd", 0.75, 6.0), run("mezo", 0.55)])
+    share = {row["method"]: row["of_ceiling"] for row in rows}
+    assert share == pytest.approx({"zero-shot": 0.0, "ceiling": 1.0, "dp-sgd": 0.75, "mezo": -0.25})
 
 
 @pytest.mark.slow
 def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
     out = tmp_path / "bench"
     head = [*(arg for key in HEAD for arg in ("--set", key)), "--set", "schedule.lr=0.05"]
-    assert main(["bench", "utility", "--quick", "--preset", "tiny", *head, "--out", str(out), "--no-progress"]) == 0
+    assert main(["bench", "utility", "--quick", "--preset", "tiny", *head, "--dpzero-lr", "0.05", "--jobs", "2",
+                 "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "utility.json").read_text())
-    assert summary["complete"] and summary["quick"]
+    assert summary["complete"] and summary["quick"] and summary["jobs"] == 2
     table = {(row["method"], row["epsilon"]): row for row in summary["table"]}
     assert set(table) == {(m, e) for m, e, _ in grid(QUICK, METHODS)}
     for (method, epsilon), row in table.items():
@@ -58,6 +71,8 @@ def test_quick_bench_on_the_tiny_preset_runs_every_method(tmp_path, capsys):
         if epsilon is not None:  # every private method spends its budget, and no more
             assert row["epsilon_spent"] == pytest.approx(epsilon, rel=1e-3)
     assert table[("mezo", None)]["epsilon_spent"] is None  # not private: no epsilon, not a number
+    assert table[("zero-shot", None)]["of_ceiling"] == 0.0 and table[("ceiling", None)]["of_ceiling"] == 1.0
+    assert [(r["method"], r["epsilon"], r["seed"]) for r in summary["runs"]] == grid(QUICK, METHODS)  # in order
     assert table[("ceiling", None)]["epsilon_spent"] is None and table[("ceiling", None)]["runs"] == 1
     for run in summary["runs"]:
         if run["method"] == "dp-sgd":  # Opacus's own accountant agrees on the same release
@@ -96,6 +111,29 @@ def test_dp_sgd_trains_every_tensor_of_the_classifier(monkeypatch):
     unchanged = [n for n, before in loaded["before"].items() if torch.equal(before, after[n])]
     assert unchanged == []  # noise reaches every tensor, so every one moved
     assert any("position_embeddings" in n for n in after)
+
+
+def test_dp_sgd_on_the_head_over_kept_embeddings_is_dp_sgd_through_the_whole_model(monkeypatch):
+    """The head's fast path (the frozen encoder run once) takes the same steps as a full forward a
+    step: same Poisson batches, same clipping, same noise, the same head up to float rounding."""
+    from seedtune.bench import dpsgd
+
+    config = load_config("tiny", None, [*HEAD, "schedule.steps=6", "privacy.sample_rate=0.1",
+                                         "data.max_train_examples=120", "eval.test_examples=20"])
+    heads = []
+    for fast in (True, False):
+        if not fast:  # no set is "the head": every step runs the whole model through Opacus
+            monkeypatch.setattr(dpsgd, "HEAD", set())
+        loaded = watch_the_model(monkeypatch)
+        torch.manual_seed(7)  # Opacus samples and noises with torch's global generator
+        dpsgd.dp_sgd(config, lr=0.5)
+        heads.append({n: p.detach().clone() for n, p in loaded["task"].module.named_parameters()
+                      if n.startswith("classifier.")})
+        moved = [n for n, before in loaded["before"].items() if not torch.equal(before, dict(
+            loaded["task"].module.named_parameters())[n])]
+        assert sorted(moved) == ["classifier.bias", "classifier.weight"]  # the encoder stays frozen
+    for name in heads[0]:
+        torch.testing.assert_close(heads[0][name], heads[1][name], rtol=1e-4, atol=1e-5)
 
 
 def test_a_tensor_opacus_cannot_split_per_example_is_a_one_line_error(monkeypatch):
@@ -153,4 +191,6 @@ def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
     assert "--methods sgd: unknown" in capsys.readouterr().err
     assert main(["bench", "utility", "--dpzero-lr", "-1", "--out", str(tmp_path / "new")]) == 2
     assert "--dpzero-lr -1.0 must be a finite number > 0" in capsys.readouterr().err
+    assert main(["bench", "utility", "--jobs", "0", "--out", str(tmp_path / "new")]) == 2
+    assert "--jobs 0 must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
