@@ -1,26 +1,32 @@
 """``seedtune bench utility``: test accuracy at a privacy budget, method against method.
 
 On one model, one dataset with fixed splits, the same number of steps and the same sampling
-rate q, it runs
+rate q, all on the same trainable set (the preset's: the default's cosine head), it runs
 
 * ``zero-shot`` — the starting model, untrained;
-* ``ceiling`` — the same trainable set (the cosine head) trained without privacy by exact,
-  full-batch first-order optimisation to the minimum of the training loss
-  (:mod:`seedtune.bench.ceiling`): what every private method on that set reads as a fraction of;
-* ``mezo`` — non-private zeroth-order (MeZO): constant schedule, the DP-ZOSO trainable subset;
-* ``dpzero`` — DPZero: constant schedule, every parameter (no pruning), Gaussian directions on
-  the sphere;
-* ``dp-zoso`` — DP-ZOSO: the stagewise schedule (whatever the preset's) and the preset's pruning mask;
+* ``ceiling`` — the same trainable set trained without privacy by exact, full-batch
+  first-order optimisation to the minimum of the training loss (:mod:`seedtune.bench.ceiling`):
+  what every private method on that set reads as a fraction of (the table's "of ceiling": the
+  share of the zero-shot-to-ceiling gap a run closes);
+* ``mezo`` — non-private zeroth-order (MeZO): the preset's probes and a constant step;
+* ``dpzero`` — DPZero's estimator: one direction a step (Rademacher, on DPZero's sphere of radius
+  sqrt(d)), its scalar clipped and noised, a constant step of its own size (``--dpzero-lr``,
+  chosen on the validation split with ``seedtune bench recipe``);
+* ``dp-zoso`` — DP-ZOSO's stagewise schedule of step size, beta and proximal term, the preset's
+  probes and pruning mask;
 * ``dp-sgd`` — DP-SGD through Opacus (per-example gradients, clipping, Gaussian noise) on the
-  same trainable tensors as DP-ZOSO, with sigma calibrated by seedtune's own accountant for the
-  same epsilon, delta, q and number of steps;
-* ``federated`` — DP-ZOSO over 3 silos on Flower's simulation engine, epsilon per silo;
+  same trainable tensors, with sigma calibrated by seedtune's own accountant for the same
+  epsilon, delta, q and number of steps;
+* ``federated`` — the preset's recipe over 3 silos on Flower's simulation engine, epsilon per
+  silo (with the default preset: ``seedtune simulate --preset default``'s run);
 
-each private method at every epsilon, each method over several seeds (direction seeds; the
+each private method at every epsilon, each method over the plan's seeds (direction seeds; the
 noise is secret and fresh in every run). Every run is a fresh process, so its peak memory (the
 maximum resident set size of that process, model and libraries included) and wall time (load,
-train, evaluate) are its own. Results go to ``utility.json`` and ``utility.png`` in the output
-folder, and a table to stdout.
+train, evaluate) are its own; with ``jobs`` > 1 that many run at once (the federated runs
+excepted: they run alone), each on its share of the cores, and their wall times say so (``jobs``
+in the JSON). Results go to ``utility.json`` and
+``utility.png`` in the output folder, and a table to stdout.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import resource
 import statistics
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -57,17 +63,15 @@ class Plan:
     federated_clients: int = 3
 
 
-# The full table: MiniLM on Rotten Tomatoes, the default preset's model and trainable subset
-# (the cosine head), shortened so that all methods x epsilons x seeds fit 90 minutes on 2 cores.
-FULL = Plan(
-    overrides=("schedule.steps=300", "eval.every=0"),
-    epsilons=(2.0, 6.0), seeds=(0, 1, 2), dpsgd_lr=2.0, dpzero_lr=1e-5,
-)
+# The full table: the default preset's recipe as it is (1,200 steps, K = 64, q = 0.05, the
+# cosine head), one seed: every method at epsilon 2 and 6. DPZero's and DP-SGD's step sizes were
+# chosen on the validation split (docs/results.md, "Methods at the default recipe").
+FULL = Plan(overrides=("eval.every=0",), epsilons=(2.0, 6.0), seeds=(0,), dpsgd_lr=2.0, dpzero_lr=0.2)
 # --quick: the same pipeline on slices (500 training and 200 test examples), one seed.
 QUICK = Plan(
     overrides=("schedule.steps=24", "schedule.stages=2", "privacy.sample_rate=0.04", "eval.every=0",
                "data.max_train_examples=500", "eval.test_examples=200", "zo.probes=4"),
-    epsilons=(2.0, 6.0), seeds=(0,), dpsgd_lr=2.0, dpzero_lr=1e-5,
+    epsilons=(2.0, 6.0), seeds=(0,), dpsgd_lr=2.0, dpzero_lr=0.2,
 )
 
 
@@ -83,20 +87,26 @@ def method_config(base: Config, method: str, epsilon: float | None, seed: int, p
     if method == "dp-zoso":
         return with_changes(config, schedule={"kind": "stagewise"})
     if method == "dpzero":
-        # One direction per step, over every parameter. Rademacher directions lie on DPZero's
-        # sphere of radius sqrt(d) and have E[zz^T] = I, as its analysis needs, at a fraction of
-        # a Gaussian's generation cost.
-        return with_changes(config, schedule={**constant, "lr": plan.dpzero_lr}, prune={"enabled": False},
-                            lora={"enabled": False}, zo={"distribution": "rademacher", "probes": 1})
+        # One direction per step, on the same trainable set. Rademacher directions lie on
+        # DPZero's sphere of radius sqrt(d) and have E[zz^T] = I, as its analysis needs, at a
+        # fraction of a Gaussian's generation cost.
+        return with_changes(config, schedule={**constant, "lr": plan.dpzero_lr},
+                            zo={"distribution": "rademacher", "probes": 1})
     if method == "federated":
         return with_changes(config, federation={"silos": plan.federated_clients, "min_silos": 1})
     return config
 
 
-def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline: dict | None = None) -> dict:
+def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline: dict | None = None,
+            threads: int | None = None) -> dict:
     """One run in this (fresh) process: test metrics, epsilon spent, peak memory, wall time.
-    (A federated run's silos live in Ray worker processes: its peak memory is the coordinator's.)"""
+    (A federated run's silos live in Ray worker processes: its peak memory is the coordinator's.)
+    ``threads``: torch's threads, when several runs share the machine."""
     warnings.simplefilter("ignore")  # e.g. MeZO's non-private warning: the table says so
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     config = Config.from_dict(settings)
     start = time.perf_counter()
     if method == "zero-shot":
@@ -128,7 +138,7 @@ def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline
         metrics, epsilon = result.after, result.epsilon
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    extra = {"opacus_epsilon": metrics["opacus_epsilon"]} if "opacus_epsilon" in metrics else {}
+    extra = {key: metrics[key] for key in ("opacus_epsilon", "validation_accuracy") if key in metrics}
     return {"accuracy": metrics["accuracy"], "loss": metrics["loss"],
             "epsilon_spent": epsilon if math.isfinite(epsilon) else None,  # None: not private
             **extra,
@@ -149,8 +159,10 @@ def grid(plan: Plan, methods: tuple[str, ...]) -> list[tuple[str, float | None, 
 
 def bench_utility(out: Path, *, quick: bool = False, preset: str = "default", overrides: tuple[str, ...] = (),
                   methods: tuple[str, ...] = METHODS, seeds: int | None = None, dpzero_lr: float | None = None,
-                  dpsgd_lr: float | None = None, progress: bool = True) -> dict:
+                  dpsgd_lr: float | None = None, jobs: int = 1, progress: bool = True) -> dict:
     plan = QUICK if quick else FULL
+    if jobs < 1:
+        raise SeedtuneError(f"--jobs {jobs} must be >= 1")
     for flag, value in (("--dpzero-lr", dpzero_lr), ("--dpsgd-lr", dpsgd_lr)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise SeedtuneError(f"{flag} {value} must be a finite number > 0")
@@ -170,25 +182,41 @@ def bench_utility(out: Path, *, quick: bool = False, preset: str = "default", ov
     from tqdm.auto import tqdm
 
     runs = grid(plan, methods)
-    records = []
+    records: list[dict] = []
     baseline = None
     started = time.perf_counter()
     context = get_context("spawn")
+    threads = max(1, _cpus() // jobs) if jobs > 1 else None
+    # Zero-shot first: every later run starts from its model and reports it as "before". The
+    # federated runs last, one at a time: each spreads its silos over every core itself.
+    waves = [([r for r in runs if r[0] == "zero-shot"], 1),
+             ([r for r in runs if r[0] not in ("zero-shot", "federated")], jobs),
+             ([r for r in runs if r[0] == "federated"], 1)]
     with tqdm(total=len(runs), disable=not progress, unit="run", desc="bench utility") as bar:
-        for method, epsilon, seed in runs:
-            config = method_config(base, method, epsilon, seed, plan)
-            name = f"{method}-eps{epsilon:g}-seed{seed}" if epsilon else f"{method}-seed{seed}"
-            bar.set_postfix_str(name)
-            # A fresh process per run: its peak memory is its own, and nothing leaks between runs.
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                result = pool.submit(run_one, method, config.to_dict(), str(out / "runs" / name),
-                                     plan.dpsgd_lr, baseline).result()
-            if method == "zero-shot":  # every run starts from this model: measured once
-                baseline = {"accuracy": result["accuracy"], "loss": result["loss"]}
-            records.append({"method": method, "epsilon": epsilon, "seed": seed, **result})
-            _write(out, base, plan, quick, records, time.perf_counter() - started, complete=False)
-            bar.update(1)
-    summary = _write(out, base, plan, quick, records, time.perf_counter() - started, complete=True)
+        for wave, width in waves:
+            if not wave:
+                continue
+            # A fresh process per run (max_tasks_per_child=1): its peak memory is its own, and
+            # nothing leaks between runs.
+            with ProcessPoolExecutor(max_workers=min(width, len(wave)), mp_context=context,
+                                     max_tasks_per_child=1) as pool:
+                pending = {}
+                for method, epsilon, seed in wave:
+                    config = method_config(base, method, epsilon, seed, plan)
+                    name = f"{method}-eps{epsilon:g}-seed{seed}" if epsilon else f"{method}-seed{seed}"
+                    pending[pool.submit(run_one, method, config.to_dict(), str(out / "runs" / name), plan.dpsgd_lr,
+                                        baseline, threads if width > 1 else None)] = (method, epsilon, seed)
+                for future in as_completed(pending):
+                    method, epsilon, seed = pending[future]
+                    result = future.result()
+                    if method == "zero-shot":
+                        baseline = {"accuracy": result["accuracy"], "loss": result["loss"]}
+                    records.append({"method": method, "epsilon": epsilon, "seed": seed, **result})
+                    records.sort(key=lambda r: runs.index((r["method"], r["epsilon"], r["seed"])))
+                    _write(out, base, plan, quick, records, time.perf_counter() - started, complete=False, jobs=jobs)
+                    bar.set_postfix_str(f"{method} {epsilon or ''} done")
+                    bar.update(1)
+    summary = _write(out, base, plan, quick, records, time.perf_counter() - started, complete=True, jobs=jobs)
     utility_plot(summary, out / "utility.png")
     return summary
 
@@ -206,11 +234,15 @@ def summarize(records: list[dict]) -> list[dict]:
             row[field] = statistics.fmean(values) if values else None
             row[f"{field}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
+    reference = {row["method"]: row["accuracy"] for row in rows if row["method"] in ONCE}
+    if len(reference) == 2 and reference["ceiling"] != reference["zero-shot"]:
+        for row in rows:  # the share of the zero-shot-to-ceiling gap closed: 1 = the ceiling
+            row["of_ceiling"] = (row["accuracy"] - reference["zero-shot"]) / (reference["ceiling"] - reference["zero-shot"])
     return rows
 
 
 def _write(out: Path, base: Config, plan: Plan, quick: bool, records: list[dict], wall: float,
-           complete: bool) -> dict:
+           complete: bool, jobs: int = 1) -> dict:
     import platform
 
     import torch
@@ -219,6 +251,7 @@ def _write(out: Path, base: Config, plan: Plan, quick: bool, records: list[dict]
         "complete": complete,
         "quick": quick,
         "wall_s": wall,
+        "jobs": jobs,  # runs at once: each run's wall time is on its share of the cores
         "machine": {"cpus": _cpus(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "plan": {"epsilons": list(plan.epsilons), "seeds": list(plan.seeds), "dpsgd_lr": plan.dpsgd_lr,

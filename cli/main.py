@@ -176,7 +176,7 @@ def _add_bench(commands) -> None:
 def _add_bench_utility(benches) -> None:
     utility = benches.add_parser(
         "utility", help="test accuracy of zero-shot, the first-order ceiling, MeZO, DPZero, DP-ZOSO, DP-SGD "
-                        "(Opacus) and federated DP-ZOSO at epsilon 2 and 6, over 3 seeds")
+                        "(Opacus) and the federated recipe at epsilon 2 and 6, on the preset's trainable set")
     utility.add_argument("--quick", action="store_true", help="slices and one seed: a few minutes")
     utility.add_argument("--preset", default="default", help="the model, data and subset to compare on")
     utility.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -184,9 +184,11 @@ def _add_bench_utility(benches) -> None:
     utility.add_argument("--methods", default=",".join(("zero-shot", "ceiling", "mezo", "dpzero", "dp-zoso",
                                                           "dp-sgd", "federated")),
                          help="comma-separated subset of the methods")
-    utility.add_argument("--seeds", type=int, help="runs per method and epsilon (default: 3; --quick: 1)")
-    utility.add_argument("--dpzero-lr", type=float, help="DPZero's step size (default 1e-5: it moves every parameter)")
-    utility.add_argument("--dpsgd-lr", type=float, help="DP-SGD's step size (default 2.0)")
+    utility.add_argument("--seeds", type=int, help="runs per method and epsilon (default 1)")
+    utility.add_argument("--dpzero-lr", type=float, help="DPZero's step size (default 0.2, chosen on validation)")
+    utility.add_argument("--dpsgd-lr", type=float, help="DP-SGD's step size (default 2, chosen on validation)")
+    utility.add_argument("--jobs", type=int, default=1,
+                         help="runs at once, each a fresh process on its share of the cores (default 1)")
     utility.add_argument("--out", type=Path, help="folder for utility.json, utility.png and the runs "
                                                   "(default: runs/bench-utility-<time>)")
     utility.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -344,7 +346,7 @@ def _bench_utility(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     summary = bench_utility(out, quick=args.quick, preset=args.preset, overrides=tuple(args.overrides),
                             methods=methods, seeds=args.seeds, dpzero_lr=args.dpzero_lr, dpsgd_lr=args.dpsgd_lr,
-                            progress=not args.no_progress)
+                            jobs=args.jobs, progress=not args.no_progress)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -117,12 +117,16 @@ def _heading(title: str, fmt: str) -> str:
 
 def print_utility(summary: dict, file=None) -> None:
     file = file or sys.stdout  # looked up at call time, so redirection (and pytest's capture) applies
-    print(f"{'method':<11}{'epsilon':>8}{'accuracy':>18}{'eps spent':>11}{'peak MiB':>10}{'wall s':>9}", file=file)
+    print(f"{'method':<11}{'epsilon':>8}{'accuracy':>18}{'of ceiling':>12}{'eps spent':>11}{'peak MiB':>10}"
+          f"{'wall s':>9}", file=file)
     for row in summary["table"]:
         epsilon = "-" if row["epsilon"] is None else f"{row['epsilon']:g}"
         spent = "inf" if row["epsilon_spent"] is None else f"{row['epsilon_spent']:.3f}"
-        print(f"{row['method']:<11}{epsilon:>8}{row['accuracy']:>11.4f} ± {row['accuracy_std']:.4f}{spent:>11}"
-              f"{row['peak_memory_mib']:>10.0f}{row['wall_s']:>9.1f}", file=file)
+        share = f"{row['of_ceiling']:.2f}" if "of_ceiling" in row else "-"
+        print(f"{row['method']:<11}{epsilon:>8}{row['accuracy']:>11.4f} ± {row['accuracy_std']:.4f}{share:>12}"
+              f"{spent:>11}{row['peak_memory_mib']:>10.0f}{row['wall_s']:>9.1f}", file=file)
+    if summary.get("jobs", 1) > 1:
+        print(f"({summary['jobs']} runs at once: each wall time is on its share of the cores)", file=file)
 
 
 def print_audit(result: AuditResult, config: Config) -> None:
