@@ -59,7 +59,7 @@ class Plan:
     epsilons: tuple[float, ...]
     seeds: tuple[int, ...]
     dpsgd_lr: float  # DP-SGD's step size (its gradients are not the zeroth-order estimates)
-    dpzero_lr: float  # DPZero's: it moves every parameter, so its step is far smaller than the head's
+    dpzero_lr: float  # DPZero's: one direction a step carries more noise per step than K of them
     federated_clients: int = 3
 
 
@@ -292,7 +292,8 @@ def utility_plot(summary: dict, path: Path) -> None:
                       capsize=3, label=method)
     axis.set_xticks(epsilons)
     axis.set_xlabel("epsilon (per silo for federated), delta = %g" % summary["plan"]["delta"])
-    axis.set_ylabel("test accuracy (mean ± std over seeds)")
+    seeds = len(summary["plan"]["seeds"])
+    axis.set_ylabel("test accuracy" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (one seed)"))
     config = summary["config"]
     axis.set_title(f"{config['model']['name']} on {config['data']['name']}, {config['schedule']['steps']} steps"
                    + (" (quick)" if summary["quick"] else ""))
