@@ -30,8 +30,9 @@ from seedtune.common.privacy.accounting import epsilon_of, release_event
 from seedtune.common.tasks import evaluate
 
 
-def _train(model, task, train, optimizer, sampler, trainable: list, steps: int) -> None:
-    """``steps`` DP-SGD steps, each over one Poisson batch from ``sampler``."""
+def _train(optimizer, sampler, trainable: list, steps: int, backward) -> None:
+    """``steps`` DP-SGD steps, each over one Poisson batch from ``sampler``; ``backward(rows)``
+    takes the batch's loss backward, leaving Opacus its per-example gradients."""
     done = 0
     while done < steps:
         for chosen in sampler:
@@ -39,16 +40,7 @@ def _train(model, task, train, optimizer, sampler, trainable: list, steps: int) 
                 break
             optimizer.zero_grad(set_to_none=True)
             if len(chosen):
-                rows = train[list(chosen)]
-                batch = task.encode(rows["text"], rows["label"])
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                # One position lookup per example, not one per batch, so that Opacus can form
-                # per-example gradients of the position embeddings too.
-                length = inputs["input_ids"].shape[1]
-                inputs["position_ids"] = torch.arange(length).expand(len(chosen), length)
-                logits = model(**inputs).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-                loss.backward()
+                backward(list(chosen))
             else:  # an empty Poisson batch still releases noise
                 for param in trainable:
                     param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
@@ -63,26 +55,34 @@ def _train(model, task, train, optimizer, sampler, trainable: list, steps: int) 
             done += 1
 
 
-def _train_head(classifier: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, optimizer, sampler,
-                steps: int) -> None:
-    """``steps`` DP-SGD steps of the head alone, on the frozen encoder's embeddings."""
+def _through_the_model(model, task, train):
+    """Each step's backward through the whole model, from the batch's texts."""
+
+    def backward(chosen: list[int]) -> None:
+        rows = train[chosen]
+        batch = task.encode(rows["text"], rows["label"])
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        # One position lookup per example, not one per batch, so that Opacus can form
+        # per-example gradients of the position embeddings too.
+        length = inputs["input_ids"].shape[1]
+        inputs["position_ids"] = torch.arange(length).expand(len(chosen), length)
+        logits = model(**inputs).logits
+        torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
+
+    return backward
+
+
+def _through_the_head(classifier: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor):
+    """Each step's backward through the head alone, from the frozen encoder's embeddings."""
     model = GradSampleModule(classifier)
     classifier.train()  # Opacus records activations only in training mode
-    done = 0
-    while done < steps:
-        for chosen in sampler:
-            if done == steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if len(chosen):
-                index = torch.as_tensor(list(chosen), dtype=torch.long)
-                logits = model(features[index].to(classifier.weight.dtype))
-                torch.nn.functional.cross_entropy(logits.float(), labels[index]).backward()
-            else:  # an empty Poisson batch still releases noise
-                for param in classifier.parameters():
-                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
-            optimizer.step()
-            done += 1
+
+    def backward(chosen: list[int]) -> None:
+        index = torch.as_tensor(chosen, dtype=torch.long)
+        logits = model(features[index].to(classifier.weight.dtype))
+        torch.nn.functional.cross_entropy(logits.float(), labels[index]).backward()
+
+    return backward
 
 
 def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
@@ -112,16 +112,15 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
                                             generator=None)  # Opacus's default: torch's global RNG
     module.eval()
     if names == HEAD:
-        features, labels = embed(task, data.train, batch_size=config.eval.batch_size)
-        _train_head(module.classifier, features, labels, optimizer, sampler, steps)
+        backward = _through_the_head(module.classifier, *embed(task, data.train, batch_size=config.eval.batch_size))
     else:
-        model = GradSampleModule(module)
+        backward = _through_the_model(GradSampleModule(module), task, data.train)
         # Opacus records activations only in training mode; only the modules holding trainable
         # tensors train, so dropout stays off in the frozen encoder, as in the zeroth-order runs.
         for owner in module.modules():
             if any(param.requires_grad for param in owner.parameters(recurse=False)):
                 owner.train()
-        _train(model, task, data.train, optimizer, sampler, trainable, steps)
+    _train(optimizer, sampler, trainable, steps, backward)
     module.eval()
     for param in trainable:
         param.requires_grad_(False)
