@@ -25,8 +25,8 @@ noise is secret and fresh in every run). Every run is a fresh process, so its pe
 maximum resident set size of that process, model and libraries included) and wall time (load,
 train, evaluate) are its own; with ``jobs`` > 1 that many run at once (the federated runs
 excepted: they run alone), each on its share of the cores, and their wall times say so (``jobs``
-in the JSON). Results go to ``utility.json`` and
-``utility.png`` in the output folder, and a table to stdout.
+in the JSON). Results go to ``utility.json`` and ``utility.png`` in the output folder, and a
+table to stdout.
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ class Plan:
     epsilons: tuple[float, ...]
     seeds: tuple[int, ...]
     dpsgd_lr: float  # DP-SGD's step size (its gradients are not the zeroth-order estimates)
-    dpzero_lr: float  # DPZero's: one direction a step carries more noise per step than K of them
+    dpzero_lr: float  # DPZero's: one direction a step wants a smaller step than K (chosen on validation)
     federated_clients: int = 3
 
 
 # The full table: the default preset's recipe as it is (1,200 steps, K = 64, q = 0.05, the
 # cosine head), one seed: every method at epsilon 2 and 6. DPZero's and DP-SGD's step sizes were
-# chosen on the validation split (docs/results.md, "Methods at the default recipe").
+# chosen on the validation split (docs/results.md, "Every method at the default recipe").
 FULL = Plan(overrides=("eval.every=0",), epsilons=(2.0, 6.0), seeds=(0,), dpsgd_lr=2.0, dpzero_lr=0.2)
 # --quick: the same pipeline on slices (500 training and 200 test examples), one seed.
 QUICK = Plan(
