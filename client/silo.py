@@ -119,8 +119,8 @@ class Silo:
             raise ReleaseMismatch("secure aggregation sums noised shares: it needs a private run")
         self._check_noise(request)
         digest = request_digest(request)
-        previous = self.ledger.answered(request.run_id, request.step)
-        self.last_reused = previous is not None and previous.request == digest and previous.values is not None
+        previous = self._released(request, digest)
+        self.last_reused = previous is not None
         if self.last_reused:
             self._nothing_computed()
             probes = len(request.probe_seeds)
@@ -170,12 +170,20 @@ class Silo:
                 break
         self._prefix_done[micro_batch] = done
 
-    def _answered(self, request: TrainRequest, digest: str) -> TrainReply | None:
-        """The reply already released for this very request, if its values are in the ledger."""
+    def _released(self, request: TrainRequest, digest: str):
+        """The ledger's entry of the release already made for this very request (same digest,
+        values kept), or None."""
         if self.ledger is None:
             return None
         previous = self.ledger.answered(request.run_id, request.step)
         if previous is None or previous.request != digest or previous.values is None:
+            return None
+        return previous
+
+    def _answered(self, request: TrainRequest, digest: str) -> TrainReply | None:
+        """The reply already released for this very request, if its values are in the ledger."""
+        previous = self._released(request, digest)
+        if previous is None:
             return None
         return TrainReply(
             step=request.step,
