@@ -22,7 +22,7 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from seedtune.bench.ceiling import HEAD, embed
+from seedtune.bench.readout import Readout, readout_for
 from seedtune.common import components
 from seedtune.common.config import Config
 from seedtune.common.errors import ConfigError
@@ -85,6 +85,26 @@ def _through_the_head(classifier: torch.nn.Linear, features: torch.Tensor, label
     return backward
 
 
+def _through_the_norm(readout: Readout, weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor):
+    """Each step's backward through a prompt classifier's final-norm weight w alone, from the
+    last tokens' unit-RMS states x: logit_c = <w, x * e_c>, a linear layer from the norm's width
+    to one output applied to each label word's x * e_c, so Opacus's own per-example rule for
+    ``nn.Linear`` forms the gradients. The layer to train, and the backward."""
+    layer = torch.nn.Linear(weight.numel(), 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight.detach().float()[None])
+    model = GradSampleModule(layer)
+
+    def backward(chosen: list[int]) -> None:
+        index = torch.as_tensor(chosen, dtype=torch.long)
+        logits = model(features[index, None, :] * readout.label_rows[None]).squeeze(-1)
+        if readout.offset is not None:
+            logits = logits + readout.offset
+        torch.nn.functional.cross_entropy(logits, labels[index]).backward()
+
+    return layer, backward
+
+
 def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
     """Train with DP-SGD; the test metrics and the epsilon spent."""
     # Opacus adds floating-point Gaussian noise: calibrate and account for that, not for the
@@ -94,14 +114,30 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
     task = components.load_model(config, data.label_names)
     sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
     names = set(components.choose_mask(config, task, sample))
-    if config.model.task != "sequence-classification":
-        raise ConfigError("the DP-SGD baseline supports model.task=sequence-classification only")
+    readout = readout_for(task, names)
+    if readout is None and config.model.task != "sequence-classification":
+        raise ConfigError("the DP-SGD baseline trains a prompt classifier's final norm only (prune.enabled=true "
+                          "prune.ratio=0 prune.always=['lm.model.norm.weight']), or any set of a sequence classifier")
     module = task.module
-    trainable = []
+    module.eval()
     for name, param in module.named_parameters():
         param.requires_grad_(name in names)
-        if name in names:
-            trainable.append(param)
+    if readout is not None:  # the frozen network runs once per training example, not once per step
+        features = readout.features(task, data.train, batch_size=config.eval.batch_size)
+        if readout.kind == "head":
+            backward = _through_the_head(module.classifier, *features)
+            trainable = [module.classifier.weight, module.classifier.bias]
+        else:
+            layer, backward = _through_the_norm(readout, readout.start(task), *features)
+            trainable = [layer.weight]
+    else:
+        backward = _through_the_model(GradSampleModule(module), task, data.train)
+        trainable = [param for name, param in module.named_parameters() if name in names]
+        # Opacus records activations only in training mode; only the modules holding trainable
+        # tensors train, so dropout stays off in the frozen encoder, as in the zeroth-order runs.
+        for owner in module.modules():
+            if any(param.requires_grad for param in owner.parameters(recurse=False)):
+                owner.train()
     population = len(data.train)
     p = config.privacy
     sigma = components.noise_multiplier(config)
@@ -110,19 +146,11 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
                             expected_batch_size=max(1, round(p.sample_rate * population)))
     sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate,
                                             generator=None)  # Opacus's default: torch's global RNG
-    module.eval()
-    if names == HEAD:
-        backward = _through_the_head(module.classifier, *embed(task, data.train, batch_size=config.eval.batch_size))
-    else:
-        backward = _through_the_model(GradSampleModule(module), task, data.train)
-        # Opacus records activations only in training mode; only the modules holding trainable
-        # tensors train, so dropout stays off in the frozen encoder, as in the zeroth-order runs.
-        for owner in module.modules():
-            if any(param.requires_grad for param in owner.parameters(recurse=False)):
-                owner.train()
     _train(optimizer, sampler, trainable, steps, backward)
     module.eval()
-    for param in trainable:
+    if readout is not None and readout.kind == "final-norm":
+        readout.write(task, trainable[0].detach().flatten())
+    for param in module.parameters():
         param.requires_grad_(False)
     metrics = evaluate(task, data.test, batch_size=config.eval.batch_size, max_examples=config.eval.test_examples)
     # Its step size is chosen on this, never on the test split.

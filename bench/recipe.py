@@ -1,15 +1,16 @@
-"""``seedtune bench recipe``: choose a head-only recipe on the validation split, in minutes.
+"""``seedtune bench recipe``: choose a recipe for a linear readout on the validation split, in minutes.
 
-When only the cosine head trains, the frozen encoder's sentence embeddings are fixed, so the whole
-private run can be replayed on them: each silo Poisson-samples its shard at q, every sampled
-example's K directional derivatives along Rademacher directions are clipped to C in L2, Gaussian
-noise sigma C is added to the sum of each coordinate (sigma from seedtune's own accountant for the
-run's epsilon, delta, q and steps), the coordinator takes the q n-weighted mean, and the head moves
+When only a linear readout trains (:mod:`seedtune.bench.readout`: the cosine head, or a prompt
+classifier's final norm), the frozen network's features are fixed, so the whole private run can
+be replayed on them: each silo Poisson-samples its shard at q, every sampled example's K
+directional derivatives along Rademacher directions are clipped to C in L2, Gaussian noise sigma C
+is added to the sum of each coordinate (sigma from seedtune's own accountant for the run's
+epsilon, delta, q and steps), the coordinator takes the q n-weighted mean, and the readout moves
 by -lr / K sum_k g_k z_k, with the constant or stagewise schedule. What it leaves out, and why
 that does not change a choice:
 
-* the real silos' finite differences at beta are replaced by exact directional derivatives; on a
-  linear head they differ by O(beta^2) relative (beta = 1e-3);
+* the real silos' finite differences at beta are replaced by exact directional derivatives; with
+  logits linear in the coordinates they differ by O(beta^2) relative (beta = 1e-3);
 * the noise is the continuous Gaussian, the discrete one's variance is within 0.1 % of it;
 * the directions come from torch's generator, not from the run's seeds (the same distribution).
 
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from seedtune.bench.ceiling import embed, fit_head, head_task
+from seedtune.bench.ceiling import fit
+from seedtune.bench.readout import Readout, readout_of
 from seedtune.bench.traffic import reply_bytes
 from seedtune.common import components
 from seedtune.common.config import Config, with_changes
@@ -47,30 +49,29 @@ KEYS = {"steps": ("schedule", "steps", int), "lr": ("schedule", "lr", float), "k
 
 @dataclass(frozen=True)
 class Features:
-    """The frozen encoder's normalised embeddings of the training and validation splits."""
+    """The frozen network's features of the training and validation splits, for a linear readout."""
 
+    readout: Readout
     train: torch.Tensor
     train_labels: torch.Tensor
     validation: torch.Tensor
     validation_labels: torch.Tensor
-    weight: torch.Tensor  # the head's starting values
-    bias: torch.Tensor
+    start: torch.Tensor  # the readout's starting coordinates
     texts: list[str]  # the training texts, for partitioning as a simulation does
 
 
 def features(config: Config) -> Features:
-    """Embeddings of the training and validation splits (never the test split's)."""
-    data, task = head_task(config)
-    head = task.module.classifier
-    return Features(*embed(task, data.train), *embed(task, data.validation), head.weight.detach().float().clone(),
-                    head.bias.detach().float().clone(), list(data.train["text"]))
+    """Features of the training and validation splits (never the test split's)."""
+    data, task, readout = readout_of(config)
+    size = config.eval.batch_size
+    return Features(readout, *readout.features(task, data.train, size), *readout.features(task, data.validation, size),
+                    readout.start(task), list(data.train["text"]))
 
 
 def replay(config: Config, data: Features, seed: int, noise: str = "per-silo") -> tuple[float, float]:
-    """Validation accuracy and loss of one private head-only run of ``config``, replayed on the
-    embeddings (``noise``: :func:`train_head`'s)."""
-    weight, bias = train_head(config, data, seed, noise)
-    logits = data.validation @ weight.T + bias
+    """Validation accuracy and loss of one private run of ``config`` on its readout, replayed on
+    the features (``noise``: :func:`train_readout`'s)."""
+    logits = data.readout.logits(data.validation, train_readout(config, data, seed, noise))
     return (float((logits.argmax(dim=1) == data.validation_labels).float().mean()),
             float(F.cross_entropy(logits, data.validation_labels)))
 
@@ -78,13 +79,13 @@ def replay(config: Config, data: Features, seed: int, noise: str = "per-silo") -
 NOISE_MODES = ("per-silo", "secure", "one-silo")
 
 
-def train_head(config: Config, data: Features, seed: int, noise: str = "per-silo") -> tuple[torch.Tensor, torch.Tensor]:
-    """The head after ``config``'s run, replayed on the embeddings with directions, samples and
-    noise drawn from ``seed``. ``noise``: each silo noises its own sum at sigma ("per-silo", what
-    seedtune does without secure aggregation); only the sum of the silos' sums is noised, by t
-    shares of a multiplier calibrated for them ("secure": secure aggregation with distributed
-    noise, t = ``federation.honest``; the sum of t discrete Gaussian shares replayed as one
-    Gaussian of their summed variance); or one silo holds all the data ("one-silo")."""
+def train_readout(config: Config, data: Features, seed: int, noise: str = "per-silo") -> torch.Tensor:
+    """The readout's coordinates after ``config``'s run, replayed on the features with directions,
+    samples and noise drawn from ``seed``. ``noise``: each silo noises its own sum at sigma
+    ("per-silo", what seedtune does without secure aggregation); only the sum of the silos' sums is
+    noised, by t shares of a multiplier calibrated for them ("secure": secure aggregation with
+    distributed noise, t = ``federation.honest``; the sum of t discrete Gaussian shares replayed as
+    one Gaussian of their summed variance); or one silo holds all the data ("one-silo")."""
     if noise not in NOISE_MODES:
         raise ValueError(f"noise={noise!r} is not one of {NOISE_MODES}")
     generator = torch.Generator().manual_seed(seed)
@@ -101,20 +102,18 @@ def train_head(config: Config, data: Features, seed: int, noise: str = "per-silo
         share = share_multiplier(with_secure)
         unit = float(lattice_sensitivity(p.clip_bound, config.zo.probes)) * lattice_step(p.clip_bound)  # D g
         summed_std = math.sqrt(with_secure.federation.honest) * share * unit
-    weight, bias = data.weight.clone(), data.bias.clone()
-    classes, width = weight.shape
-    dimension = classes * width + classes
+    readout, theta = data.readout, data.start.clone()
     plan_of = components.make_schedule(config).plan
     probes = config.zo.probes
     for step in range(schedule.steps):
-        z = torch.randint(0, 2, (probes, dimension), generator=generator).float().mul_(2).sub_(1)
+        z = torch.randint(0, 2, (probes, theta.numel()), generator=generator).float().mul_(2).sub_(1)
         total, population = torch.zeros(probes), 0.0
         for shard in shards:
             chosen = shard[torch.rand(len(shard), generator=generator) < p.sample_rate]
             x, y = data.train[chosen], data.train_labels[chosen]
-            residual = torch.softmax(x @ weight.T + bias, dim=1) - F.one_hot(y, classes).float()  # d loss / d logits
-            gradients = torch.cat([(residual[:, :, None] * x[:, None, :]).reshape(len(y), -1), residual], dim=1)
-            projected = gradients @ z.T  # each example's K directional derivatives
+            logits = readout.logits(x, theta)
+            residual = torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).float()  # d loss / d logits
+            projected = torch.einsum("nkc,nc->nk", readout.linear(x, z), residual)  # each example's K derivatives
             if p.enabled:
                 norms = projected.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 projected = projected * torch.clamp(p.clip_bound / norms, max=1.0)
@@ -124,10 +123,8 @@ def train_head(config: Config, data: Features, seed: int, noise: str = "per-silo
         if summed_std:
             total += torch.randn(probes, generator=generator) * summed_std
         plan = plan_of(step)
-        update = (total / population) @ z * (plan.lr / probes)
-        weight -= update[: classes * width].view(classes, width)
-        bias -= update[classes * width :]
-    return weight, bias
+        theta -= (total / population) @ z * (plan.lr / probes)
+    return theta
 
 
 @functools.lru_cache(maxsize=64)
@@ -185,9 +182,12 @@ def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progr
 
 
 def validation_ceiling(data: Features) -> float:
-    """Validation accuracy of the head at the minimum of the training loss (no privacy)."""
-    weight, bias, _ = fit_head(data.train, data.train_labels, data.weight, data.bias)
-    return float(((data.validation @ weight.T + bias).argmax(dim=1) == data.validation_labels).float().mean())
+    """Validation accuracy of the readout at the minimum of the training loss (no privacy)."""
+    theta, _ = fit(data.readout, data.train, data.train_labels, data.start)
+    logits = data.readout.logits(data.validation, theta)
+    return float((logits.argmax(dim=1) == data.validation_labels).float().mean())
+
+
 def bench_recipe(preset: str, file, overrides: list[str], vary: list[str], seeds: int, progress: bool = True,
                  time_steps: bool = False) -> dict:
     """The sweep over ``vary`` from simulate's ``preset`` (with ``file`` and ``overrides``), and the
@@ -214,7 +214,7 @@ def step_seconds(base: Config, points: list[dict], repeats: int = 3) -> None:
     import numpy as np
     from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
 
-    data, task = head_task(base)
+    data, task, _ = readout_of(base)
     sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
     parts = components.model_parts(base, task, components.choose_mask(base, task, sample))
     shard = components.silo_shard(base, "train", 0, base.federation.silos)

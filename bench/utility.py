@@ -118,9 +118,9 @@ def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline
         metrics, epsilon = evaluate(task, data.test, batch_size=config.eval.batch_size,
                                     max_examples=config.eval.test_examples), 0.0
     elif method == "ceiling":
-        from seedtune.bench.ceiling import head_ceiling
+        from seedtune.bench.ceiling import ceiling
 
-        metrics, epsilon = head_ceiling(config), math.inf
+        metrics, epsilon = ceiling(config), math.inf
     elif method == "dp-sgd":
         from seedtune.bench.dpsgd import dp_sgd
 

@@ -17,39 +17,42 @@ from seedtune.common.errors import ConfigError
 HEAD = ["prune.enabled=true", "prune.ratio=0.0", "prune.always=[\"classifier.*\"]"]
 
 
+NORM = ["model.task=prompt-classification", "prune.enabled=true", "prune.ratio=0.0",
+        "prune.always=[\"lm.model.norm.weight\"]"]  # a prompt classifier's final norm
+
+
 @pytest.fixture(scope="module")
 def tiny_features():
     return recipe.features(load_config("tiny", None, HEAD, command="simulate"))
 
 
-def test_without_privacy_many_probes_follow_exact_gradient_descent(tiny_features):
-    data = tiny_features
+@pytest.mark.parametrize("readout", [HEAD, NORM], ids=["head", "final-norm"])
+def test_without_privacy_many_probes_follow_exact_gradient_descent(readout):
+    data = recipe.features(load_config("tiny", None, readout, command="simulate"))
     steps, lr = 5, 0.5
-    config = load_config("tiny", None, [*HEAD, "privacy.enabled=false", "privacy.sample_rate=1.0", "zo.probes=1024",
-                                        f"schedule.steps={steps}", f"schedule.lr={lr}", "schedule.kind=constant",
-                                        "schedule.stages=1", "federation.silos=1"], command="simulate")
-    weight, bias = recipe.train_head(config, data, seed=0)
-    exact_weight, exact_bias = data.weight.clone().requires_grad_(True), data.bias.clone().requires_grad_(True)
+    config = load_config("tiny", None, [*readout, "privacy.enabled=false", "privacy.sample_rate=1.0",
+                                        "zo.probes=1024", f"schedule.steps={steps}", f"schedule.lr={lr}",
+                                        "schedule.kind=constant", "schedule.stages=1", "federation.silos=1"],
+                         command="simulate")
+    theta = recipe.train_readout(config, data, seed=0)
+    exact = data.start.clone().requires_grad_(True)
     for _ in range(steps):  # the mean loss's exact gradient: what (1/K) sum_k z_k z_k^T g estimates
-        loss = F.cross_entropy(data.train @ exact_weight.T + exact_bias, data.train_labels)
-        grad_w, grad_b = torch.autograd.grad(loss, [exact_weight, exact_bias])
+        loss = F.cross_entropy(data.readout.logits(data.train, exact), data.train_labels)
+        (grad,) = torch.autograd.grad(loss, [exact])
         with torch.no_grad():
-            exact_weight -= lr * grad_w
-            exact_bias -= lr * grad_b
-    moved = torch.cat([(exact_weight - data.weight).flatten(), exact_bias - data.bias]).norm()
-    off = torch.cat([(weight - exact_weight).flatten(), bias - exact_bias]).norm()
-    dimension = data.weight.numel() + data.bias.numel()
-    assert moved > 0 and off < 2 * (dimension / 1024) ** 0.5 * moved  # the estimate's spread, sqrt(d / K)
+            exact -= lr * grad
+    moved, off = (exact - data.start).norm(), (theta - exact).norm()
+    assert moved > 0 and off < 2 * (data.start.numel() / 1024) ** 0.5 * moved  # the estimate's spread, sqrt(d / K)
 
 
 def test_noise_and_clipping_change_the_run(tiny_features):
     base = [*HEAD, "schedule.steps=20", "zo.probes=16"]
-    quiet = recipe.train_head(load_config("tiny", None, [*base, "privacy.enabled=false"], command="simulate"),
-                              tiny_features, seed=0)
-    private = recipe.train_head(load_config("tiny", None, base, command="simulate"), tiny_features, seed=0)
-    assert not torch.equal(quiet[0], private[0])
-    again = recipe.train_head(load_config("tiny", None, base, command="simulate"), tiny_features, seed=0)
-    assert torch.equal(private[0], again[0])  # a seed replays the same run
+    quiet = recipe.train_readout(load_config("tiny", None, [*base, "privacy.enabled=false"], command="simulate"),
+                                 tiny_features, seed=0)
+    private = recipe.train_readout(load_config("tiny", None, base, command="simulate"), tiny_features, seed=0)
+    assert not torch.equal(quiet, private)
+    again = recipe.train_readout(load_config("tiny", None, base, command="simulate"), tiny_features, seed=0)
+    assert torch.equal(private, again)  # a seed replays the same run
 
 
 def test_the_test_split_is_never_read(monkeypatch):
@@ -93,6 +96,6 @@ def test_the_cli_prints_points_best_first_and_refuses_a_bad_grid(tmp_path, capsy
         assert named in error and len(error.strip().splitlines()) == 1
 
 
-def test_a_trainable_set_beyond_the_head_is_refused():
-    with pytest.raises(ConfigError, match="cosine head only"):
+def test_a_trainable_set_beyond_a_linear_readout_is_refused():
+    with pytest.raises(ConfigError, match="linear readout only .*prune.ratio=0"):
         recipe.features(load_config("tiny", None, [], command="simulate"))

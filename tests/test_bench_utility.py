@@ -122,8 +122,8 @@ def test_dp_sgd_on_the_head_over_kept_embeddings_is_dp_sgd_through_the_whole_mod
                                          "data.max_train_examples=120", "eval.test_examples=20"])
     heads = []
     for fast in (True, False):
-        if not fast:  # no set is "the head": every step runs the whole model through Opacus
-            monkeypatch.setattr(dpsgd, "HEAD", set())
+        if not fast:  # no set is a readout: every step runs the whole model through Opacus
+            monkeypatch.setattr(dpsgd, "readout_for", lambda task, names: None)
         loaded = watch_the_model(monkeypatch)
         torch.manual_seed(7)  # Opacus samples and noises with torch's global generator
         dpsgd.dp_sgd(config, lr=0.5)
@@ -151,35 +151,52 @@ def test_a_tensor_opacus_cannot_split_per_example_is_a_one_line_error(monkeypatc
         dpsgd.dp_sgd(config, lr=0.5)
 
 
-def test_the_ceiling_minimises_the_training_loss_of_the_head_alone(monkeypatch):
-    from seedtune.bench.ceiling import head_ceiling
+NORM = ["model.task=prompt-classification", *HEAD, 'prune.always=["lm.model.norm.weight"]']  # a prompt classifier's
+
+
+@pytest.mark.parametrize("readout, trained", [(HEAD, {"classifier.weight", "classifier.bias"}),
+                                              (NORM, {"lm.model.norm.weight"})], ids=["head", "final-norm"])
+def test_the_ceiling_minimises_the_training_loss_of_the_readout_alone(monkeypatch, readout, trained):
+    from seedtune.bench.ceiling import ceiling
     from seedtune.common import components
 
-    config = load_config("tiny", None, [*HEAD, "data.max_train_examples=300", "eval.test_examples=50"])
+    config = load_config("tiny", None, [*readout, "data.max_train_examples=300", "eval.test_examples=50"])
     loaded = watch_the_model(monkeypatch)
-    metrics = head_ceiling(config)
+    metrics = ceiling(config)
     after = dict(loaded["task"].module.named_parameters())
     moved = {n for n, before in loaded["before"].items() if not torch.equal(before, after[n])}
-    assert moved == {"classifier.weight", "classifier.bias"}  # the encoder is untouched
+    assert moved == trained  # the frozen network is untouched
     data = components.load_data(config)
     task = loaded["task"]
     rows = data.train[:]
     with torch.no_grad():
         batch = task.encode(rows["text"], rows["label"])
-        trained = float(task.per_example_loss(task.module, batch).mean())
-        for name in moved:  # back at the starting head: the minimum is lower
+        fitted = float(task.per_example_loss(task.module, batch).mean())
+        for name in moved:  # back at the starting readout: the minimum is lower
             after[name].copy_(loaded["before"][name])
         start = float(task.per_example_loss(task.module, batch).mean())
-    assert trained == pytest.approx(metrics["train_loss"], rel=1e-3) and trained < start
+    assert fitted == pytest.approx(metrics["train_loss"], rel=1e-3) and fitted < start
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["validation_accuracy"] <= 1
 
 
+def test_dp_sgd_on_a_final_norm_moves_it_alone_at_the_budget(monkeypatch):
+    from seedtune.bench import dpsgd
+
+    config = load_config("tiny", None, [*NORM, "schedule.steps=4", "privacy.sample_rate=0.1",
+                                         "data.max_train_examples=120", "eval.test_examples=20"])
+    loaded = watch_the_model(monkeypatch)
+    metrics, epsilon = dpsgd.dp_sgd(config, lr=0.5)
+    after = dict(loaded["task"].module.named_parameters())
+    assert {n for n, before in loaded["before"].items() if not torch.equal(before, after[n])} == {"lm.model.norm.weight"}
+    assert epsilon == pytest.approx(config.privacy.epsilon, rel=1e-3) and 0 <= metrics["accuracy"] <= 1
+
+
 def test_the_ceiling_of_another_trainable_set_is_a_one_line_error():
-    from seedtune.bench.ceiling import head_ceiling
+    from seedtune.bench.ceiling import ceiling
     from seedtune.common.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="cosine head only .*prune.ratio=0"):
-        head_ceiling(load_config("tiny", None, ["data.max_train_examples=50"]))  # every tensor trains
+    with pytest.raises(ConfigError, match="linear readout only .*prune.ratio=0"):
+        ceiling(load_config("tiny", None, ["data.max_train_examples=50"]))  # every tensor trains
 
 
 def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
