@@ -17,6 +17,8 @@ rate q, all on the same trainable set (the preset's: the default's cosine head),
 * ``dp-sgd`` — DP-SGD through Opacus (per-example gradients, clipping, Gaussian noise) on the
   same trainable tensors, with sigma calibrated by seedtune's own accountant for the same
   epsilon, delta, q and number of steps;
+* ``one-silo`` — the preset's recipe as it is, on one silo holding all the data (``seedtune
+  train``'s run);
 * ``federated`` — the preset's recipe over 3 silos on Flower's simulation engine, epsilon per
   silo (with the default preset: ``seedtune simulate --preset default``'s run);
 
@@ -46,9 +48,9 @@ from pathlib import Path
 from seedtune.common.config import Config, load_config, with_changes
 from seedtune.common.errors import SeedtuneError
 
-METHODS = ("zero-shot", "ceiling", "mezo", "dpzero", "dp-zoso", "dp-sgd", "federated")
+METHODS = ("zero-shot", "ceiling", "mezo", "dpzero", "dp-zoso", "dp-sgd", "one-silo", "federated")
 ONCE = ("zero-shot", "ceiling")  # deterministic: one run, whatever the seeds
-PRIVATE = ("dpzero", "dp-zoso", "dp-sgd", "federated")
+PRIVATE = ("dpzero", "dp-zoso", "dp-sgd", "one-silo", "federated")
 
 
 @dataclass(frozen=True)
@@ -159,10 +161,15 @@ def grid(plan: Plan, methods: tuple[str, ...]) -> list[tuple[str, float | None, 
 
 def bench_utility(out: Path, *, quick: bool = False, preset: str = "default", overrides: tuple[str, ...] = (),
                   methods: tuple[str, ...] = METHODS, seeds: int | None = None, dpzero_lr: float | None = None,
-                  dpsgd_lr: float | None = None, jobs: int = 1, progress: bool = True) -> dict:
+                  dpsgd_lr: float | None = None, jobs: int = 1, epsilons: tuple[float, ...] | None = None,
+                  progress: bool = True) -> dict:
     plan = QUICK if quick else FULL
     if jobs < 1:
         raise SeedtuneError(f"--jobs {jobs} must be >= 1")
+    if epsilons is not None:
+        if not epsilons or not all(e > 0 and math.isfinite(e) for e in epsilons):
+            raise SeedtuneError(f"--epsilons {','.join(map(str, epsilons))}: each must be a finite number > 0")
+        plan = replace(plan, epsilons=tuple(epsilons))
     for flag, value in (("--dpzero-lr", dpzero_lr), ("--dpsgd-lr", dpsgd_lr)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise SeedtuneError(f"{flag} {value} must be a finite number > 0")

@@ -182,8 +182,9 @@ def _add_bench_utility(benches) -> None:
     utility.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a setting of every run, e.g. --set schedule.steps=500")
     utility.add_argument("--methods", default=",".join(("zero-shot", "ceiling", "mezo", "dpzero", "dp-zoso",
-                                                          "dp-sgd", "federated")),
+                                                          "dp-sgd", "one-silo", "federated")),
                          help="comma-separated subset of the methods")
+    utility.add_argument("--epsilons", help="comma-separated budgets of the private methods (default 2,6)")
     utility.add_argument("--seeds", type=int, help="runs per method and epsilon (default 1)")
     utility.add_argument("--dpzero-lr", type=float, help="DPZero's step size (default 0.2, chosen on validation)")
     utility.add_argument("--dpsgd-lr", type=float, help="DP-SGD's step size (default 2, chosen on validation)")
@@ -346,13 +347,23 @@ def _bench_utility(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     summary = bench_utility(out, quick=args.quick, preset=args.preset, overrides=tuple(args.overrides),
                             methods=methods, seeds=args.seeds, dpzero_lr=args.dpzero_lr, dpsgd_lr=args.dpsgd_lr,
-                            jobs=args.jobs, progress=not args.no_progress)
+                            jobs=args.jobs, epsilons=_floats("--epsilons", args.epsilons), progress=not args.no_progress)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_utility(summary)
         print(f"\n{out / 'utility.json'}, {out / 'utility.png'} ({summary['wall_s']:.0f} s)")
     return 0
+
+
+def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
+    """``1,2.5`` into (1.0, 2.5); a one-line error naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise SeedtuneError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 2,6") from None
 
 
 def _bench_cost(args) -> int:

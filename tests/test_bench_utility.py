@@ -26,6 +26,8 @@ def test_each_method_is_the_configuration_it_claims():
     zoso = method_config(base, "dp-zoso", 6.0, 2)
     assert zoso.schedule.kind == "stagewise" and zoso.prune == base.prune and zoso.privacy.epsilon == 6.0
     assert method_config(base, "federated", 6.0, 0, QUICK).federation.silos == 3
+    alone = method_config(base, "one-silo", 2.0, 0)  # the preset as it is, at the budget
+    assert alone.schedule == base.schedule and alone.zo == base.zo and alone.privacy.epsilon == 2.0
     for method in METHODS:  # the budget's sigma is always calibrated afresh
         assert method_config(base, method, 2.0, 0).privacy.noise_multiplier is None
 
@@ -191,12 +193,35 @@ def test_dp_sgd_on_a_final_norm_moves_it_alone_at_the_budget(monkeypatch):
     assert epsilon == pytest.approx(config.privacy.epsilon, rel=1e-3) and 0 <= metrics["accuracy"] <= 1
 
 
-def test_the_ceiling_of_another_trainable_set_is_a_one_line_error():
-    from seedtune.bench.ceiling import ceiling
-    from seedtune.common.errors import ConfigError
+@pytest.mark.parametrize("masked", [False, True], ids=["every-tensor", "synflow-mask"])
+def test_the_ceiling_of_any_other_set_fine_tunes_it_and_keeps_the_best_epoch_on_validation(monkeypatch, masked):
+    from seedtune.bench.ceiling import EPOCHS, ceiling
+    from seedtune.common import components
 
-    with pytest.raises(ConfigError, match="linear readout only .*prune.ratio=0"):
-        ceiling(load_config("tiny", None, ["data.max_train_examples=50"]))  # every tensor trains
+    settings = ["data.max_train_examples=96", "eval.test_examples=20"]
+    config = load_config("tiny", None, [*settings, *(("prune.enabled=true", "prune.ratio=0.05") if masked else ())])
+    loaded = watch_the_model(monkeypatch)
+    chosen = {}
+    original = components.choose_mask
+    monkeypatch.setattr(components, "choose_mask", lambda *a: chosen.setdefault("mask", original(*a)))
+    metrics = ceiling(config)
+    after = dict(loaded["task"].module.named_parameters())
+    assert len(metrics["epoch_validation_accuracy"]) == EPOCHS and 1 <= metrics["best_epoch"] <= EPOCHS
+    assert metrics["validation_accuracy"] == max(metrics["epoch_validation_accuracy"])  # the kept epoch's model
+    assert metrics["epoch_validation_accuracy"][metrics["best_epoch"] - 1] == max(metrics["epoch_validation_accuracy"])
+    mask = chosen["mask"]
+    assert masked == any(index is not None for index in mask.values())
+    for name, before in loaded["before"].items():
+        if name not in mask:
+            assert torch.equal(before, after[name]), name
+        elif mask[name] is None:
+            assert not torch.equal(before, after[name]), name
+        else:  # a mask's coordinates move; nothing outside it does
+            index = mask[name]
+            outside = torch.ones(before.numel(), dtype=torch.bool)
+            outside[index] = False
+            assert torch.equal(before.flatten()[outside], after[name].detach().flatten()[outside]), name
+            assert not torch.equal(before.flatten()[index], after[name].detach().flatten()[index]), name
 
 
 def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
@@ -210,4 +235,8 @@ def test_a_used_output_folder_or_unknown_method_is_refused(tmp_path, capsys):
     assert "--dpzero-lr -1.0 must be a finite number > 0" in capsys.readouterr().err
     assert main(["bench", "utility", "--jobs", "0", "--out", str(tmp_path / "new")]) == 2
     assert "--jobs 0 must be >= 1" in capsys.readouterr().err
+    for bad, said in (("0,6", "--epsilons 0.0,6.0: each must be a finite number > 0"),
+                      ("six", "--epsilons 'six': expected comma-separated numbers")):
+        assert main(["bench", "utility", "--epsilons", bad, "--out", str(tmp_path / "new")]) == 2
+        assert said in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
