@@ -4,10 +4,12 @@ On one model, one dataset with fixed splits, the same number of steps and the sa
 rate q, all on the same trainable set (the preset's: the default's cosine head), it runs
 
 * ``zero-shot`` — the starting model, untrained;
-* ``ceiling`` — the same trainable set trained without privacy by exact, full-batch
-  first-order optimisation to the minimum of the training loss (:mod:`seedtune.bench.ceiling`):
-  what every private method on that set reads as a fraction of (the table's "of ceiling": the
-  share of the zero-shot-to-ceiling gap a run closes);
+* ``ceiling`` — the same trainable set trained without privacy by first-order optimisation
+  (:mod:`seedtune.bench.ceiling`): a linear readout (the cosine head, a prompt classifier's final
+  norm) to the minimum of the training loss by full-batch L-BFGS, any other set (a mask, LoRA,
+  every tensor) by AdamW fine-tuning, its epoch chosen on validation: what every private method
+  on that set reads as a fraction of (the table's "of ceiling": the share of the
+  zero-shot-to-ceiling gap a run closes);
 * ``mezo`` — non-private zeroth-order (MeZO): the preset's probes and a constant step;
 * ``dpzero`` — DPZero's estimator: one direction a step (Rademacher, on DPZero's sphere of radius
   sqrt(d)), its scalar clipped and noised, a constant step of its own size (``--dpzero-lr``,
@@ -15,8 +17,8 @@ rate q, all on the same trainable set (the preset's: the default's cosine head),
 * ``dp-zoso`` — DP-ZOSO's stagewise schedule of step size, beta and proximal term, the preset's
   probes and pruning mask;
 * ``dp-sgd`` — DP-SGD through Opacus (per-example gradients, clipping, Gaussian noise) on the
-  same trainable tensors, with sigma calibrated by seedtune's own accountant for the same
-  epsilon, delta, q and number of steps;
+  same trainable tensors (on a readout, over features computed once), with sigma calibrated by
+  seedtune's own accountant for the same epsilon, delta, q and number of steps;
 * ``one-silo`` — the preset's recipe as it is, on one silo holding all the data (``seedtune
   train``'s run);
 * ``federated`` — the preset's recipe over 3 silos on Flower's simulation engine, epsilon per

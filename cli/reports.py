@@ -269,7 +269,7 @@ def _number(value: float) -> str:
 def print_recipe(report: dict, file=None) -> None:
     file = file or sys.stdout
     keys = list(report["grid"])
-    print(f"validation accuracy of each recipe ({report['seeds']} replays each; the non-private ceiling of the head: "
+    print(f"validation accuracy of each recipe ({report['seeds']} replays each; the non-private ceiling of the readout: "
           f"{report['validation_ceiling']:.4f})", file=file)
     print("".join(f"{key:>13}" for key in keys) + f"{'mean':>9}{'smallest':>10}{'loss':>8}{'sigma':>8}"
           f"{'reply bytes':>13}", file=file)
