@@ -142,7 +142,8 @@ def run_one(method: str, settings: dict, run_dir: str, dpsgd_lr: float, baseline
         metrics, epsilon = result.after, result.epsilon
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    extra = {key: metrics[key] for key in ("opacus_epsilon", "validation_accuracy") if key in metrics}
+    extra = {key: metrics[key] for key in ("opacus_epsilon", "validation_accuracy", "best_epoch", "lr",
+                                           "epoch_validation_accuracy", "train_loss") if key in metrics}
     return {"accuracy": metrics["accuracy"], "loss": metrics["loss"],
             "epsilon_spent": epsilon if math.isfinite(epsilon) else None,  # None: not private
             **extra,
