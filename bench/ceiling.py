@@ -53,8 +53,7 @@ def ceiling(config: Config, progress: bool = False) -> dict:
     minimum of the training loss, any other set by :func:`fine_tune`."""
     data = components.load_data(config)
     task = components.load_model(config, data.label_names)
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
-    mask = components.choose_mask(config, task, sample)
+    mask = components.mask_for(config, task, data)
     readout = readout_for(task, mask)
     if readout is None:
         extra = fine_tune(task, TrainableSet(task.module, mask), data, config.lora.enabled, progress)

@@ -112,8 +112,7 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
     config = replace(config, privacy=replace(config.privacy, noise="gaussian"))
     data = components.load_data(config)
     task = components.load_model(config, data.label_names)
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
-    names = set(components.choose_mask(config, task, sample))
+    names = set(components.mask_for(config, task, data))
     readout = readout_for(task, names)
     if readout is None and config.model.task != "sequence-classification":
         raise ConfigError("the DP-SGD baseline trains a prompt classifier's final norm only (prune.enabled=true "

@@ -125,8 +125,7 @@ def readout_of(config: Config):
     otherwise a one-line error saying how to choose one."""
     data = components.load_data(config)
     task = components.load_model(config, data.label_names)
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
-    names = list(components.choose_mask(config, task, sample))
+    names = list(components.mask_for(config, task, data))
     readout = readout_for(task, names)
     if readout is None:
         raise ConfigError(f"this is computed for a linear readout only (trainable: {', '.join(sorted(names))}); "

@@ -215,8 +215,7 @@ def step_seconds(base: Config, points: list[dict], repeats: int = 3) -> None:
     from seedtune.common.estimator import ZerothOrderEstimator, micro_batch_for
 
     data, task, _ = readout_of(base)
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
-    parts = components.model_parts(base, task, components.choose_mask(base, task, sample))
+    parts = components.model_parts(base, task, components.mask_for(base, task, data))
     shard = components.silo_shard(base, "train", 0, base.federation.silos)
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions,
                                      keep_prefix_mib=base.zo.keep_prefix_mib)

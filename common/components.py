@@ -128,6 +128,13 @@ def choose_mask(config: Config, task: Task, sample: dict) -> OrderedDict[str, to
     return mask
 
 
+def mask_for(config: Config, task: Task, data: TextData) -> OrderedDict[str, torch.Tensor | None]:
+    """:func:`choose_mask` traced on the first four training examples, as every party of a run
+    computes it (the coordinator, an audit and the benches alike)."""
+    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
+    return choose_mask(config, task, sample)
+
+
 def model_parts(config: Config, task: Task, mask) -> ModelParts:
     trainable = TrainableSet(task.module, mask)
     directions = DirectionField(trainable, config.zo.distribution, config.zo.sphere)

@@ -377,9 +377,8 @@ def _experiment(config: Config, attack: str, beta: float, noise_off: bool) -> _E
     """The starting model, the canary, D and D', and the setup a coordinator playing ``attack`` sends."""
     data = components.load_data(config)
     task = components.load_model(config, data.label_names)
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
     reference = components.base_reference(config, task, data.label_names)
-    parts = components.model_parts(config, task, components.choose_mask(config, task, sample))
+    parts = components.model_parts(config, task, components.mask_for(config, task, data))
     estimator = ZerothOrderEstimator(task.module, task.per_example_loss, parts.trainable, parts.directions)
     seeds = probe_seeds(config.seed, 0, config.zo.probes)
 

@@ -92,10 +92,9 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
             f"privacy.noise_multiplier={sigma} spends epsilon={planned:.4g} over {config.schedule.steps} "
             f"steps, more than privacy.epsilon={config.privacy.epsilon}; raise it or leave it out to calibrate"
         )
-    sample = task.encode(data.train[:4]["text"], data.train[:4]["label"])
     if log is None:
         reference = components.base_reference(config, task, data.label_names)
-        mask = components.choose_mask(config, task, sample)
+        mask = components.mask_for(config, task, data)
     else:
         reference, mask = log.base, log.mask()
         if fingerprint(task.module) != reference["fingerprint"]:
