@@ -34,6 +34,7 @@ from torch import nn
 
 TASKS = ("sequence-classification", "prompt-classification", "causal-lm")
 TASK_FILE = "seedtune_task.json"
+KEPT_EXAMPLES = 200_000  # encoded examples a task keeps: tokens only, a few hundred bytes each
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Task:
     max_length: int
     template: str = "{text}"
     extra: dict = field(default_factory=dict)
+    # Each example's encoding, by its text, label, template, length and device: a silo samples
+    # the same records step after step, and tokenizing them again cost about a tenth of a step
+    # of the default (head-only) recipe.
+    _examples: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def derived(self) -> tuple[str, ...]:
@@ -85,8 +90,17 @@ class Task:
     def encode_example(self, text: str, label: int | None = None) -> dict:
         """One example alone: a batch of one at its own length, without padding. Its shapes, and
         so the bits of its logits and loss, depend on this example only, never on which others
-        were sampled with it (a padded batch takes its width from its longest row)."""
-        return self.encode([text], None if label is None else [label])
+        were sampled with it (a padded batch takes its width from its longest row).
+
+        Encoded once and kept (up to ``KEPT_EXAMPLES`` of them); each call returns a dict of its
+        own over the kept tensors, which no caller modifies in place."""
+        key = (text, label, self.template, self.max_length, next(self.module.parameters()).device)
+        batch = self._examples.get(key)
+        if batch is None:
+            batch = self.encode([text], None if label is None else [label])
+            if len(self._examples) < KEPT_EXAMPLES:
+                self._examples[key] = batch
+        return dict(batch)
 
     def encode_fixed(self, texts: list[str], labels: list[int], micro_batch: int = 1) -> list[tuple[dict, list[int]]]:
         """The examples in batches whose shapes depend on no other example, each with the

@@ -146,6 +146,24 @@ def lengths(task, texts):
     return [task.encode_example(text)["input_ids"].shape[1] for text in texts]
 
 
+@pytest.mark.parametrize("kind", TASKS)
+def test_an_example_is_tokenized_once_and_its_encoding_is_the_same(kind, synthetic, monkeypatch):
+    task = make_task(kind)
+    text, label = synthetic.train[3]["text"], synthetic.train[3]["label"]
+    fresh = task.encode([text], [label])
+    calls = []
+    tokenize = type(task.tokenizer).__call__
+    monkeypatch.setattr(type(task.tokenizer), "__call__", lambda *a, **k: calls.append(a) or tokenize(*a, **k))
+    first = task.encode_example(text, label)
+    first["input_ids"] = None  # a caller's own dict: changing it leaves the kept encoding alone
+    tokenized = len(calls)  # an instruction task tokenizes the prompt and the answer apart
+    second = task.encode_example(text, label)
+    assert tokenized >= 1 and len(calls) == tokenized
+    assert second.keys() == fresh.keys() and all(torch.equal(second[k], fresh[k]) for k in fresh)
+    task.template = "Review: {text}"  # another prompt is another encoding
+    assert not torch.equal(task.encode_example(text, label)["input_ids"], fresh["input_ids"])
+
+
 MICRO_BATCHES = [1, 4]  # each example alone; fixed-shape micro-batches of 4 rows, positions varying
 
 
