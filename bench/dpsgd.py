@@ -14,6 +14,7 @@ is asked too, as a cross-check, and must agree.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import dp_accounting
@@ -145,7 +146,11 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
                             expected_batch_size=max(1, round(p.sample_rate * population)))
     sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate,
                                             generator=None)  # Opacus's default: torch's global RNG
-    _train(optimizer, sampler, trainable, steps, backward)
+    with warnings.catch_warnings():
+        # Opacus's hooks read each trained module's output gradients; torch warns when the module's
+        # inputs (frozen features, token ids) need none, which is every run here and harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        _train(optimizer, sampler, trainable, steps, backward)
     module.eval()
     if readout is not None and readout.kind == "final-norm":
         readout.write(task, trainable[0].detach().flatten())

@@ -115,6 +115,7 @@ def test_dp_sgd_trains_every_tensor_of_the_classifier(monkeypatch):
     assert any("position_embeddings" in n for n in after)
 
 
+@pytest.mark.filterwarnings("error:Full backward hook")  # expected, and silenced
 def test_dp_sgd_on_the_head_over_kept_embeddings_is_dp_sgd_through_the_whole_model(monkeypatch):
     """The head's fast path (the frozen encoder run once) takes the same steps as a full forward a
     step: same Poisson batches, same clipping, same noise, the same head up to float rounding."""
@@ -181,6 +182,7 @@ def test_the_ceiling_minimises_the_training_loss_of_the_readout_alone(monkeypatc
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["validation_accuracy"] <= 1
 
 
+@pytest.mark.filterwarnings("error:Full backward hook")  # expected, and silenced
 def test_dp_sgd_on_a_final_norm_moves_it_alone_at_the_budget(monkeypatch):
     from seedtune.bench import dpsgd
 
