@@ -34,7 +34,7 @@ from torch import nn
 
 TASKS = ("sequence-classification", "prompt-classification", "causal-lm")
 TASK_FILE = "seedtune_task.json"
-KEPT_EXAMPLES = 200_000  # encoded examples a task keeps: tokens only, a few hundred bytes each
+KEPT_EXAMPLES = 200_000  # encoded examples a task keeps (their token tensors only, none of the model)
 
 
 @dataclass
