@@ -177,6 +177,10 @@ class FederationConfig:
     secure_aggregation: bool = False
     secure_bits: int = 0  # b: replies are integers mod 2^b; 0 = the fewest bits no round's sum can wrap
     secure_honest: int = 0  # t the shares are calibrated for: honest participants a round counts on (0 = every silo asked)
+    # Simulation only: the processes the silos answer in, sharing the machine's cores (0 = one a core, at most one a
+    # silo). Flower hands each message to whichever process is free, so every process ends up holding every silo it
+    # served (model and kept prefixes); 1 keeps each silo, and its prefix store, in one process using every core.
+    workers: int = 0
 
     def validate(self) -> None:
         _check("federation.silos", self.silos, 1 <= self.silos <= 1000, "an integer in [1, 1000]")
@@ -200,6 +204,8 @@ class FederationConfig:
                "0 (chosen from the round's sizes) or an integer in [2, 64]")
         _check("federation.secure_honest", self.secure_honest, 0 <= self.secure_honest <= self.asked,
                f"in [0, {self.asked}], at most the silos asked each round (0 = all of them)")
+        _check("federation.workers", self.workers, 0 <= self.workers <= self.silos,
+               f"an integer in [0, {self.silos}], at most one process a silo (0 = one a core)")
         if self.secure_aggregation:
             _check("federation.aggregation", self.aggregation, self.aggregation == "mean",
                    "'mean' under federation.secure_aggregation=true (a robust rule needs each silo's values, which "

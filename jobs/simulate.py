@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from seedtune.common.config import Config, with_changes
+from seedtune.common.config import Config, FederationConfig, with_changes
 from seedtune.common.errors import RunDirError, SeedtuneError
 from seedtune.common.paths import RunLayout
 from seedtune.jobs.export import silo_ledgers
@@ -57,9 +57,7 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
     # participants the run was calibrated for (a deployed silo's operator sets its own).
     settings = {"secure-honest": config.federation.honest} if config.federation.secure_aggregation else None
     client_app = make_client_app(state_root=RunLayout(run_dir).silos, settings=settings)
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, config.federation.silos)),
-                             "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}}
+    backend = simulation_backend(config.federation, os.cpu_count() or 1)
     # Flower announces that run_simulation is deprecated in favour of `flwr run` (which also works
     # with these apps, see the README); Ray warns about a future default. Neither is actionable here.
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -91,6 +89,21 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
         raise SeedtuneError(f"the simulation stopped before finishing; see the log above. Finished rounds are "
                             f"in {run_dir}: resume with seedtune simulate --resume --out {run_dir}")
     return SimulationResult(run_dir, outcome.result, silo_ledgers(run_dir, secure=config.federation.secure_aggregation))
+
+
+def simulation_backend(federation: FederationConfig, cpus: int) -> dict:
+    """Flower's Ray backend for ``federation.workers`` processes sharing ``cpus`` cores.
+
+    Flower starts as many workers as Ray's CPUs hold clients' ``num_cpus``, and Ray gives each
+    worker's torch that many threads (OMP_NUM_THREADS). So a worker a core by default (at most one
+    a silo: a fourth worker would idle with three silos), and with ``workers = 1`` one process
+    using every core, in which each silo is built, and keeps its prefixes, once.
+    """
+    workers = federation.workers or max(1, min(cpus, federation.silos))
+    threads = max(1, cpus // workers)
+    return {"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+            "init_args": {"num_cpus": workers * threads, "include_dashboard": False,
+                          "logging_level": logging.ERROR, "log_to_driver": False}}
 
 
 def _stop_ray() -> None:

@@ -121,3 +121,24 @@ def test_silos_are_silos_and_the_old_client_keys_still_work(old, new, value):
         config = load_config("tiny", overrides=[f"{old}={value}"], command="simulate")
     section, name = new.split(".")
     assert getattr(getattr(config, section), name) == value
+
+
+@pytest.mark.parametrize("workers, cpus, processes, threads", [
+    (0, 2, 2, 1),  # the default: a process a core
+    (0, 8, 3, 2),  # ... but at most one a silo, the spare cores shared out as threads
+    (1, 2, 1, 2),  # every silo in one process using every core
+    (3, 2, 3, 1),  # more processes than cores: one thread each
+])
+def test_a_simulation_runs_its_silos_in_the_processes_asked_for(workers, cpus, processes, threads):
+    from seedtune.jobs.simulate import simulation_backend
+
+    federation = load_config("default", overrides=[f"federation.workers={workers}"]).federation
+    backend = simulation_backend(federation, cpus)
+    per_process = backend["client_resources"]["num_cpus"]
+    assert per_process == threads  # Ray gives each process's torch this many threads
+    assert backend["init_args"]["num_cpus"] // per_process == processes  # how Flower sizes its pool
+
+
+def test_more_simulation_processes_than_silos_is_refused():
+    with pytest.raises(ConfigError, match=r"federation.workers=4 is invalid: .*\[0, 3\]"):
+        load_config("default", overrides=["federation.workers=4"])

@@ -35,8 +35,10 @@ def seedtune(*args, env=None):
 def killed_silo_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sim") / "run"
     marker = uuid.uuid4().hex
+    # Every silo in one process (federation.workers=1), the setting for an expensive prefix; the
+    # other simulations here run the default, a process a core.
     result = seedtune("simulate", "--preset", "tiny", "--rounds", 30, "--out", run_dir, "--no-progress",
-                      "--set", "zo.probes=16", "--set", "eval.every=0",
+                      "--set", "zo.probes=16", "--set", "eval.every=0", "--set", "federation.workers=1",
                       env={"SEEDTUNE_TEST_MARKER": marker, "SEEDTUNE_TEST_KILL_SILO": "1:10"})
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result, marker
