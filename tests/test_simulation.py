@@ -58,6 +58,14 @@ def test_a_killed_silo_leaves_the_run_to_the_others_and_every_ledger_exact(kille
     assert any("dies at step 10" in r["reason"] for r in report["federation"]["rejections"])
 
 
+def test_one_worker_answers_every_silo_from_one_process(killed_silo_run):
+    run_dir, _, _ = killed_silo_run
+    files = sorted((run_dir / "silos").glob("*/timings.jsonl"))
+    timings = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    assert len(files) == 3 and len(timings) >= 60  # every silo answered, 30 rounds of two and 11 of one
+    assert len({entry["pid"] for entry in timings}) == 1  # federation.workers=1: one process held them all
+
+
 def test_uplink_is_under_a_kilobyte_and_no_weights_travel(killed_silo_run):
     run_dir, _, _ = killed_silo_run
     report = json.loads(seedtune("show", run_dir, "--json").stdout)
