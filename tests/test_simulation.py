@@ -17,9 +17,6 @@ from safetensors.torch import load_file
 
 from seedtune.bench.processes import kill_marked, marked_processes, wait_gone
 
-from seedtune.jobs.simulate import simulate
-from seedtune.jobs.train import train
-from seedtune.common.config import load_config
 
 pytestmark = pytest.mark.processes
 
