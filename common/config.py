@@ -164,7 +164,7 @@ class FederationConfig:
     min_silos: int = 1  # a round is applied only with at least this many valid replies
     partition: str = "iid"  # how a simulation splits the training set: "iid", "label-skew", "quantity-skew"
     alpha: float = 0.5  # label/quantity skew: Dirichlet concentration (small = more skewed)
-    round_timeout: float = 300.0  # seconds to wait for replies
+    round_timeout: float = 300.0  # seconds to wait for a silo's reply (k of them if a simulated process answers k in turn)
     round_retries: int = 2  # a round short of min_clients is asked again this often, then the run stops
     max_replay: int = 2000  # a silo further behind than this gets a checkpoint instead of replay
     silo_eval: str = "off"  # evaluation on silos' own data: "off", "private" (noised, charged) or "nonprivate" (warns)

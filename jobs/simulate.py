@@ -9,6 +9,7 @@ real message passing; only seeds and noised scalars cross. Everything the simula
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -52,12 +53,14 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
     from seedtune.server.app import Outcome, Stopped, make_server_app
 
     outcome = Outcome()
-    server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome)
+    cpus = os.cpu_count() or 1
+    server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome,
+                                 turns=answer_turns(config.federation, cpus))
     # Simulated silos share one operator: under secure aggregation each counts on the t honest
     # participants the run was calibrated for (a deployed silo's operator sets its own).
     settings = {"secure-honest": config.federation.honest} if config.federation.secure_aggregation else None
     client_app = make_client_app(state_root=RunLayout(run_dir).silos, settings=settings)
-    backend = simulation_backend(config.federation, os.cpu_count() or 1)
+    backend = simulation_backend(config.federation, cpus)
     # Flower announces that run_simulation is deprecated in favour of `flwr run` (which also works
     # with these apps, see the README); Ray warns about a future default. Neither is actionable here.
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -99,11 +102,22 @@ def simulation_backend(federation: FederationConfig, cpus: int) -> dict:
     a silo: a fourth worker would idle with three silos), and with ``workers = 1`` one process
     using every core, in which each silo is built, and keeps its prefixes, once.
     """
-    workers = federation.workers or max(1, min(cpus, federation.silos))
+    workers = processes(federation, cpus)
     threads = max(1, cpus // workers)
     return {"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
             "init_args": {"num_cpus": workers * threads, "include_dashboard": False,
                           "logging_level": logging.ERROR, "log_to_driver": False}}
+
+
+def processes(federation: FederationConfig, cpus: int) -> int:
+    """The processes a simulation's silos answer in: ``federation.workers``, or one a core and at most one a silo."""
+    return federation.workers or max(1, min(cpus, federation.silos))
+
+
+def answer_turns(federation: FederationConfig, cpus: int) -> int:
+    """How many answers one process gives one after another in a round: with fewer processes than silos
+    asked, a round lasts that many answers, and waits ``round_timeout`` for each."""
+    return math.ceil(federation.asked / processes(federation, cpus))
 
 
 def _stop_ray() -> None:

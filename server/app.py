@@ -87,10 +87,12 @@ class Outcome:
         self.stop = threading.Event()
 
 
-def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome: Outcome | None = None) -> None:
+def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome: Outcome | None = None,
+          turns: int = 1) -> None:
     resume = RunLayout(run_dir).log.exists()
     run = open_run(config, run_dir, resume=resume, command="federation")
-    federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress)
+    federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress,
+                            turns=turns)
     result = federation.run_all()
     releases = federation.store.releases()
     finish_run(run, result.before, result.after, result.epsilons,
@@ -108,13 +110,15 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
     federation.store.close()
 
 
-def make_server_app(config: Config, run_dir: Path, *, progress: bool = True, outcome: Outcome | None = None) -> ServerApp:
+def make_server_app(config: Config, run_dir: Path, *, progress: bool = True, outcome: Outcome | None = None,
+                    turns: int = 1) -> ServerApp:
+    """``turns``: see :class:`Federation` (a simulation's silos answering one after another)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, config, Path(run_dir), progress=progress, outcome=outcome)
+            serve(grid, config, Path(run_dir), progress=progress, outcome=outcome, turns=turns)
         except Stopped:
             # Asked to stop (outcome.stop is set): return rather than raise, so that Flower's
             # simulation runtime winds down at once instead of waiting 3 s for a context that a

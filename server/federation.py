@@ -123,11 +123,14 @@ class FederationResult:
 class Federation:
     """Runs the remaining rounds of ``run`` over ``transport``."""
 
-    def __init__(self, run: Run, transport: Transport, *, progress: bool = True):
+    def __init__(self, run: Run, transport: Transport, *, progress: bool = True, turns: int = 1):
+        """``turns``: how many answers a silo's process gives one after another in a round (a
+        simulation with fewer processes than silos asked); a round waits ``round_timeout`` for each."""
         self.run = run
         self.transport = transport
         self.progress = progress
         self.config = run.config
+        self.round_timeout = run.config.federation.round_timeout * turns
         self.store = FederationStore(run.layout.store)
         self.held: dict[int, int | None] = {}  # node -> the steps its model holds, as last known (None: unknown)
         self.aggregation: RuleCost | None = None
@@ -217,7 +220,7 @@ class Federation:
         for attempt in range(federation.round_retries + 1):
             nodes = self.select(self.transport.nodes(), round, attempt)
             asked = {node: encode_request(request, self.sync_for(node)) for node in nodes}
-            responses = self.transport.exchange(asked, round=round, timeout=federation.round_timeout)
+            responses = self.transport.exchange(asked, round=round, timeout=self.round_timeout)
             valid = self.collect(request, responses, asked, round, attempt)
             if len(valid) >= federation.min_silos:
                 replies = [valid[node] for node in sorted(valid)]
@@ -243,7 +246,7 @@ class Federation:
         if missing:
             setup = Sync(self.run.coordinator.step, (), self.run.setup())
             messages = {node: encode_keys_request(self.run.run_id, setup) for node in missing}
-            for response in self.transport.exchange(messages, round=round, timeout=self.config.federation.round_timeout,
+            for response in self.transport.exchange(messages, round=round, timeout=self.round_timeout,
                                                     kind="keys"):
                 self.store.record_traffic(round, attempt, response.node, response.bytes_down, response.bytes_up)
                 try:
@@ -290,7 +293,7 @@ class Federation:
             secure = SecureRound(attempt, self.round_bits(ordered), federation.honest, tuple(ordered))
             asked_request = dataclasses.replace(request, secure=secure)
             asked = {node: encode_request(asked_request, self.sync_for(node)) for node in participants}
-            responses = self.transport.exchange(asked, round=round, timeout=federation.round_timeout)
+            responses = self.transport.exchange(asked, round=round, timeout=self.round_timeout)
             valid = self.collect(asked_request, responses, asked, round, attempt)
             if len(valid) == len(participants):
                 masked = {participants[node].name: np.array(reply.masked, dtype=np.uint64)
@@ -399,7 +402,7 @@ class Federation:
         messages = {node: encode_evaluation(request, self.sync_for(node)) for node in nodes}
         correct = count = 0.0
         answered = 0
-        for response in self.transport.exchange(messages, round=coordinator.step, timeout=federation.round_timeout,
+        for response in self.transport.exchange(messages, round=coordinator.step, timeout=self.round_timeout,
                                                 kind="evaluate"):
             try:
                 if response.node not in messages or response.error is not None:

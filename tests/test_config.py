@@ -123,20 +123,29 @@ def test_silos_are_silos_and_the_old_client_keys_still_work(old, new, value):
     assert getattr(getattr(config, section), name) == value
 
 
-@pytest.mark.parametrize("workers, cpus, processes, threads", [
-    (0, 2, 2, 1),  # the default: a process a core
-    (0, 8, 3, 2),  # ... but at most one a silo, the spare cores shared out as threads
-    (1, 2, 1, 2),  # every silo in one process using every core
-    (3, 2, 3, 1),  # more processes than cores: one thread each
+@pytest.mark.parametrize("workers, cpus, processes, threads, turns", [
+    (0, 2, 2, 1, 2),  # the default: a process a core, so one of them answers two of the 3 silos in turn
+    (0, 8, 3, 2, 1),  # ... but at most one a silo, the spare cores shared out as threads
+    (1, 2, 1, 2, 3),  # every silo in one process using every core: a round is three answers long
+    (3, 2, 3, 1, 1),  # more processes than cores: one thread each
 ])
-def test_a_simulation_runs_its_silos_in_the_processes_asked_for(workers, cpus, processes, threads):
-    from seedtune.jobs.simulate import simulation_backend
+def test_a_simulation_runs_its_silos_in_the_processes_asked_for(workers, cpus, processes, threads, turns):
+    from seedtune.jobs.simulate import answer_turns, simulation_backend
 
     federation = load_config("default", overrides=[f"federation.workers={workers}"]).federation
     backend = simulation_backend(federation, cpus)
     per_process = backend["client_resources"]["num_cpus"]
     assert per_process == threads  # Ray gives each process's torch this many threads
     assert backend["init_args"]["num_cpus"] // per_process == processes  # how Flower sizes its pool
+    assert answer_turns(federation, cpus) == turns  # a round waits round_timeout for each
+
+
+def test_a_round_waits_for_the_silos_asked_not_the_silos_there_are():
+    from seedtune.jobs.simulate import answer_turns
+
+    federation = load_config("default", overrides=["federation.silos=6", "federation.fraction=0.5",
+                                                   "federation.workers=1"]).federation
+    assert federation.asked == 3 and answer_turns(federation, cpus=2) == 3
 
 
 def test_more_simulation_processes_than_silos_is_refused():

@@ -260,6 +260,19 @@ def test_a_round_short_of_replies_is_retried_then_stops_without_half_applying(tm
     assert len([r for r in federation.store.rejections() if "silo down" in r["reason"]]) == 2  # asked twice
 
 
+def test_a_round_waits_round_timeout_for_each_answer_its_silos_give_in_turn(tmp_path):
+    waited = []
+
+    class Recording(DirectTransport):
+        def exchange(self, messages, *, round, timeout, **kwargs):
+            waited.append(timeout)
+            return super().exchange(messages, round=round, timeout=timeout, **kwargs)
+
+    run = open_run(_config("schedule.steps=3"), tmp_path / "run", resume=False)  # round_timeout=5
+    Federation(run, Recording({1: FakeSilo(1)}), progress=False, turns=3).run_all()
+    assert waited == [15.0] * 3
+
+
 @pytest.mark.parametrize("crash_round", [1, 5, 7])
 @pytest.mark.slow
 def test_a_coordinator_crash_resumes_to_the_same_model_given_the_same_replies(tmp_path, crash_round):
