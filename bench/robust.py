@@ -136,7 +136,7 @@ def federate(config, run_dir: Path, silos: Silos, attack: str = "honest") -> dic
     outcome = {"before": before["accuracy"], "accuracy": after["accuracy"], "rounds": run.coordinator.step,
                "refused": len(federation.store.rejections()), "zeroed": zeroed, "stopped": stopped,
                "cost": None if federation.aggregation is None else federation.aggregation.summary()}
-    run.log.close()
+    run.close()
     federation.store.close()
     return outcome
 

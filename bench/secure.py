@@ -128,7 +128,7 @@ def round_costs(base, *, rounds: int, silos: tuple[int, ...] = SILOS) -> list[di
                             "first_round_bytes": sum(row[3] + row[4] for row in first) / silos})
             for node in nodes.values():
                 node.close()
-            run.log.close()
+            run.close()
             federation.store.close()
     return results
 

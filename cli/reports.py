@@ -215,10 +215,24 @@ def print_simulation(result) -> None:
               + f"{traffic['bytes_up'] / messages:>12.0f}{traffic['bytes_down'] / messages:>14.0f}")
 
 
+def _status(report: dict, run_dir) -> str:
+    progress = f"{report['steps']} of {report['planned_steps']} steps"
+    if report["status"] == "running":
+        driver = report["driver"]
+        return (f"running, {progress}, in pid {driver.get('pid')} on {driver.get('host')} ({driver.get('command')})"
+                if driver else f"starting, {progress}")
+    if report["status"] == "stopped":
+        command = report.get("command")
+        again = (f"`{command} --resume --out {run_dir}`" if command in ("seedtune train", "seedtune simulate")
+                 else f"the federation's ServerApp again with run-dir={run_dir}")
+        return f"stopped at {progress}, no process is running it: resume with {again}"
+    return f"{report['status']}, {progress}"
+
+
 def print_run(report: dict, run_dir, steps: int) -> None:
     """``seedtune show``: a run's report (:func:`seedtune.jobs.export.describe`) as text."""
     privacy = report["privacy"]
-    print(f"run {run_dir}  ({report['status']}, {report['steps']} of {report['planned_steps']} steps)")
+    print(f"run {run_dir}  ({_status(report, run_dir)})")
     print(f"model {report['config']['model']['name']} · task {report['config']['model']['task']} · "
           f"data {report['config']['data']['name']} · schedule {report['config']['schedule']['kind']}")
     print(f"trainable coordinates: {report['trainable_coordinates']}")

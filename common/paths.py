@@ -68,13 +68,14 @@ class RunLayout:
     metrics: Path = field(init=False)  # metrics.json: the summary, with every logged series
     training_plot: Path = field(init=False)  # training.png
     traffic_plot: Path = field(init=False)  # traffic.png (a federation)
+    lock: Path = field(init=False)  # driver.lock: held by the live process driving the run (common/runlock.py)
 
     def __post_init__(self):
         root = Path(self.root)
         paths = {"root": root, "log": root / "log.sqlite", "ledger": root / LEDGER_FILE,
                  "store": root / "federation.sqlite", "silos": root / "silos", "final": root / "final",
                  "metrics": root / "metrics.json", "training_plot": root / "training.png",
-                 "traffic_plot": root / "traffic.png"}
+                 "traffic_plot": root / "traffic.png", "lock": root / "driver.lock"}
         for name, path in paths.items():
             object.__setattr__(self, name, path)
 

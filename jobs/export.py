@@ -6,7 +6,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from seedtune.common import components
+from seedtune.common import components, runlock
 from seedtune.common.config import Config
 from seedtune.common.errors import RunDirError
 from seedtune.common.models import fingerprint
@@ -96,8 +96,14 @@ def describe(run_dir: Path) -> dict:
         ledgers = silo_ledgers(run_dir, secure=config.federation.secure_aggregation)
         if ledgers:  # a simulation keeps each silo's own ledger: the authority, shown beside the view
             privacy["ledger_per_silo"] = ledgers
+    status, driver = log.meta("status"), None
+    if status != "finished":  # "running" in the log: is the process that writes it alive?
+        driver = runlock.driver(RunLayout(run_dir).lock)
+        status = "running" if driver is not None else "stopped"
     report = {
-        "status": log.meta("status"),
+        "status": status,
+        "driver": driver,  # the live process running it (pid, host, command), or None
+        "command": log.meta("command"),
         "steps": log.num_steps,
         "planned_steps": config.schedule.steps,
         "trainable_coordinates": log.meta("trainable_coordinates"),

@@ -46,7 +46,7 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
     # a one-line error with nothing left behind; the ServerApp then resumes this run.
     run = open_run(config, run_dir, resume=resume, command="seedtune simulate")
     config = run.config
-    run.log.close()
+    run.close()
 
     from flwr.simulation import run_simulation
     from seedtune.client.app import make_client_app

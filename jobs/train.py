@@ -51,7 +51,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     ``randomness``: tests only, a seeded source for sampling and noise (default: the OS's CSPRNG).
     """
     run = open_run(config, run_dir, resume=resume)
-    coordinator, log, run_dir = run.coordinator, run.log, run.run_dir
+    coordinator, run_dir = run.coordinator, run.run_dir
     coordinator.local_steps = 1  # one silo in this process: a step at a time (local steps are a federation's)
     silo, ledger = _local_silo(run, public_size, randomness)
     if progress:
@@ -82,7 +82,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     finish_run(run, loop.before, loop.after, epsilon)
     if ledger:
         ledger.close()
-    log.close()
+    run.close()
     return TrainResult(run_dir, coordinator.step, epsilon, loop.before, loop.after)
 
 

@@ -106,7 +106,7 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
     plots.traffic_plot(federation.store.traffic_rows(), run.layout.traffic_plot)
     if outcome is not None:
         outcome.result, outcome.run_dir = result, run_dir
-    run.log.close()
+    run.close()
     federation.store.close()
 
 

@@ -23,6 +23,7 @@ from seedtune.common.errors import ConfigError, RunDirError
 from seedtune.common.models import fingerprint
 from seedtune.common.paths import RunLayout, check_creatable, check_resumable
 from seedtune.common.protocol import ReleaseParameters
+from seedtune.common.runlock import RunLock
 from seedtune.common.schedule import Schedule
 from seedtune.common.tasks import evaluate
 from seedtune.common.updatelog import UpdateApplier, UpdateLog
@@ -44,6 +45,7 @@ class Run:
     sigma: float
     log: UpdateLog
     coordinator: Coordinator
+    lock: RunLock  # this process drives the run until close()
 
     @property
     def task(self):
@@ -61,6 +63,11 @@ class Run:
         """What a silo needs once to build the same starting model."""
         return Setup(self.run_id, self.config.to_dict(), self.log.base, self.log.mask())
 
+    def close(self) -> None:
+        """Close the log and stop driving the run (another process may resume it)."""
+        self.log.close()
+        self.lock.release()
+
     def evaluate(self, split: str, limit: int | None = None) -> dict:
         dataset = getattr(self.data, split)
         limit = self.config.eval.max_examples if limit is None else limit
@@ -71,18 +78,35 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
     """Create a run directory, or reopen an unfinished one. Bad input fails before any write."""
     run_dir = Path(run_dir)
     log: UpdateLog | None = None
+    lock: RunLock | None = None
     if resume:
         log = UpdateLog.open(RunLayout(run_dir).log)
         config = Config.from_dict(log.config)
         if log.meta("status") == "finished":
             raise RunDirError(f"{run_dir} is a finished run; nothing to resume")
         check_resumable(run_dir)
+        try:
+            lock = RunLock.acquire(RunLayout(run_dir).lock, command)
+        except RunDirError:
+            log.close()
+            raise
     else:
         check_creatable(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunDirError(f"--out {run_dir} already exists and is not empty; choose a new directory or pass "
                               "--resume")
 
+    try:
+        return _build(config, run_dir, log, lock, command)
+    except BaseException:
+        if lock is not None:  # a resumed run that cannot go on: another process may try
+            lock.release()
+            log.close()
+        raise
+
+
+def _build(config: Config, run_dir: Path, log: UpdateLog | None, lock: RunLock | None, command: str) -> Run:
+    """open_run's model, data, mask and coordinator, from ``log`` when resuming (else a new log)."""
     data = components.load_data(config)
     task = components.load_model(config, data.label_names, log.base if log else None)
     sigma = log.meta("noise_multiplier") if log else components.noise_multiplier(config)
@@ -104,6 +128,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
 
     if log is None:
         log = _create_log(run_dir, config, reference, parts, sigma, command)
+        lock = RunLock.acquire(RunLayout(run_dir).lock, command)
     applier = UpdateApplier(parts.trainable, parts.directions)
     applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
     coordinator = Coordinator(
@@ -113,7 +138,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, command: str = "see
         aggregation=config.federation.aggregation, trim=config.federation.trim,
         local_steps=config.federation.local_steps,
     )
-    return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator)
+    return Run(run_dir, config, data, parts, schedule, sigma, log, coordinator, lock)
 
 
 def _create_log(run_dir: Path, config: Config, reference: dict, parts: ModelParts, sigma: float,

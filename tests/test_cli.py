@@ -335,6 +335,53 @@ def test_a_run_in_a_read_only_directory_is_a_one_line_error(short_run, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@contextlib.contextmanager
+def _driven_by_another_process(run_dir):
+    """``run_dir``'s lock held by a live process, as a coordinator running it holds it; killed on exit."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from seedtune.common.runlock import RunLock; "
+         "RunLock.acquire(sys.argv[1], 'seedtune train'); print('held', flush=True); time.sleep(600)",
+         str(run_dir / "driver.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_whose_process_died_shows_as_stopped_with_the_command_that_resumes_it(short_run, tmp_path, capsys):
+    run_dir = _unfinished_copy(short_run, tmp_path / "run")
+    with _driven_by_another_process(run_dir) as holder:
+        assert main(["show", str(run_dir), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["status"] == "running" and report["driver"]["pid"] == holder.pid
+        assert main(["show", str(run_dir)]) == 0
+        assert f"running, 6 of 6 steps, in pid {holder.pid}" in capsys.readouterr().out.splitlines()[0]
+    # killed: the kernel dropped its lock, though the log still says nothing but "running"
+    assert main(["show", str(run_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "stopped" and report["driver"] is None
+    assert main(["show", str(run_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"run {run_dir}  (stopped at 6 of 6 steps, no process is running it: resume with "
+        f"`seedtune train --resume --out {run_dir}`)")
+
+
+def test_a_run_another_live_process_drives_is_not_resumed_beside_it(short_run, tmp_path, capsys):
+    run_dir = _unfinished_copy(short_run, tmp_path / "run")
+    log = run_dir / "log.sqlite"
+    with _driven_by_another_process(run_dir) as holder:
+        before = log.read_bytes()
+        assert main(["train", "--resume", "--out", str(run_dir), "--no-progress"]) == 2
+        _one_line_error(capsys, str(run_dir), "another live process", f"pid {holder.pid}", "seedtune train")
+        assert log.read_bytes() == before
+    assert main(["train", "--resume", "--out", str(run_dir), "--no-progress"]) == 0  # its process gone, it resumes
+    capsys.readouterr()
+    assert main(["show", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "finished"
+
+
 @pytest.mark.slow
 def test_output_into_a_closed_pipe_ends_quietly(short_run):
     head = subprocess.run(f"{shlex.quote(SCRIPT)} show {shlex.quote(str(short_run))} --steps -1 | head -1",

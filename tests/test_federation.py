@@ -290,7 +290,7 @@ def test_a_coordinator_crash_resumes_to_the_same_model_given_the_same_replies(tm
     crashed = open_run(config, tmp_path / "crashed", resume=False)
     with pytest.raises(KeyboardInterrupt):
         Federation(crashed, CrashingAt(silos), progress=False).run_all()
-    crashed.log.close()
+    crashed.close()
     resumed = open_run(config, tmp_path / "crashed", resume=True)
     assert resumed.coordinator.step == crash_round
     Federation(resumed, DirectTransport(silos), progress=False).run_all()
@@ -324,7 +324,7 @@ def test_a_coordinator_stopped_after_the_replies_resumes_without_charging_the_ro
     with pytest.raises(KeyboardInterrupt):
         Federation(run, StopsAfterReplies(handlers), progress=False).run_all()
     assert run.log.num_steps == stop_round and all(node.ledger.releases == stop_round + 1 for node in nodes.values())
-    run.log.close()
+    run.close()
     resumed = open_run(config, tmp_path / "run", resume=True)
     federation = Federation(resumed, DirectTransport(handlers), progress=False)
     result = federation.run_all()
@@ -364,7 +364,7 @@ def test_the_coordinators_view_keys_silos_by_name_across_node_ids(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         Federation(run, StopsAt(first), progress=False).run_all()
-    run.log.close()
+    run.close()
     resumed = open_run(config, tmp_path / "run", resume=True)
     renumbered = {k + 1000: handler for k, handler in first.items()}  # what a restarted SuperNode looks like
     federation = Federation(resumed, DirectTransport(renumbered), progress=False)

@@ -58,7 +58,7 @@ def _train(config, run_dir):
     while not coordinator.done:
         request = coordinator.request()
         coordinator.apply(request, [silo.answer(request)])
-    run.log.close()
+    run.close()
     return before, loss(), parts
 
 
