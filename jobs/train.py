@@ -51,39 +51,41 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     ``randomness``: tests only, a seeded source for sampling and noise (default: the OS's CSPRNG).
     """
     run = open_run(config, run_dir, resume=resume)
-    coordinator, run_dir = run.coordinator, run.run_dir
-    coordinator.local_steps = 1  # one silo in this process: a step at a time (local steps are a federation's)
-    silo, ledger = _local_silo(run, public_size, randomness)
-    if progress:
-        _announce(run)
+    try:  # however it ends, another process may then resume the run
+        coordinator, run_dir = run.coordinator, run.run_dir
+        coordinator.local_steps = 1  # one silo in this process: a step at a time (local steps are a federation's)
+        silo, ledger = _local_silo(run, public_size, randomness)
+        if progress:
+            _announce(run)
 
-    def play() -> Played:
-        request = coordinator.request()
-        reply = silo.answer(request)  # a release made before a crash is answered again, not charged again
-        coordinator.apply(request, [reply])
-        # The batch's loss is private (a function of the secret sample): on the bar, never in the log.
-        return Played(postfix={"loss": "reused" if silo.last_reused else f"{silo.last_loss:.4f}"})
+        def play() -> Played:
+            request = coordinator.request()
+            reply = silo.answer(request)  # a release made before a crash is answered again, not charged again
+            coordinator.apply(request, [reply])
+            # The batch's loss is private (a function of the secret sample): on the bar, never in the log.
+            return Played(postfix={"loss": "reused" if silo.last_reused else f"{silo.last_loss:.4f}"})
 
-    def epsilons() -> dict[str, float]:
-        return {"epsilon": ledger.spent()} if ledger else {}
+        def epsilons() -> dict[str, float]:
+            return {"epsilon": ledger.spent()} if ledger else {}
 
-    try:
-        loop = run_rounds(run, play, epsilons, progress=progress, desc="train", unit="step", baseline=baseline)
-    except KeyboardInterrupt:
-        raise RunDirError(
-            f"interrupted at step {coordinator.step}; the log holds every finished step: "
-            f"resume with seedtune train --resume --out {run_dir}"
-        ) from None
-    if loop.stopped_early:
-        # Only a release lost in a crash can get here (sigma was calibrated for the planned
-        # steps); the model so far is still a valid private model, so the run finishes with it.
-        warnings.warn(loop.stopped_early, stacklevel=2)
-    epsilon = ledger.spent() if ledger else math.inf
-    finish_run(run, loop.before, loop.after, epsilon)
-    if ledger:
-        ledger.close()
-    run.close()
-    return TrainResult(run_dir, coordinator.step, epsilon, loop.before, loop.after)
+        try:
+            loop = run_rounds(run, play, epsilons, progress=progress, desc="train", unit="step", baseline=baseline)
+        except KeyboardInterrupt:
+            raise RunDirError(
+                f"interrupted at step {coordinator.step}; the log holds every finished step: "
+                f"resume with seedtune train --resume --out {run_dir}"
+            ) from None
+        if loop.stopped_early:
+            # Only a release lost in a crash can get here (sigma was calibrated for the planned
+            # steps); the model so far is still a valid private model, so the run finishes with it.
+            warnings.warn(loop.stopped_early, stacklevel=2)
+        epsilon = ledger.spent() if ledger else math.inf
+        finish_run(run, loop.before, loop.after, epsilon)
+        if ledger:
+            ledger.close()
+        return TrainResult(run_dir, coordinator.step, epsilon, loop.before, loop.after)
+    finally:
+        run.close()
 
 
 def _local_silo(run: Run, public_size: int | None, randomness: SecretRandomness | None) -> tuple[Silo, PrivacyLedger | None]:

@@ -93,21 +93,23 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
     run = open_run(config, run_dir, resume=resume, command="federation")
     federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress,
                             turns=turns)
-    result = federation.run_all()
-    releases = federation.store.releases()
-    finish_run(run, result.before, result.after, result.epsilons,
-               extra={"silos": {silo: {"epsilon": result.epsilons.get(silo), "releases": releases.get(silo, 0),
-                                       **({"epsilon_if_all_collude": result.epsilons_if_all_collude.get(silo)}
-                                          if result.epsilons_if_all_collude else {}),
-                                       **result.traffic.get(silo, {})}
-                                for silo in federation.store.silos()},
-                      "rejections": result.rejections, "silo_evaluation": result.silo_evaluation,
-                      "stopped_early": result.stopped_early})
-    plots.traffic_plot(federation.store.traffic_rows(), run.layout.traffic_plot)
-    if outcome is not None:
-        outcome.result, outcome.run_dir = result, run_dir
-    run.close()
-    federation.store.close()
+    try:  # however it ends, another process may then resume the run
+        result = federation.run_all()
+        releases = federation.store.releases()
+        finish_run(run, result.before, result.after, result.epsilons,
+                   extra={"silos": {silo: {"epsilon": result.epsilons.get(silo), "releases": releases.get(silo, 0),
+                                           **({"epsilon_if_all_collude": result.epsilons_if_all_collude.get(silo)}
+                                              if result.epsilons_if_all_collude else {}),
+                                           **result.traffic.get(silo, {})}
+                                    for silo in federation.store.silos()},
+                          "rejections": result.rejections, "silo_evaluation": result.silo_evaluation,
+                          "stopped_early": result.stopped_early})
+        plots.traffic_plot(federation.store.traffic_rows(), run.layout.traffic_plot)
+        if outcome is not None:
+            outcome.result, outcome.run_dir = result, run_dir
+    finally:
+        run.close()
+        federation.store.close()
 
 
 def make_server_app(config: Config, run_dir: Path, *, progress: bool = True, outcome: Outcome | None = None,

@@ -113,7 +113,7 @@ def test_a_finished_run_holds_exactly_the_files_its_layout_names(tmp_path):
     run_dir = tmp_path / "run"
     train(_config("schedule.steps=2", "schedule.stages=1"), run_dir, progress=False)
     layout = RunLayout(run_dir)
-    named = {layout.log, layout.ledger, layout.final, layout.metrics, layout.training_plot}
+    named = {layout.log, layout.ledger, layout.final, layout.metrics, layout.training_plot, layout.lock}
     sqlite_sidecars = ("-wal", "-shm", "-journal")
     assert {path for path in run_dir.iterdir() if not path.name.endswith(sqlite_sidecars)} == named
     assert not list(run_dir.glob(".*.partial"))  # every file went through its staging name and was renamed
