@@ -55,7 +55,7 @@ def simulate(config: Config, run_dir: Path, *, silos: int | None = None, rounds:
     outcome = Outcome()
     cpus = os.cpu_count() or 1
     server_app = make_server_app(config, run_dir, progress=progress, outcome=outcome,
-                                 turns=answer_turns(config.federation, cpus))
+                                 turns=answer_turns(config.federation, cpus), command="seedtune simulate")
     # Simulated silos share one operator: under secure aggregation each counts on the t honest
     # participants the run was calibrated for (a deployed silo's operator sets its own).
     settings = {"secure-honest": config.federation.honest} if config.federation.secure_aggregation else None

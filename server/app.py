@@ -88,9 +88,9 @@ class Outcome:
 
 
 def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome: Outcome | None = None,
-          turns: int = 1) -> None:
+          turns: int = 1, command: str = "federation") -> None:
     resume = RunLayout(run_dir).log.exists()
-    run = open_run(config, run_dir, resume=resume, command="federation")
+    run = open_run(config, run_dir, resume=resume, command=command)
     federation = Federation(run, GridTransport(grid, outcome.stop if outcome else None), progress=progress,
                             turns=turns)
     try:  # however it ends, another process may then resume the run
@@ -113,14 +113,15 @@ def serve(grid: Grid, config: Config, run_dir: Path, *, progress: bool, outcome:
 
 
 def make_server_app(config: Config, run_dir: Path, *, progress: bool = True, outcome: Outcome | None = None,
-                    turns: int = 1) -> ServerApp:
-    """``turns``: see :class:`Federation` (a simulation's silos answering one after another)."""
+                    turns: int = 1, command: str = "federation") -> ServerApp:
+    """``turns``: see :class:`Federation` (a simulation's silos answering one after another).
+    ``command``: what started it, as ``seedtune show`` names the process running the run."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, config, Path(run_dir), progress=progress, outcome=outcome, turns=turns)
+            serve(grid, config, Path(run_dir), progress=progress, outcome=outcome, turns=turns, command=command)
         except Stopped:
             # Asked to stop (outcome.stop is set): return rather than raise, so that Flower's
             # simulation runtime winds down at once instead of waiting 3 s for a context that a

@@ -143,11 +143,16 @@ def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path):
     deadline = time.monotonic() + 180
     while not list((run_dir / "silos").glob("*/ledger.sqlite")) and time.monotonic() < deadline:
         time.sleep(0.5)  # until silos are answering
+    running = json.loads(seedtune("show", run_dir, "--json").stdout)
+    assert running["status"] == "running" and running["driver"]["pid"] == process.pid
+    assert running["driver"]["command"] == "seedtune simulate"  # the ServerApp's thread holds the run
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2, stderr[-2000:]
     assert "resume with seedtune simulate --resume" in stderr
     assert wait_gone(marker) == []
+    stopped = json.loads(seedtune("show", run_dir, "--json").stdout)
+    assert stopped["status"] == "stopped" and stopped["driver"] is None
 
 
 def test_a_failed_simulation_is_a_one_line_error_and_stops_what_it_started(tmp_path):
