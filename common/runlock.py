@@ -95,7 +95,7 @@ def driver(path: str | Path) -> dict | None:
 
 def _lock(fd: int, tries: int = 20) -> bool:
     """Take the exclusive lock, waiting out a reader's moment-long shared one (:func:`driver`)."""
-    for attempt in range(tries):
+    for _ in range(tries):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
