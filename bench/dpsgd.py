@@ -31,29 +31,55 @@ from seedtune.common.privacy.accounting import epsilon_of, release_event
 from seedtune.common.tasks import evaluate
 
 
-def _train(optimizer, sampler, trainable: list, steps: int, backward) -> None:
-    """``steps`` DP-SGD steps, each over one Poisson batch from ``sampler``; ``backward(rows)``
-    takes the batch's loss backward, leaving Opacus its per-example gradients."""
+def _train(trainable: list, population: int, backward, *, lr: float, sigma: float, p, steps: int,
+           generator: torch.Generator | None = None) -> None:
+    """``steps`` DP-SGD steps of SGD at ``lr`` on ``trainable``, each over one Poisson batch of
+    the ``population`` training examples at ``p.sample_rate``, per-example gradients clipped to
+    ``p.clip_bound`` and noised at ``sigma``; ``backward(rows)`` takes the batch's loss backward,
+    leaving Opacus its per-example gradients. ``generator`` draws the batches and the noise
+    (torch's global one when None, Opacus's default)."""
+    optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=p.clip_bound,
+                            expected_batch_size=max(1, round(p.sample_rate * population)), generator=generator)
+    sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate, generator=generator)
     done = 0
-    while done < steps:
-        for chosen in sampler:
-            if done == steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if len(chosen):
-                backward(list(chosen))
-            else:  # an empty Poisson batch still releases noise
-                for param in trainable:
-                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
-            try:
-                optimizer.step()
-            except RuntimeError as error:  # e.g. position embeddings, looked up once for the whole batch
-                raise ConfigError(
-                    "DP-SGD through Opacus cannot form per-example gradients for every tensor of this trainable "
-                    f"subset ({error}); compare on the head or a mask, e.g. --set prune.enabled=true "
-                    "--set prune.ratio=0"
-                ) from None
-            done += 1
+    with warnings.catch_warnings():
+        # Opacus's hooks read each trained module's output gradients; torch warns when the module's
+        # inputs (frozen features, token ids) need none, which is every run here and harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        while done < steps:
+            for chosen in sampler:
+                if done == steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                if len(chosen):
+                    backward(list(chosen))
+                else:  # an empty Poisson batch still releases noise
+                    for param in trainable:
+                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                try:
+                    optimizer.step()
+                except RuntimeError as error:  # e.g. position embeddings, looked up once for the whole batch
+                    raise ConfigError(
+                        "DP-SGD through Opacus cannot form per-example gradients for every tensor of this trainable "
+                        f"subset ({error}); compare on the head or a mask, e.g. --set prune.enabled=true "
+                        "--set prune.ratio=0"
+                    ) from None
+                done += 1
+
+
+def train_readout(config: Config, readout: Readout, start: torch.Tensor, features: torch.Tensor,
+                  labels: torch.Tensor, *, lr: float, sigma: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A linear readout's coordinates (flat, float32, from ``start``) after ``config``'s DP-SGD
+    run on the frozen network's ``features`` of the training examples and their ``labels``."""
+    if readout.kind == "head":
+        layer, backward = _through_the_head(start, features, labels)
+    else:
+        layer, backward = _through_the_norm(readout, start, features, labels)
+    trainable = list(layer.parameters())
+    _train(trainable, len(labels), backward, lr=lr, sigma=sigma, p=config.privacy, steps=config.schedule.steps,
+           generator=generator)
+    return torch.cat([param.detach().flatten() for param in trainable])
 
 
 def _through_the_model(model, task, train):
@@ -73,17 +99,22 @@ def _through_the_model(model, task, train):
     return backward
 
 
-def _through_the_head(classifier: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor):
-    """Each step's backward through the head alone, from the frozen encoder's embeddings."""
-    model = GradSampleModule(classifier)
-    classifier.train()  # Opacus records activations only in training mode
+def _through_the_head(start: torch.Tensor, features: torch.Tensor, labels: torch.Tensor):
+    """Each step's backward through the head alone, from the frozen encoder's embeddings: a
+    float32 copy of the head at ``start`` (its weight, then its bias, flat). The layer, and the backward."""
+    width = features.shape[1]
+    classes = start.numel() // (width + 1)
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, width, classes)  # no draw from the generator Opacus uses
+    with torch.no_grad():
+        layer.weight.copy_(start[: classes * width].view(classes, width))
+        layer.bias.copy_(start[classes * width :])
+    model = GradSampleModule(layer)
 
     def backward(chosen: list[int]) -> None:
         index = torch.as_tensor(chosen, dtype=torch.long)
-        logits = model(features[index].to(classifier.weight.dtype))
-        torch.nn.functional.cross_entropy(logits.float(), labels[index]).backward()
+        torch.nn.functional.cross_entropy(model(features[index]), labels[index]).backward()
 
-    return backward
+    return layer, backward
 
 
 def _through_the_norm(readout: Readout, weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor):
@@ -91,7 +122,7 @@ def _through_the_norm(readout: Readout, weight: torch.Tensor, features: torch.Te
     last tokens' unit-RMS states x: logit_c = <w, x * e_c>, a linear layer from the norm's width
     to one output applied to each label word's x * e_c, so Opacus's own per-example rule for
     ``nn.Linear`` forms the gradients. The layer to train, and the backward."""
-    layer = torch.nn.Linear(weight.numel(), 1, bias=False)
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, weight.numel(), 1, bias=False)
     with torch.no_grad():
         layer.weight.copy_(weight.detach().float()[None])
     model = GradSampleModule(layer)
@@ -122,38 +153,22 @@ def dp_sgd(config: Config, *, lr: float) -> tuple[dict, float]:
     module.eval()
     for name, param in module.named_parameters():
         param.requires_grad_(name in names)
+    p = config.privacy
+    sigma = components.noise_multiplier(config)
+    steps = config.schedule.steps
     if readout is not None:  # the frozen network runs once per training example, not once per step
         features = readout.features(task, data.train, batch_size=config.eval.batch_size)
-        if readout.kind == "head":
-            backward = _through_the_head(module.classifier, *features)
-            trainable = [module.classifier.weight, module.classifier.bias]
-        else:
-            layer, backward = _through_the_norm(readout, readout.start(task), *features)
-            trainable = [layer.weight]
+        readout.write(task, train_readout(config, readout, readout.start(task), *features, lr=lr, sigma=sigma))
     else:
-        backward = _through_the_model(GradSampleModule(module), task, data.train)
         trainable = [param for name, param in module.named_parameters() if name in names]
         # Opacus records activations only in training mode; only the modules holding trainable
         # tensors train, so dropout stays off in the frozen encoder, as in the zeroth-order runs.
         for owner in module.modules():
             if any(param.requires_grad for param in owner.parameters(recurse=False)):
                 owner.train()
-    population = len(data.train)
-    p = config.privacy
-    sigma = components.noise_multiplier(config)
-    steps = config.schedule.steps
-    optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=p.clip_bound,
-                            expected_batch_size=max(1, round(p.sample_rate * population)))
-    sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=p.sample_rate,
-                                            generator=None)  # Opacus's default: torch's global RNG
-    with warnings.catch_warnings():
-        # Opacus's hooks read each trained module's output gradients; torch warns when the module's
-        # inputs (frozen features, token ids) need none, which is every run here and harmless.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        _train(optimizer, sampler, trainable, steps, backward)
+        _train(trainable, len(data.train), _through_the_model(GradSampleModule(module), task, data.train), lr=lr,
+               sigma=sigma, p=p, steps=steps)
     module.eval()
-    if readout is not None and readout.kind == "final-norm":
-        readout.write(task, trainable[0].detach().flatten())
     for param in module.parameters():
         param.requires_grad_(False)
     metrics = evaluate(task, data.test, batch_size=config.eval.batch_size, max_examples=config.eval.test_examples)

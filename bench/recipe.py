@@ -18,6 +18,11 @@ So a sweep point is the real run's accuracy up to its run-to-run spread, at a th
 cost (a 1,200-step, 3-silo point takes about 20 s on one core). It reads the training and
 validation splits only: **it never loads the test split**, so nothing it chooses is chosen on it.
 The default preset's recipe (K, q, C, step size, schedule) was chosen with it (docs/results.md).
+
+``method="dp-sgd"`` replays the utility bench's first-order baseline instead, on the same
+features: DP-SGD through Opacus on the readout, one silo holding all the training data, the very
+code ``seedtune bench utility --methods dp-sgd`` runs (:func:`seedtune.bench.dpsgd.train_readout`),
+so its step size is chosen on validation too.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from seedtune.bench import dpsgd
 from seedtune.bench.ceiling import fit
 from seedtune.bench.readout import Readout, readout_of
 from seedtune.bench.traffic import reply_bytes
@@ -45,6 +51,8 @@ KEYS = {"steps": ("schedule", "steps", int), "lr": ("schedule", "lr", float), "k
         "stages": ("schedule", "stages", int), "probes": ("zo", "probes", int),
         "sample_rate": ("privacy", "sample_rate", float), "clip_bound": ("privacy", "clip_bound", float),
         "epsilon": ("privacy", "epsilon", float), "silos": ("federation", "silos", int)}
+METHODS = ("zeroth-order", "dp-sgd")
+DP_SGD_KEYS = ("steps", "lr", "sample_rate", "clip_bound", "epsilon")  # what DP-SGD on one silo has
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,31 @@ def features(config: Config) -> Features:
                     readout.start(task), list(data.train["text"]))
 
 
-def replay(config: Config, data: Features, seed: int, noise: str = "per-silo") -> tuple[float, float]:
+def replay(config: Config, data: Features, seed: int, noise: str = "per-silo",
+           method: str = "zeroth-order") -> tuple[float, float]:
     """Validation accuracy and loss of one private run of ``config`` on its readout, replayed on
-    the features (``noise``: :func:`train_readout`'s)."""
-    logits = data.readout.logits(data.validation, train_readout(config, data, seed, noise))
+    the features (``noise``: :func:`train_readout`'s; ``method="dp-sgd"``: :func:`train_dp_sgd`)."""
+    theta = train_dp_sgd(config, data, seed) if method == "dp-sgd" else train_readout(config, data, seed, noise)
+    logits = data.readout.logits(data.validation, theta)
     return (float((logits.argmax(dim=1) == data.validation_labels).float().mean()),
             float(F.cross_entropy(logits, data.validation_labels)))
+
+
+def train_dp_sgd(config: Config, data: Features, seed: int) -> torch.Tensor:
+    """The readout's coordinates after ``config``'s DP-SGD run (one silo, all the training data),
+    its batches and noise drawn from ``seed``."""
+    sigma = gaussian_multiplier(config)
+    return dpsgd.train_readout(config, data.readout, data.start, data.train, data.train_labels,
+                               lr=config.schedule.lr, sigma=sigma, generator=torch.Generator().manual_seed(seed))
+
+
+def gaussian_multiplier(config: Config) -> float:
+    """One silo's Gaussian noise multiplier for ``config``'s (epsilon, delta, q, steps); 0 without privacy."""
+    p = config.privacy
+    if not p.enabled:
+        return 0.0
+    return calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, config.schedule.steps, p.accountant,
+                                      noise="gaussian")
 
 
 NOISE_MODES = ("per-silo", "secure", "one-silo")
@@ -94,8 +121,7 @@ def train_readout(config: Config, data: Features, seed: int, noise: str = "per-s
     shards = partition_indices(data.texts, data.train_labels.tolist(), silos, scheme=config.federation.partition,
                                alpha=config.federation.alpha, seed=config.data.split_seed)
     shards = [torch.as_tensor(shard) for shard in shards]
-    sigma = (calibrate_noise_multiplier(p.epsilon, p.delta, p.sample_rate, schedule.steps, p.accountant, noise="gaussian")
-             if p.enabled and noise != "secure" else 0.0)
+    sigma = gaussian_multiplier(config) if noise != "secure" else 0.0
     summed_std = 0.0  # secure: the standard deviation of the summed shares, per coordinate
     if p.enabled and noise == "secure":
         with_secure = with_changes(config, federation={"secure_aggregation": True})
@@ -134,13 +160,17 @@ def share_multiplier(config: Config) -> float:
     return components.noise_multiplier(config)
 
 
-def parse_grid(pairs: list[str]) -> dict[str, list]:
+def parse_grid(pairs: list[str], method: str = "zeroth-order") -> dict[str, list]:
     """``key=v1,v2`` pairs into {key: [values]}; a one-line error names a bad key or value."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    keys = DP_SGD_KEYS if method == "dp-sgd" else tuple(KEYS)
     grid = {}
     for pair in pairs:
         key, _, values = pair.partition("=")
-        if key not in KEYS or not values:
-            raise ConfigError(f"--vary {pair!r}: expected KEY=V1,V2 with KEY one of {', '.join(KEYS)}")
+        if key not in keys or not values:
+            raise ConfigError(f"--vary {pair!r}: expected KEY=V1,V2 with KEY one of {', '.join(keys)}"
+                              + (" (DP-SGD runs one silo, without probes or stages)" if key in KEYS else ""))
         kind = KEYS[key][2]
         try:
             grid[key] = [kind(value) for value in values.split(",")]
@@ -159,25 +189,23 @@ def at_point(base: Config, point: dict) -> Config:
     return with_changes(base, **changes).validate()
 
 
-def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progress: bool = True) -> list[dict]:
-    """Every point of ``grid`` over ``base``, each replayed with ``seeds`` seeds on ``data``:
-    validation accuracy (mean, smallest, each), mean validation loss and the bytes of one silo's
-    reply, best mean accuracy first."""
+def sweep(base: Config, grid: dict[str, list], seeds: int, data: Features, progress: bool = True,
+          method: str = "zeroth-order") -> list[dict]:
+    """Every point of ``grid`` over ``base``, each replayed with ``seeds`` seeds on ``data`` by
+    ``method``: validation accuracy (mean, smallest, each), mean validation loss and the bytes of
+    one silo's reply (None for DP-SGD, which has no such reply), best mean accuracy first."""
     from tqdm.auto import tqdm
 
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     rows = []
     for point in tqdm(points, disable=not progress, unit="point", desc="bench recipe"):
         config = at_point(base, point)
-        accuracies, losses = zip(*(replay(config, data, seed) for seed in range(seeds)))
+        accuracies, losses = zip(*(replay(config, data, seed, method=method) for seed in range(seeds)))
         rows.append({**point, "validation_accuracy": statistics.fmean(accuracies),
                      "validation_loss": statistics.fmean(losses),
-                     "uplink_bytes": reply_bytes(config.zo.probes),
+                     "uplink_bytes": None if method == "dp-sgd" else reply_bytes(config.zo.probes),
                      "smallest": min(accuracies), "each": list(accuracies),
-                     "sigma": calibrate_noise_multiplier(config.privacy.epsilon, config.privacy.delta,
-                                                         config.privacy.sample_rate, config.schedule.steps,
-                                                         config.privacy.accountant, noise="gaussian")
-                     if config.privacy.enabled else 0.0})
+                     "sigma": gaussian_multiplier(config)})
     return sorted(rows, key=lambda row: -row["validation_accuracy"])
 
 
@@ -189,19 +217,21 @@ def validation_ceiling(data: Features) -> float:
 
 
 def bench_recipe(preset: str, file, overrides: list[str], vary: list[str], seeds: int, progress: bool = True,
-                 time_steps: bool = False) -> dict:
-    """The sweep over ``vary`` from simulate's ``preset`` (with ``file`` and ``overrides``), and the
-    validation accuracy of the non-private ceiling beside it; with ``time_steps``, each point's
-    real silo step time too (:func:`step_seconds`)."""
+                 time_steps: bool = False, method: str = "zeroth-order") -> dict:
+    """The sweep over ``vary`` from simulate's ``preset`` (with ``file`` and ``overrides``) by
+    ``method``, and the validation accuracy of the non-private ceiling beside it; with
+    ``time_steps``, each point's real silo step time too (:func:`step_seconds`, zeroth-order only)."""
     from seedtune.common.config import load_config
 
-    grid = parse_grid(vary)
+    grid = parse_grid(vary, method)
+    if time_steps and method == "dp-sgd":
+        raise ConfigError("--time-steps times a zeroth-order silo's step; leave it out with --method dp-sgd")
     base = load_config(preset, file, overrides, command="simulate")
     data = features(base)
-    points = sweep(base, grid, seeds, data, progress)
+    points = sweep(base, grid, seeds, data, progress, method)
     if time_steps:
         step_seconds(base, points)
-    return {"preset": preset, "overrides": list(overrides), "seeds": seeds, "grid": grid,
+    return {"preset": preset, "overrides": list(overrides), "method": method, "seeds": seeds, "grid": grid,
             "validation_ceiling": validation_ceiling(data), "points": points}
 
 

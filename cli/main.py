@@ -205,6 +205,9 @@ def _add_bench_recipe(benches) -> None:
     recipe.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                         help="a setting to vary, e.g. --vary lr=10,20 (repeatable; keys: steps, lr, kind, stages, "
                              "probes, sample_rate, clip_bound, epsilon, silos)")
+    recipe.add_argument("--method", choices=("zeroth-order", "dp-sgd"), default="zeroth-order",
+                        help="what to replay: the private zeroth-order run (default) or the DP-SGD baseline through "
+                             "Opacus on one silo (keys: steps, lr, sample_rate, clip_bound, epsilon)")
     recipe.add_argument("--seeds", type=int, default=4, help="replays per point (default 4)")
     recipe.add_argument("--time-steps", action="store_true",
                         help="also time one real silo step at each point's K and q (the real model, prefix kept)")
@@ -221,7 +224,7 @@ def _bench_recipe(args) -> int:
     if args.seeds < 1:
         raise SeedtuneError(f"--seeds {args.seeds} must be >= 1")
     report = bench_recipe(args.preset, args.config, args.overrides, args.vary, args.seeds,
-                          progress=not args.no_progress, time_steps=args.time_steps)
+                          progress=not args.no_progress, time_steps=args.time_steps, method=args.method)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "recipe.json").write_text(json.dumps(report, indent=2))

@@ -283,7 +283,8 @@ def _number(value: float) -> str:
 def print_recipe(report: dict, file=None) -> None:
     file = file or sys.stdout
     keys = list(report["grid"])
-    print(f"validation accuracy of each recipe ({report['seeds']} replays each; the non-private ceiling of the readout: "
+    print(f"validation accuracy of each {report.get('method', 'zeroth-order')} recipe ({report['seeds']} replays each; "
+          f"the non-private ceiling of the readout: "
           f"{report['validation_ceiling']:.4f})", file=file)
     print("".join(f"{key:>13}" for key in keys) + f"{'mean':>9}{'smallest':>10}{'loss':>8}{'sigma':>8}"
           f"{'reply bytes':>13}", file=file)
@@ -291,5 +292,5 @@ def print_recipe(report: dict, file=None) -> None:
         print("".join(f"{point[key]!s:>13}" for key in keys)
               + f"{point['validation_accuracy']:>9.4f}{point['smallest']:>10.4f}{point['validation_loss']:>8.4f}"
               + f"{point['sigma']:>8.3f}"
-              + f"{point['uplink_bytes']:>13}"
+              + f"{'—' if point['uplink_bytes'] is None else point['uplink_bytes']:>13}"
               + (f"{point['step_seconds']:>9.3f} s" if "step_seconds" in point else ""), file=file)

@@ -99,3 +99,49 @@ def test_the_cli_prints_points_best_first_and_refuses_a_bad_grid(tmp_path, capsy
 def test_a_trainable_set_beyond_a_linear_readout_is_refused():
     with pytest.raises(ConfigError, match="linear readout only .*prune.ratio=0"):
         recipe.features(load_config("tiny", None, [], command="simulate"))
+
+
+@pytest.mark.parametrize("readout", [HEAD, NORM], ids=["head", "final-norm"])
+def test_the_dp_sgd_replay_is_the_utility_benchs_dp_sgd_run(monkeypatch, readout):
+    """Same batches and noise (one seed), the same readout: the validation accuracy the replay
+    reports is the one `bench utility --methods dp-sgd` measures through the real model."""
+    from seedtune.bench import dpsgd
+
+    overrides = [*readout, "schedule.steps=5", "schedule.lr=0.5", "privacy.sample_rate=0.1", "eval.every=0",
+                 "data.max_train_examples=120", "eval.test_examples=100000"]  # the whole validation split
+    config = load_config("tiny", None, overrides, command="simulate")
+    data = recipe.features(config)
+    accuracy, _ = recipe.replay(config, data, seed=3, method="dp-sgd")
+
+    replayed = recipe.train_dp_sgd(config, data, seed=3)
+    assert not torch.allclose(replayed, data.start)  # it trained
+    assert torch.equal(replayed, recipe.train_dp_sgd(config, data, seed=3))  # a seed replays the same run
+    assert not torch.equal(replayed, recipe.train_dp_sgd(config, data, seed=4))
+
+    original, trained = dpsgd.train_readout, []
+
+    def seeded(*args, generator=None, **kwargs):  # the utility bench's run, with the replay's seed
+        trained.append(original(*args, generator=torch.Generator().manual_seed(3), **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(dpsgd, "train_readout", seeded)
+    metrics, _ = dpsgd.dp_sgd(load_config("tiny", None, overrides, command="simulate"), lr=0.5)
+    torch.testing.assert_close(trained[0], replayed)
+    validation = len(data.validation_labels)
+    assert metrics["validation_accuracy"] == pytest.approx(accuracy, abs=1.5 / validation)  # a tie may flip
+
+
+def test_dp_sgd_sweeps_its_own_keys_only(capsys):
+    report = recipe.bench_recipe("tiny", None, [*HEAD, "schedule.steps=4"], ["lr=0.1,1", "epsilon=2"], 2,
+                                 progress=False, method="dp-sgd")
+    assert report["method"] == "dp-sgd" and len(report["points"]) == 2
+    assert all(point["uplink_bytes"] is None and point["sigma"] > 0 for point in report["points"])
+    with pytest.raises(ConfigError, match="--vary 'probes=4'.*one silo, without probes"):
+        recipe.bench_recipe("tiny", None, HEAD, ["probes=4"], 1, progress=False, method="dp-sgd")
+    with pytest.raises(ConfigError, match="--time-steps"):
+        recipe.bench_recipe("tiny", None, HEAD, ["lr=1"], 1, progress=False, method="dp-sgd", time_steps=True)
+    args = ["bench", "recipe", "--preset", "tiny", *(a for k in HEAD for a in ("--set", k)), "--set", "schedule.steps=4",
+            "--method", "dp-sgd", "--vary", "lr=0.5", "--seeds", "1", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dp-sgd recipe" in out and "—" in out
