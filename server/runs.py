@@ -128,7 +128,20 @@ def _build(config: Config, run_dir: Path, log: UpdateLog | None, lock: RunLock |
 
     if log is None:
         log = _create_log(run_dir, config, reference, parts, sigma, command)
-        lock = RunLock.acquire(RunLayout(run_dir).lock, command)
+        try:
+            lock = RunLock.acquire(RunLayout(run_dir).lock, command)
+            return _coordinate(run_dir, config, data, parts, schedule, sigma, log, lock)
+        except BaseException:  # the new run exists and can be resumed: stop driving it
+            if lock is not None:
+                lock.release()
+            log.close()
+            raise
+    return _coordinate(run_dir, config, data, parts, schedule, sigma, log, lock)
+
+
+def _coordinate(run_dir: Path, config: Config, data: TextData, parts: ModelParts, schedule, sigma: float,
+                log: UpdateLog, lock: RunLock) -> Run:
+    """The run's model rebuilt from ``log`` (nothing to replay when new), and its coordinator."""
     applier = UpdateApplier(parts.trainable, parts.directions)
     applier.apply_all(list(log.steps()))  # resume: rebuild the model from the log
     coordinator = Coordinator(

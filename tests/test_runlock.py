@@ -41,3 +41,24 @@ def test_a_run_never_locked_has_no_driver(tmp_path):
 def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
     with pytest.raises(RunDirError, match=r"cannot lock .*driver.lock: .*make the run directory writable"):
         RunLock.acquire(tmp_path / "missing" / "driver.lock", "seedtune train")
+
+
+def test_a_new_run_that_fails_after_its_log_is_written_stops_driving_it(tmp_path, monkeypatch):
+    """The log exists (the run can be resumed) but nothing holds it: neither the lock nor the log."""
+    from seedtune.common.config import load_config
+    from seedtune.common.updatelog import UpdateLog
+    from seedtune.server import runs
+    from seedtune.server.runs import open_run
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the coordinator")
+
+    monkeypatch.setattr(runs, "Coordinator", broken)
+    config = load_config("tiny", overrides=["data.max_train_examples=40"], command="simulate")
+    with pytest.raises(MemoryError):
+        open_run(config, tmp_path / "run", resume=False)
+    assert driver(tmp_path / "run" / "driver.lock") is None
+    assert _seen_from_another_process(tmp_path / "run" / "driver.lock") is None
+    UpdateLog.open(tmp_path / "run" / "log.sqlite").close()  # written, and closed
+    monkeypatch.undo()
+    open_run(config, tmp_path / "run", resume=True).close()
