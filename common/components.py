@@ -124,7 +124,11 @@ def choose_mask(config: Config, task: Task, sample: dict) -> OrderedDict[str, to
     unused = set(unreached_parameters(task.module, everything, lambda: task.per_example_loss(task.module, sample)))
     mask = OrderedDict((name, index) for name, index in mask.items() if name not in unused)
     if not mask:
-        raise ConfigError("no trainable coordinates: raise prune.ratio or set prune.enabled=false")
+        names = [name for name, _ in task.module.named_parameters()]
+        unmatched = [p for p in config.prune.always if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+        hint = (f"prune.always={unmatched[0]!r} matches no tensor of {config.model.name} (its last is {names[-1]!r}); "
+                if unmatched else "")
+        raise ConfigError(f"no trainable coordinates: {hint}raise prune.ratio or set prune.enabled=false")
     return mask
 
 

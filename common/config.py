@@ -395,6 +395,9 @@ def _coerce(hint: Any, value: Any, key: str):
             return value
         raise ConfigError(f"{key}={value!r} is invalid: it must be a string")
     if get_origin(hint) is tuple:
+        if isinstance(value, str) and value.startswith("["):  # a TOML list that did not parse
+            raise ConfigError(f"{key}={value!r} is invalid: quote each string of the list, e.g. "
+                              f"--set '{key}=[\"classifier.*\"]'")
         if isinstance(value, str):
             value = [part for part in value.split(",") if part]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

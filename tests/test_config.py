@@ -24,6 +24,8 @@ from seedtune.common.errors import ConfigError
     ("zo.probes=two", "zo.probes='two' is invalid: it must be an integer"),
     ("privacy.enabled=yes", "privacy.enabled='yes' is invalid: it must be true or false"),
     ("model.task=regression", "model.task='regression' is invalid"),
+    ("prune.always=[lm.model.norm.weight]",  # the shell ate the quotes
+     "prune.always='[lm.model.norm.weight]' is invalid: quote each string of the list, e.g. --set 'prune.always=[\"classifier.*\"]'"),
     ("schedule.kind=constant", "schedule.prox"),  # passes: prox defaults to 0
 ])
 def test_bad_values_name_the_key_and_the_fix(override, fragment):
@@ -151,3 +153,20 @@ def test_a_round_waits_for_the_silos_asked_not_the_silos_there_are():
 def test_more_simulation_processes_than_silos_is_refused():
     with pytest.raises(ConfigError, match=r"federation.workers=4 is invalid: .*\[0, 3\]"):
         load_config("default", overrides=["federation.workers=4"])
+
+
+def test_a_list_is_still_read_from_quoted_toml_or_commas():
+    assert load_config("default", overrides=['prune.always=["a.*", "b"]']).prune.always == ("a.*", "b")
+    assert load_config("default", overrides=["prune.always=a.*,b"]).prune.always == ("a.*", "b")
+
+
+def test_an_empty_trainable_set_names_the_pattern_that_matched_nothing():
+    from seedtune.common import components
+
+    config = load_config("tiny", overrides=["prune.enabled=true", "prune.ratio=0", 'prune.always=["lm.model.norm.weight"]',
+                                            "data.max_train_examples=20"])
+    data = components.load_data(config)
+    task = components.load_model(config, data.label_names)
+    with pytest.raises(ConfigError, match=r"no trainable coordinates: prune.always='lm.model.norm.weight' matches no "
+                                          r"tensor of .*\(its last is 'classifier.bias'\); raise prune.ratio"):
+        components.mask_for(config, task, data)
